@@ -1,0 +1,170 @@
+"""GPT-Neo hyperparameters, read from and written to Hugging Face ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+ATTENTION_KINDS = ("global", "local")
+# Activations of transformers' ACT2FN that GPT-Neo checkpoints use or could use; see model.ACTIVATIONS.
+ACTIVATION_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTNeoConfig:
+    """Every GPT-Neo hyperparameter, with the defaults of transformers' ``GPTNeoConfig``.
+
+    ``attention_types`` is the compact Hugging Face form, e.g. ``((("global", "local"), 12),)``;
+    ``attention_layers`` is its per-layer expansion.
+    """
+
+    vocab_size: int = 50257
+    max_position_embeddings: int = 2048
+    hidden_size: int = 2048
+    num_layers: int = 24
+    attention_types: tuple = ((("global", "local"), 12),)
+    num_heads: int = 16
+    intermediate_size: int | None = None
+    window_size: int = 256
+    activation_function: str = "gelu_new"
+    resid_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    classifier_dropout: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        # Normalise lists (as JSON gives them) to tuples so the config stays hashable.
+        types = tuple((tuple(kinds), int(repeat)) for kinds, repeat in self.attention_types)
+        object.__setattr__(self, "attention_types", types)
+        self.validate()
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def attention_layers(self) -> tuple[str, ...]:
+        """The attention kind of every layer, in order."""
+        return tuple(kind for kinds, repeat in self.attention_types for _ in range(repeat) for kind in kinds)
+
+    @property
+    def layer_period(self) -> tuple[str, ...]:
+        """The shortest pattern whose repetition gives ``attention_layers`` (the whole list if none)."""
+        return shortest_period(self.attention_layers)
+
+    @property
+    def num_periods(self) -> int:
+        return self.num_layers // len(self.layer_period)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def inner_size(self) -> int:
+        return self.intermediate_size if self.intermediate_size is not None else 4 * self.hidden_size
+
+    def num_params(self) -> int:
+        d, layers = self.hidden_size, self.num_layers
+        per_layer = 4 * d * d + d + 2 * d * self.inner_size + self.inner_size + d + 4 * d
+        return (self.vocab_size + self.max_position_embeddings) * d + layers * per_layer + 2 * d
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> None:
+        problems = []
+        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads", "window_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if problems:
+            raise ValueError("Invalid GPT-Neo config: " + "; ".join(problems))
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            problems.append(f"intermediate_size must be positive or null, got {self.intermediate_size}")
+        if self.hidden_size % self.num_heads:
+            problems.append(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        unknown = sorted({kind for kinds, _ in self.attention_types for kind in kinds} - set(ATTENTION_KINDS))
+        if unknown:
+            problems.append(f"unknown attention type(s) {unknown}; GPT-Neo has only {list(ATTENTION_KINDS)}")
+        if len(self.attention_layers) != self.num_layers:
+            problems.append(
+                f"attention_types {self.to_hf_dict()['attention_types']} expands to "
+                f"{len(self.attention_layers)} layers but num_layers is {self.num_layers}"
+            )
+        if self.activation_function not in ACTIVATION_NAMES:
+            problems.append(
+                f"unknown activation_function {self.activation_function!r}; supported: {list(ACTIVATION_NAMES)}"
+            )
+        if not self.layer_norm_epsilon > 0:
+            problems.append(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        if not self.tie_word_embeddings:
+            problems.append("tie_word_embeddings=false is not GPT-Neo: its LM head is tied to the token embedding")
+        if problems:
+            raise ValueError("Invalid GPT-Neo config: " + "; ".join(problems))
+
+    # ----------------------------------------------------------------- Hugging Face config.json
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> GPTNeoConfig:
+        """Build from a Hugging Face ``config.json`` dict; unknown keys (``torch_dtype``, …) are ignored."""
+        model_type = data.get("model_type", "gpt_neo")
+        if model_type != "gpt_neo":
+            raise ValueError(f"config.json has model_type {model_type!r}; neo_jax reads only 'gpt_neo' models")
+        data = dict(data)
+        data.setdefault("num_layers", data.get("num_hidden_layers", cls.num_layers))
+        data.setdefault("num_heads", data.get("num_attention_heads", cls.num_heads))
+        if "attention_types" not in data and "attention_layers" in data:
+            data["attention_types"] = compress_attention_layers(data["attention_layers"])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        if isinstance(kwargs.get("eos_token_id"), list):  # transformers allows several; the first is the one we stop on
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+        config = cls(**kwargs)
+        if "attention_layers" in data and tuple(data["attention_layers"]) != config.attention_layers:
+            raise ValueError(
+                "Invalid GPT-Neo config: attention_layers and attention_types disagree "
+                f"({list(data['attention_layers'])} vs {list(config.attention_layers)})"
+            )
+        return config
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` dict that transformers' ``GPTNeoConfig`` reads."""
+        data = dataclasses.asdict(self)
+        data["attention_types"] = [[list(kinds), repeat] for kinds, repeat in self.attention_types]
+        data["attention_layers"] = list(self.attention_layers)
+        return {"architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", **data}
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> GPTNeoConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+        return cls.from_hf_dict(data)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+def shortest_period(layers) -> tuple[str, ...]:
+    """The shortest prefix whose repetition gives ``layers`` (all of ``layers`` when nothing shorter does)."""
+    layers = tuple(layers)
+    for size in range(1, len(layers)):
+        if len(layers) % size == 0 and layers == layers[:size] * (len(layers) // size):
+            return layers[:size]
+    return layers
+
+
+def compress_attention_layers(layers) -> list:
+    """``["global", "local", "global", "local"]`` -> ``[[["global", "local"], 2]]``."""
+    period = shortest_period(layers)
+    return [[list(period), len(layers) // len(period)]] if period else []

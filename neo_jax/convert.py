@@ -1,0 +1,411 @@
+"""Hugging Face GPT-Neo checkpoints <-> neo_jax models, and neo_jax's own Orbax format.
+
+One name map (``LAYER_PARAMS`` / ``TOP_PARAMS``) drives import, export and validation. Tensors move one
+stacked parameter at a time, so host memory stays near one copy of the model. Every write goes to a
+temporary directory that is renamed into place at the end: a failure leaves nothing half written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from neo_jax.config import GPTNeoConfig
+from neo_jax.model import GPTNeo
+
+# ------------------------------------------------------------------------------------------- the name map
+# Hugging Face name inside ``transformer.h.{i}.`` -> path inside one of our blocks.
+LAYER_PARAMS = {
+    "ln_1.weight": ("ln_1", "scale"),
+    "ln_1.bias": ("ln_1", "bias"),
+    "attn.attention.q_proj.weight": ("attn", "q_proj", "kernel"),
+    "attn.attention.k_proj.weight": ("attn", "k_proj", "kernel"),
+    "attn.attention.v_proj.weight": ("attn", "v_proj", "kernel"),
+    "attn.attention.out_proj.weight": ("attn", "out_proj", "kernel"),
+    "attn.attention.out_proj.bias": ("attn", "out_proj", "bias"),
+    "ln_2.weight": ("ln_2", "scale"),
+    "ln_2.bias": ("ln_2", "bias"),
+    "mlp.c_fc.weight": ("mlp", "c_fc", "kernel"),
+    "mlp.c_fc.bias": ("mlp", "c_fc", "bias"),
+    "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"),
+    "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
+}
+TOP_PARAMS = {
+    "transformer.wte.weight": ("wte", "embedding"),
+    "transformer.wpe.weight": ("wpe", "embedding"),
+    "transformer.ln_f.weight": ("ln_f", "scale"),
+    "transformer.ln_f.bias": ("ln_f", "bias"),
+}
+# In checkpoints but not parameters: the tied head, and the mask buffers old checkpoints carry.
+IGNORED = re.compile(r"lm_head\.weight|transformer\.h\.\d+\.attn\.attention\.(bias|masked_bias)")
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+ORBAX_DIR = "params"
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def to_hf(path: tuple, array: np.ndarray) -> np.ndarray:
+    """Our kernels are ``[in, out]`` (``x @ kernel``); PyTorch Linear weights are ``[out, in]``.
+    The hook is its own inverse, so it serves both directions."""
+    return array.T if path[-1] == "kernel" else array
+
+
+def param_layout(config: GPTNeoConfig) -> dict[tuple, list[str]]:
+    """Our parameter path -> the Hugging Face tensors stacked into it, in stacking order."""
+    layout = {path: [name] for name, path in TOP_PARAMS.items()}
+    period = len(config.layer_period)
+    for slot in range(period):
+        for suffix, path in LAYER_PARAMS.items():
+            layers = range(slot, config.num_layers, period)
+            layout[("periods", slot, *path)] = [f"transformer.h.{i}.{suffix}" for i in layers]
+    return layout
+
+
+def hf_shapes(layout: dict[tuple, list[str]], values: dict) -> dict[str, tuple[tuple, np.dtype]]:
+    """Hugging Face tensor name -> (shape, dtype), from our parameters (arrays or ShapeDtypeStructs) by path."""
+    shapes = {}
+    for path, names in layout.items():
+        value = values[path]
+        single = value.shape[1:] if path[0] == "periods" else value.shape
+        shape = tuple(reversed(single)) if path[-1] == "kernel" else tuple(single)
+        shapes.update({name: (shape, value.dtype) for name in names})
+    return shapes
+
+
+def abstract_model(config: GPTNeoConfig, dtype=jnp.float32, param_dtype=jnp.float32):
+    """(graphdef, param state of ShapeDtypeStructs): the model's structure without allocating it."""
+    model = nnx.eval_shape(lambda: GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+# ------------------------------------------------------------------------------------------- reading
+class Checkpoint:
+    """Lazy view of a Hugging Face weight set: tensor name -> shape, and one tensor loaded at a time.
+
+    safetensors files are opened per read so that the memory map of a multi-gigabyte file is released
+    again instead of staying resident; ``pytorch_model.bin`` is memory-mapped through torch.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        if (directory / SAFE_INDEX).exists() or (directory / SAFE_WEIGHTS).exists():
+            self.kind = "safetensors"
+            self.files = _weight_map(directory, SAFE_INDEX, SAFE_WEIGHTS, self._safetensors_names)
+            self.shapes = {}
+            for file in sorted(set(self.files.values())):
+                with self._open_safetensors(file) as f:
+                    self.shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        elif (directory / BIN_INDEX).exists() or (directory / BIN_WEIGHTS).exists():
+            self.kind = "bin"
+            self.files = _weight_map(directory, BIN_INDEX, BIN_WEIGHTS, self._bin_names)
+            self.tensors = {}
+            for file in sorted(set(self.files.values())):
+                self.tensors.update(self._load_bin(file))
+            self.shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        else:
+            raise FileNotFoundError(
+                f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX} (sharded), {BIN_WEIGHTS} "
+                f"or {BIN_INDEX}, or a '{ORBAX_DIR}/' folder written by save_pretrained(format='orbax')"
+            )
+        if self.shapes and not any(name.startswith("transformer.") for name in self.shapes):
+            # Saved from GPTNeoModel (no LM head): names lack the "transformer." prefix.
+            self.renamed = {f"transformer.{name}": name for name in self.shapes}
+            self.shapes = {f"transformer.{name}": shape for name, shape in self.shapes.items()}
+        else:
+            self.renamed = {name: name for name in self.shapes}
+
+    @contextmanager
+    def _open_safetensors(self, file: str):
+        from safetensors import SafetensorError, safe_open
+
+        path = self.directory / file
+        if not path.exists():
+            raise FileNotFoundError(f"weight file {path} is missing (listed in {SAFE_INDEX}); re-download it")
+        try:
+            handle = safe_open(path, framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
+        with handle as f:
+            yield f
+
+    def _safetensors_names(self, file: str) -> list[str]:
+        with self._open_safetensors(file) as f:
+            return list(f.keys())
+
+    def _load_bin(self, file: str) -> dict:
+        torch = import_torch("read pytorch_model.bin checkpoints")
+        path = self.directory / file
+        if not path.exists():
+            raise FileNotFoundError(f"weight file {path} is missing (listed in {BIN_INDEX}); re-download it")
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, … for damaged files
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); re-download it") from None
+
+    def _bin_names(self, file: str) -> list[str]:
+        return list(self._load_bin(file))
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
+        stored = self.renamed[name]
+        if self.kind == "safetensors":
+            with self._open_safetensors(self.files[stored]) as f:
+                return f.get_tensor(stored)
+        tensor = self.tensors[stored]
+        if str(tensor.dtype) == "torch.bfloat16":
+            import torch
+
+            return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+        return tensor.numpy()
+
+
+def _weight_map(directory: Path, index_name: str, single_name: str, names: Callable[[str], list[str]]) -> dict:
+    """Tensor name -> file, from a sharded checkpoint's index json or from its single file."""
+    index = directory / index_name
+    if not index.exists():
+        return {name: single_name for name in names(single_name)}
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid weight index ({e!r}); re-download it") from None
+
+
+def import_torch(purpose: str):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"PyTorch is needed to {purpose}. Install the CPU build, e.g. `pip install torch==2.13.0` "
+            "(or `pip install 'neo_jax[test]'`), or use a safetensors checkpoint instead."
+        ) from None
+    return torch
+
+
+def check_checkpoint(config: GPTNeoConfig, checkpoint: Checkpoint, layout: dict, abstract_state: dict) -> None:
+    """Raise one error listing every missing, unexpected or wrongly shaped tensor, before loading any."""
+    expected = {name: shape for name, (shape, _) in hf_shapes(layout, abstract_state).items()}
+    problems = [f"missing tensor {name} (expected shape {shape})" for name, shape in expected.items() if name not in checkpoint.shapes]
+    problems += [
+        f"tensor {name} has shape {checkpoint.shapes[name]} but the config needs {shape}"
+        for name, shape in expected.items()
+        if name in checkpoint.shapes and checkpoint.shapes[name] != shape
+    ]
+    problems += [
+        f"unexpected tensor {name} {shape}"
+        for name, shape in checkpoint.shapes.items()
+        if name not in expected and not IGNORED.fullmatch(name)
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(
+            f"the weights in {checkpoint.directory} do not match its config.json "
+            f"({config.num_layers} layers, hidden_size {config.hidden_size}, vocab_size {config.vocab_size}):\n  {shown}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- sources
+def resolve(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory for ``src``: the directory itself, or a Hugging Face hub download."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; pass the directory holding config.json and the weights")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+        raise FileNotFoundError(f"{src} is neither an existing directory nor a Hugging Face hub id like 'org/name'")
+    return _download(str(src), revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Fetch config, weights (safetensors if the repo has them, else .bin) and tokenizer files only."""
+    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        files = list_repo_files(repo_id, revision=revision)
+    except OfflineModeIsEnabled:
+        files = None  # take whatever the local cache holds
+    has_safetensors = files is None or any(f.endswith(".safetensors") for f in files)
+    weights = ["*.safetensors", SAFE_INDEX] if has_safetensors else ["pytorch_model*.bin", BIN_INDEX]
+    if files is None:
+        weights += ["pytorch_model*.bin", BIN_INDEX]
+    return Path(
+        snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *TOKENIZER_FILES, *weights])
+    )
+
+
+def from_pretrained(
+    src: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    revision: str | None = None,
+    progress: bool = True,
+) -> GPTNeo:
+    """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in.
+    """
+    directory = resolve(src, revision)
+    config = GPTNeoConfig.from_json_file(directory / "config.json")
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    graphdef, state = abstract_model(config, dtype, param_dtype)
+    if (directory / ORBAX_DIR).is_dir():
+        state = _load_orbax(directory / ORBAX_DIR, state)
+    else:
+        state = _load_hf(config, Checkpoint(directory), state, param_dtype, progress)
+    model = nnx.merge(graphdef, state)
+    model.source_dir = str(directory)
+    return model
+
+
+def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, progress: bool):
+    layout = param_layout(config)
+    flat = state.flat_state()
+    abstract = {path: variable.get_value() for path, variable in flat}
+    check_checkpoint(config, checkpoint, layout, abstract)
+    for path, variable in tqdm(flat, desc=f"loading {checkpoint.directory.name}", unit="param", disable=not progress):
+        names = layout[path]
+        if path[0] == "periods":
+            buffer = np.empty(abstract[path].shape, param_dtype)
+            for i, name in enumerate(names):
+                buffer[i] = to_hf(path, checkpoint.load(name))
+        else:
+            buffer = to_hf(path, checkpoint.load(names[0])).astype(param_dtype)
+        variable.set_value(jax.device_put(buffer))
+        del buffer
+    return nnx.from_flat_state(flat)
+
+
+def _load_orbax(directory: Path, state):
+    import orbax.checkpoint as ocp
+
+    target = nnx.to_pure_dict(state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory.absolute(), target)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+# ------------------------------------------------------------------------------------------- writing
+@contextmanager
+def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(old / out_dir.name)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def hf_tensors(model: GPTNeo) -> dict[str, Callable[[], np.ndarray]]:
+    """Hugging Face tensor name -> function giving that tensor as a contiguous numpy array."""
+    flat = dict(nnx.state(model, nnx.Param).flat_state())
+    tensors = {}
+    for path, names in param_layout(model.config).items():
+        value = flat[path].get_value()
+        if path[0] == "periods":
+            for i, name in enumerate(names):
+                tensors[name] = lambda path=path, value=value, i=i: np.ascontiguousarray(to_hf(path, np.asarray(value[i])))
+        else:
+            tensors[names[0]] = lambda path=path, value=value: np.ascontiguousarray(to_hf(path, np.asarray(value)))
+    return tensors
+
+
+def save_pretrained(
+    model: GPTNeo,
+    out_dir: str | os.PathLike,
+    *,
+    format: str = "hf",
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``model`` to ``out_dir``.
+
+    ``format="hf"``: ``config.json`` and ``model.safetensors`` (sharded with an index above
+    ``max_shard_size``) that ``transformers.GPTNeoForCausalLM.from_pretrained`` loads, plus the tokenizer
+    files of the directory the model was loaded from, if it had any. ``format="orbax"``: an Orbax checkpoint
+    of the parameters in ``params/`` plus ``config.json``; ``from_pretrained`` reads both.
+    """
+    if format not in ("hf", "orbax"):
+        raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+    out_dir = Path(out_dir).expanduser().absolute()
+    with _atomic_directory(out_dir, overwrite) as tmp:
+        model.config.to_json_file(tmp / "config.json")
+        source = getattr(model, "source_dir", None)
+        for name in TOKENIZER_FILES if source else ():
+            if (Path(source) / name).exists():
+                shutil.copy(Path(source) / name, tmp / name)
+        if format == "hf":
+            _save_safetensors(model, tmp, max_shard_size, progress)
+        else:
+            _save_orbax(model, tmp / ORBAX_DIR)
+    return out_dir
+
+
+def _save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: bool) -> None:
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from safetensors.numpy import save_file
+
+    tensors = hf_tensors(model)
+    values = {path: v.get_value() for path, v in nnx.state(model, nnx.Param).flat_state()}
+    shapes = {name: jax.ShapeDtypeStruct(*spec) for name, spec in hf_shapes(param_layout(model.config), values).items()}
+    split = split_state_dict_into_shards_factory(
+        shapes,
+        get_storage_size=lambda s: s.size * s.dtype.itemsize,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    bar = tqdm(total=len(tensors), desc=f"writing {directory.name}", unit="tensor", disable=not progress)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            shard[name] = tensors[name]()
+            bar.update()
+        save_file(shard, directory / filename, metadata={"format": "pt"})
+        del shard
+    bar.close()
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(s.size * s.dtype.itemsize for s in shapes.values())}, "weight_map": split.tensor_to_filename}
+        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _save_orbax(model: GPTNeo, directory: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.wait_until_finished()

@@ -1,0 +1,227 @@
+"""GPT-Neo in Flax NNX, numerically mirroring transformers' PyTorch ``GPTNeoForCausalLM``.
+
+Read top to bottom: attention, MLP, block, then the model, which runs its blocks as one ``scan``
+over the repeating period of the layer pattern (``("global", "local")`` for every released model).
+
+Numerics that differ from a textbook transformer, all as in the reference:
+- attention logits ``q @ k^T`` are *not* scaled by ``1/sqrt(head_dim)``;
+- q and k are upcast to float32, softmax runs in float32, masked logits get ``finfo(float32).min``,
+  and the probabilities are cast to the value dtype before ``@ v``;
+- "local" layers see the current token and the previous ``window_size - 1`` tokens;
+- the LM head is tied to the token embedding; logits come out in float32.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``
+and, for the stacked blocks, ``layers``) in its ``out_sharding`` metadata; with no mesh they are inert.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neo_jax.config import GPTNeoConfig
+
+MASK_VALUE = jnp.finfo(jnp.float32).min
+
+ACTIVATIONS = {
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def attention_masks(config: GPTNeoConfig, query_len: int, key_len: int) -> dict[str, jax.Array]:
+    """Boolean ``[query, key]`` masks of what each attention kind may see.
+
+    Queries are the last ``query_len`` of ``key_len`` positions in the sequence (slot indices, as in the
+    reference, not ``position_ids``). Local attention keeps ``key > query - window_size``.
+    """
+    q = jnp.arange(key_len - query_len, key_len)[:, None]
+    k = jnp.arange(key_len)[None, :]
+    causal = k <= q
+    return {"global": causal, "local": causal & (k > q - config.window_size)}
+
+
+def padding_bias(causal: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Additive ``[batch, 1, query, key]`` float32 bias hiding padded keys, built as the reference builds it.
+
+    It is added on top of the kind's own mask, so a query with nothing but padding before it (a
+    left-padding slot) ends up attending uniformly to its causal keys instead of producing NaN, which
+    keeps even the logits at padded positions equal to the reference.
+    """
+    visible = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def attend(q, k, v, mask, bias=None):
+    """Scaled-free dot-product attention. q: [b, q, h, d]; k, v: [b, k, h, d]; mask: [q, k] bool."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _axes(*names):
+    """Variable metadata naming a parameter's logical axes. Placement on a mesh is done by
+    ``neo_jax.sharding`` from these names, so the model itself never needs a mesh."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _dense(d_in, d_out, names, *, use_bias, config, dtype, param_dtype, rngs):
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        kernel_metadata=_axes(*names),
+        bias_metadata=_axes(names[-1]),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(config, dtype, param_dtype, rngs):
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_epsilon,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_metadata=_axes("embed"),
+        bias_metadata=_axes("embed"),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; q, k, v without bias, out_proj with bias."""
+
+    def __init__(self, config: GPTNeoConfig, kind: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.kind = kind
+        self.num_heads = config.num_heads
+        d = config.hidden_size
+        dense = partial(_dense, config=config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = dense(d, d, ("embed", "heads"), use_bias=False)
+        self.k_proj = dense(d, d, ("embed", "heads"), use_bias=False)
+        self.v_proj = dense(d, d, ("embed", "heads"), use_bias=False)
+        self.out_proj = dense(d, d, ("heads", "embed"), use_bias=True)
+
+    def split_heads(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, -1)
+
+    def __call__(self, x, masks, bias=None):
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = attend(q, k, v, masks[self.kind], bias)
+        return self.out_proj(out.reshape(x.shape))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTNeoConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        dense = partial(_dense, config=config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=True)
+        self.c_fc = dense(config.hidden_size, config.inner_size, ("embed", "mlp"))
+        self.c_proj = dense(config.inner_size, config.hidden_size, ("mlp", "embed"))
+        self.activation = config.activation_function
+
+    def __call__(self, x):
+        return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: GPTNeoConfig, kind: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(config, dtype, param_dtype, rngs)
+        self.attn = Attention(config, kind, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_2 = _layer_norm(config, dtype, param_dtype, rngs)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, masks, bias=None):
+        x = x + self.attn(self.ln_1(x), masks, bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTNeo(nnx.Module):
+    """GPT-Neo causal language model.
+
+    ``periods`` holds one period of the layer pattern (a list of blocks, e.g. a global then a local
+    block) with every parameter stacked along a leading ``layers`` axis of length ``num_periods``:
+    layer ``i`` is ``periods[i % period][...][i // period]``.
+    """
+
+    def __init__(
+        self,
+        config: GPTNeoConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        embed = partial(
+            nnx.Embed,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range),
+            rngs=rngs,
+        )
+        self.wte = embed(config.vocab_size, config.hidden_size, embedding_metadata=_axes("vocab", "embed"))
+        self.wpe = embed(
+            config.max_position_embeddings,
+            config.hidden_size,
+            embedding_metadata=_axes("position", "embed"),
+        )
+
+        @nnx.split_rngs(splits=config.num_periods)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_period(rngs):
+            return nnx.List(
+                [Block(config, kind, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for kind in config.layer_period]
+            )
+
+        self.periods = stacked_period(rngs)
+        self.ln_f = _layer_norm(config, dtype, param_dtype, rngs)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits ``[batch, seq, vocab]`` in float32.
+
+        Without ``position_ids`` positions are ``0..seq-1`` for every row, as in the reference forward.
+        ``attention_mask`` ([batch, seq], 1 = token, 0 = padding) hides padded keys.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings}); shorten or split the input"
+            )
+        if position_ids is None:
+            position_ids = jnp.arange(seq_len)[None, :]
+        masks = attention_masks(self.config, seq_len, seq_len)
+        bias = None if attention_mask is None else padding_bias(masks["global"], attention_mask)
+
+        x = self.wte(input_ids) + self.wpe(position_ids)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run_period(x, period):
+            for block in period:
+                x = block(x, masks, bias)
+            return x
+
+        x = self.ln_f(run_period(x, self.periods))
+        return jnp.einsum("btd,vd->btv", x, self.wte.embedding[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def init_model(config: GPTNeoConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0) -> GPTNeo:
+    """A randomly initialised model (normal(0, initializer_range) weights, as transformers initialises)."""
+    return GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=jax.random.key(seed)))
