@@ -1,0 +1,8 @@
+"""neo_jax: GPT-Neo in JAX / Flax NNX, exact to transformers' PyTorch model."""
+
+from neo_jax.config import GPTNeoConfig
+from neo_jax.convert import from_pretrained, save_pretrained
+from neo_jax.model import GPTNeo, init_model
+
+__all__ = ["GPTNeo", "GPTNeoConfig", "from_pretrained", "init_model", "save_pretrained"]
+__version__ = "0.1.0"

@@ -87,9 +87,7 @@ class GPTNeoConfig:
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             problems.append(f"intermediate_size must be positive or null, got {self.intermediate_size}")
         if self.hidden_size % self.num_heads:
-            problems.append(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
-            )
+            problems.append(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         unknown = sorted({kind for kinds, _ in self.attention_types for kind in kinds} - set(ATTENTION_KINDS))
         if unknown:
             problems.append(f"unknown attention type(s) {unknown}; GPT-Neo has only {list(ATTENTION_KINDS)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -51,7 +52,8 @@ TOP_PARAMS = {
 # In checkpoints but not parameters: the tied head, and the mask buffers old checkpoints carry.
 IGNORED = re.compile(r"lm_head\.weight|transformer\.h\.\d+\.attn\.attention\.(bias|masked_bias)")
 
-TOKENIZER_FILES = (
+# Files that travel with the weights: the tokenizer's and the generation defaults.
+COMPANION_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.json",
@@ -111,16 +113,16 @@ class Checkpoint:
         self.directory = directory
         if (directory / SAFE_INDEX).exists() or (directory / SAFE_WEIGHTS).exists():
             self.kind = "safetensors"
-            self.files = _weight_map(directory, SAFE_INDEX, SAFE_WEIGHTS, self._safetensors_names)
-            self.shapes = {}
-            for file in sorted(set(self.files.values())):
+            self.files, self.shapes = {}, {}
+            for file in _weight_files(directory, SAFE_INDEX, SAFE_WEIGHTS):
                 with self._open_safetensors(file) as f:
-                    self.shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+                    for name in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                        self.files[name] = file
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
         elif (directory / BIN_INDEX).exists() or (directory / BIN_WEIGHTS).exists():
             self.kind = "bin"
-            self.files = _weight_map(directory, BIN_INDEX, BIN_WEIGHTS, self._bin_names)
             self.tensors = {}
-            for file in sorted(set(self.files.values())):
+            for file in _weight_files(directory, BIN_INDEX, BIN_WEIGHTS):
                 self.tensors.update(self._load_bin(file))
             self.shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         else:
@@ -149,10 +151,6 @@ class Checkpoint:
         with handle as f:
             yield f
 
-    def _safetensors_names(self, file: str) -> list[str]:
-        with self._open_safetensors(file) as f:
-            return list(f.keys())
-
     def _load_bin(self, file: str) -> dict:
         torch = import_torch("read pytorch_model.bin checkpoints")
         path = self.directory / file
@@ -160,11 +158,8 @@ class Checkpoint:
             raise FileNotFoundError(f"weight file {path} is missing (listed in {BIN_INDEX}); re-download it")
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, … for damaged files
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); re-download it") from None
-
-    def _bin_names(self, file: str) -> list[str]:
-        return list(self._load_bin(file))
 
     def load(self, name: str) -> np.ndarray:
         """One tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
@@ -180,14 +175,14 @@ class Checkpoint:
         return tensor.numpy()
 
 
-def _weight_map(directory: Path, index_name: str, single_name: str, names: Callable[[str], list[str]]) -> dict:
-    """Tensor name -> file, from a sharded checkpoint's index json or from its single file."""
+def _weight_files(directory: Path, index_name: str, single_name: str) -> list[str]:
+    """The weight files of a checkpoint: those its index json lists, or its single file."""
     index = directory / index_name
     if not index.exists():
-        return {name: single_name for name in names(single_name)}
+        return [single_name]
     try:
-        return dict(json.loads(index.read_text())["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index} is not a valid weight index ({e!r}); re-download it") from None
 
 
@@ -205,7 +200,11 @@ def import_torch(purpose: str):
 def check_checkpoint(config: GPTNeoConfig, checkpoint: Checkpoint, layout: dict, abstract_state: dict) -> None:
     """Raise one error listing every missing, unexpected or wrongly shaped tensor, before loading any."""
     expected = {name: shape for name, (shape, _) in hf_shapes(layout, abstract_state).items()}
-    problems = [f"missing tensor {name} (expected shape {shape})" for name, shape in expected.items() if name not in checkpoint.shapes]
+    problems = [
+        f"missing tensor {name} (expected shape {shape})"
+        for name, shape in expected.items()
+        if name not in checkpoint.shapes
+    ]
     problems += [
         f"tensor {name} has shape {checkpoint.shapes[name]} but the config needs {shape}"
         for name, shape in expected.items()
@@ -251,7 +250,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     if files is None:
         weights += ["pytorch_model*.bin", BIN_INDEX]
     return Path(
-        snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *TOKENIZER_FILES, *weights])
+        snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *COMPANION_FILES, *weights])
     )
 
 
@@ -282,28 +281,41 @@ def from_pretrained(
 
 def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, progress: bool):
     layout = param_layout(config)
-    flat = state.flat_state()
+    flat = nnx.to_flat_state(state)
     abstract = {path: variable.get_value() for path, variable in flat}
     check_checkpoint(config, checkpoint, layout, abstract)
-    for path, variable in tqdm(flat, desc=f"loading {checkpoint.directory.name}", unit="param", disable=not progress):
+    # Largest first: the transient host buffer then shares the peak with as little loaded model as possible.
+    by_size = sorted(flat, key=lambda item: -abstract[item[0]].size)
+    for path, variable in tqdm(
+        by_size, desc=f"loading {checkpoint.directory.name}", unit="param", disable=not progress
+    ):
         names = layout[path]
         if path[0] == "periods":
             buffer = np.empty(abstract[path].shape, param_dtype)
             for i, name in enumerate(names):
                 buffer[i] = to_hf(path, checkpoint.load(name))
         else:
-            buffer = to_hf(path, checkpoint.load(names[0])).astype(param_dtype)
+            buffer = to_hf(path, checkpoint.load(names[0])).astype(param_dtype, copy=False)
         variable.set_value(jax.device_put(buffer))
         del buffer
     return nnx.from_flat_state(flat)
+
+
+def _orbax_checkpointer(**options):
+    import orbax.checkpoint as ocp
+
+    # Compression buys little on float weights and holds compressed copies of every array in memory.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, **options))
 
 
 def _load_orbax(directory: Path, state):
     import orbax.checkpoint as ocp
 
     target = nnx.to_pure_dict(state)
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory.absolute(), target)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    # A 1 GB in-flight limit keeps the transient read buffers well below a copy of a large model.
+    with _orbax_checkpointer(restore_concurrent_gb=1) as checkpointer:
+        restored = checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(target, restore_args))
     nnx.replace_by_pure_dict(state, restored)
     return state
 
@@ -313,7 +325,9 @@ def _load_orbax(directory: Path, state):
 def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -332,13 +346,15 @@ def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
 
 def hf_tensors(model: GPTNeo) -> dict[str, Callable[[], np.ndarray]]:
     """Hugging Face tensor name -> function giving that tensor as a contiguous numpy array."""
-    flat = dict(nnx.state(model, nnx.Param).flat_state())
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
     for path, names in param_layout(model.config).items():
         value = flat[path].get_value()
         if path[0] == "periods":
             for i, name in enumerate(names):
-                tensors[name] = lambda path=path, value=value, i=i: np.ascontiguousarray(to_hf(path, np.asarray(value[i])))
+                tensors[name] = lambda path=path, value=value, i=i: np.ascontiguousarray(
+                    to_hf(path, np.asarray(value[i]))
+                )
         else:
             tensors[names[0]] = lambda path=path, value=value: np.ascontiguousarray(to_hf(path, np.asarray(value)))
     return tensors
@@ -357,7 +373,7 @@ def save_pretrained(
 
     ``format="hf"``: ``config.json`` and ``model.safetensors`` (sharded with an index above
     ``max_shard_size``) that ``transformers.GPTNeoForCausalLM.from_pretrained`` loads, plus the tokenizer
-    files of the directory the model was loaded from, if it had any. ``format="orbax"``: an Orbax checkpoint
+    and generation-config files of the directory the model was loaded from, if it had any. ``format="orbax"``: an Orbax checkpoint
     of the parameters in ``params/`` plus ``config.json``; ``from_pretrained`` reads both.
     """
     if format not in ("hf", "orbax"):
@@ -366,22 +382,21 @@ def save_pretrained(
     with _atomic_directory(out_dir, overwrite) as tmp:
         model.config.to_json_file(tmp / "config.json")
         source = getattr(model, "source_dir", None)
-        for name in TOKENIZER_FILES if source else ():
+        for name in COMPANION_FILES if source else ():
             if (Path(source) / name).exists():
                 shutil.copy(Path(source) / name, tmp / name)
         if format == "hf":
-            _save_safetensors(model, tmp, max_shard_size, progress)
+            _save_safetensors(model, tmp, max_shard_size, progress and f"writing {out_dir.name}")
         else:
             _save_orbax(model, tmp / ORBAX_DIR)
     return out_dir
 
 
-def _save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: bool) -> None:
+def _save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: str | bool) -> None:
     from huggingface_hub import split_state_dict_into_shards_factory
-    from safetensors.numpy import save_file
 
     tensors = hf_tensors(model)
-    values = {path: v.get_value() for path, v in nnx.state(model, nnx.Param).flat_state()}
+    values = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     shapes = {name: jax.ShapeDtypeStruct(*spec) for name, spec in hf_shapes(param_layout(model.config), values).items()}
     split = split_state_dict_into_shards_factory(
         shapes,
@@ -389,23 +404,47 @@ def _save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: 
         filename_pattern="model{suffix}.safetensors",
         max_shard_size=max_shard_size,
     )
-    bar = tqdm(total=len(tensors), desc=f"writing {directory.name}", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(tensors), desc=progress or None, unit="tensor", disable=not progress)
     for filename, names in split.filename_to_tensors.items():
-        shard = {}
-        for name in names:
-            shard[name] = tensors[name]()
-            bar.update()
-        save_file(shard, directory / filename, metadata={"format": "pt"})
-        del shard
+        write_safetensors(directory / filename, {name: shapes[name] for name in names}, tensors, bar.update)
     bar.close()
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(s.size * s.dtype.itemsize for s in shapes.values())}, "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(s.size * s.dtype.itemsize for s in shapes.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
+def write_safetensors(path: Path, specs: dict[str, jax.ShapeDtypeStruct], tensors: dict, on_tensor=None) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    ``safetensors.numpy.save_file`` needs every tensor of a file in memory at once, which would double
+    the host memory of an export; the format (8-byte header length, JSON header, raw little-endian data)
+    lets us stream instead. ``metadata.format = "pt"`` is what transformers expects.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, spec in specs.items():
+        size = spec.size * spec.dtype.itemsize
+        dtype = SAFETENSORS_DTYPES[spec.dtype.name]
+        header[name] = {"dtype": dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in specs:
+            tensors[name]().tofile(f)
+            if on_tensor:
+                on_tensor()
 
 
 def _save_orbax(model: GPTNeo, directory: Path) -> None:
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        checkpointer.wait_until_finished()
+    with _orbax_checkpointer() as checkpointer:
+        checkpointer.save(directory, args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
