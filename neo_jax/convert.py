@@ -381,7 +381,7 @@ def save_pretrained(
     out_dir = Path(out_dir).expanduser().absolute()
     with _atomic_directory(out_dir, overwrite) as tmp:
         model.config.to_json_file(tmp / "config.json")
-        source = getattr(model, "source_dir", None)
+        source = model.source_dir
         for name in COMPANION_FILES if source else ():
             if (Path(source) / name).exists():
                 shutil.copy(Path(source) / name, tmp / name)

@@ -118,10 +118,12 @@ class Attention(nnx.Module):
     def split_heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, -1)
 
-    def __call__(self, x, masks, bias=None):
+    def __call__(self, x, attention, state):
+        """``attention(kind, q, k, v, state) -> (out, state)`` mixes the heads: plain masked attention
+        in a forward pass, or cache reads and writes during generation (see ``GPTNeo.transform``)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = attend(q, k, v, masks[self.kind], bias)
-        return self.out_proj(out.reshape(x.shape))
+        out, state = attention(self.kind, q, k, v, state)
+        return self.out_proj(out.reshape(x.shape)), state
 
 
 class MLP(nnx.Module):
@@ -144,9 +146,10 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(config, dtype, param_dtype, rngs)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, masks, bias=None):
-        x = x + self.attn(self.ln_1(x), masks, bias)
-        return x + self.mlp(self.ln_2(x))
+    def __call__(self, x, attention, state=None):
+        h, state = self.attn(self.ln_1(x), attention, state)
+        x = x + h
+        return x + self.mlp(self.ln_2(x)), state
 
 
 class GPTNeo(nnx.Module):
@@ -167,6 +170,7 @@ class GPTNeo(nnx.Module):
     ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.source_dir: str | None = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
         embed = partial(
             nnx.Embed,
             dtype=dtype,
@@ -197,6 +201,7 @@ class GPTNeo(nnx.Module):
         Without ``position_ids`` positions are ``0..seq-1`` for every row, as in the reference forward.
         ``attention_mask`` ([batch, seq], 1 = token, 0 = padding) hides padded keys.
         """
+        input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         seq_len = input_ids.shape[1]
@@ -208,18 +213,37 @@ class GPTNeo(nnx.Module):
         if position_ids is None:
             position_ids = jnp.arange(seq_len)[None, :]
         masks = attention_masks(self.config, seq_len, seq_len)
-        bias = None if attention_mask is None else padding_bias(masks["global"], attention_mask)
+        bias = None if attention_mask is None else padding_bias(masks["global"], jnp.asarray(attention_mask))
 
+        def attention(layer, kind, q, k, v, state):
+            return attend(q, k, v, masks[kind], bias), state
+
+        hidden, _ = self.transform(input_ids, position_ids, attention)
+        return self.logits(hidden)
+
+    def transform(self, input_ids, position_ids, attention, state=None):
+        """Embeddings, every block, final LayerNorm: ``(hidden [batch, seq, embed], state)``.
+
+        ``attention(layer, kind, q, k, v, state) -> (out, state)`` is called once per layer, where
+        ``layer = (period_index, slot)`` locates it in ``periods``; ``state`` (e.g. a KV cache) is
+        threaded through every layer in order.
+        """
         x = self.wte(input_ids) + self.wpe(position_ids)
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run_period(x, period):
-            for block in period:
-                x = block(x, masks, bias)
-            return x
+        def run_period(carry, period):
+            x, state, index = carry
+            for slot, block in enumerate(period):
+                x, state = block(x, partial(attention, (index, slot)), state)
+            return x, state, index + 1
 
-        x = self.ln_f(run_period(x, self.periods))
-        return jnp.einsum("btd,vd->btv", x, self.wte.embedding[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        x, state, _ = run_period((x, state, jnp.int32(0)), self.periods)
+        return self.ln_f(x), state
+
+    def logits(self, hidden):
+        """The tied LM head, accumulated and returned in float32."""
+        embedding = self.wte.embedding[...].astype(hidden.dtype)
+        return jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
 
 
 def init_model(config: GPTNeoConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0) -> GPTNeo:
