@@ -60,13 +60,14 @@ def padding_bias(causal: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 def attend(q, k, v, mask, bias=None):
-    """Scaled-free dot-product attention. q: [b, q, h, d]; k, v: [b, k, h, d]; mask: [q, k] bool."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    """Unscaled dot-product attention, heads-major: q [b, h, q, d]; k, v [b, h, k, d]; ``mask`` broadcasts
+    to [b, h, q, k] (True = may attend); ``bias`` is added after masking. Returns [b, h, q, d]."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
     scores = jnp.where(mask, scores, MASK_VALUE)
     if bias is not None:
         scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
 def _axes(*names):
@@ -116,14 +117,15 @@ class Attention(nnx.Module):
         self.out_proj = dense(d, d, ("heads", "embed"), use_bias=True)
 
     def split_heads(self, x):
-        return x.reshape(*x.shape[:-1], self.num_heads, -1)
+        """[b, t, h*d] -> [b, h, t, d]: heads-major, so attention's matmuls need no transposes."""
+        return x.reshape(*x.shape[:-1], self.num_heads, -1).swapaxes(1, 2)
 
     def __call__(self, x, attention, state):
         """``attention(kind, q, k, v, state) -> (out, state)`` mixes the heads: plain masked attention
         in a forward pass, or cache reads and writes during generation (see ``GPTNeo.transform``)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out, state = attention(self.kind, q, k, v, state)
-        return self.out_proj(out.reshape(x.shape)), state
+        return self.out_proj(out.swapaxes(1, 2).reshape(x.shape)), state
 
 
 class MLP(nnx.Module):
@@ -221,23 +223,37 @@ class GPTNeo(nnx.Module):
         hidden, _ = self.transform(input_ids, position_ids, attention)
         return self.logits(hidden)
 
-    def transform(self, input_ids, position_ids, attention, state=None):
+    def transform(self, input_ids, position_ids, attention, state=None, periods=None):
         """Embeddings, every block, final LayerNorm: ``(hidden [batch, seq, embed], state)``.
 
         ``attention(layer, kind, q, k, v, state) -> (out, state)`` is called once per layer, where
-        ``layer = (period_index, slot)`` locates it in ``periods``; ``state`` (e.g. a KV cache) is
-        threaded through every layer in order.
+        ``layer`` is the layer's index (traced inside the scan); ``state`` (e.g. a KV cache) is threaded
+        through every layer in order.
+
+        By default the blocks run as one ``scan`` over ``self.periods``. ``periods``, a list of one
+        unstacked period per entry (see ``unstack_periods``), runs them in a Python loop instead, with a
+        static layer index: decoding uses it, because XLA:CPU copies every weight it slices out of a
+        stacked array, which would double the memory traffic of a single-token step.
         """
         x = self.wte(input_ids) + self.wpe(position_ids)
+        size = len(self.config.layer_period)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run_period(carry, period):
-            x, state, index = carry
+        def run(x, state, index, period):
             for slot, block in enumerate(period):
-                x, state = block(x, partial(attention, (index, slot)), state)
-            return x, state, index + 1
+                x, state = block(x, partial(attention, index * size + slot), state)
+            return x, state
 
-        x, state, _ = run_period((x, state, jnp.int32(0)), self.periods)
+        if periods is None:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run_period(carry, period):
+                x, state, index = carry
+                return *run(x, state, index, period), index + 1
+
+            x, state, _ = run_period((x, state, jnp.int32(0)), self.periods)
+        else:
+            for index, period in enumerate(periods):
+                x, state = run(x, state, index, period)
         return self.ln_f(x), state
 
     def logits(self, hidden):

@@ -1,0 +1,521 @@
+"""Text generation: KV cache, prefill, one jitted decode loop, samplers, beam search, ``TextGenerator``.
+
+Shape of a call: the prompt is left-padded to a bucketed length and run through the model once (prefill),
+which fills the KV cache; the tokens then come from one jitted ``lax.while_loop`` over single-token decode
+steps that stops as soon as every row has finished. Positions come from the attention mask, as
+transformers' ``generate`` derives them, so greedy output equals ``GPTNeoForCausalLM.generate``.
+
+The cache holds keys and values per layer in ring buffers indexed by ``slot % length``: global layers keep
+every slot (length = the whole sequence), local layers only their last ``window_size`` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neo_jax.config import GPTNeoConfig
+from neo_jax.model import GPTNeo, attend, attention_masks, padding_bias
+
+NEG_INF = -jnp.inf
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer.
+
+    ``keys[i]`` / ``values[i]`` are layer ``i``'s ``[batch, heads, length, head_dim]`` ring buffers, with
+    ``length = max_len`` for global layers and ``min(window_size, max_len)`` for local ones; sequence slot
+    ``s`` lives at ``s % length``. ``valid[b, s]`` says whether slot ``s`` holds a real token (not left
+    padding); ``index`` is the slot of the next token.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+
+def cache_lengths(config: GPTNeoConfig, max_len: int) -> tuple[int, ...]:
+    """Ring-buffer length of each layer."""
+    return tuple(max_len if kind == "global" else min(config.window_size, max_len) for kind in config.attention_layers)
+
+
+def cache_bytes(config: GPTNeoConfig, batch: int, max_len: int, dtype=jnp.float32) -> int:
+    """Bytes of the KV cache for ``batch`` sequences of ``max_len`` slots."""
+    return 2 * batch * config.hidden_size * jnp.dtype(dtype).itemsize * sum(cache_lengths(config, max_len))
+
+
+def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype) -> KVCache:
+    lengths = cache_lengths(config, max_len)
+    zeros = lambda n: jnp.zeros((batch, config.num_heads, n, config.head_dim), dtype)  # noqa: E731
+    return KVCache(
+        keys=tuple(zeros(n) for n in lengths),
+        values=tuple(zeros(n) for n in lengths),
+        valid=jnp.zeros((batch, max_len), bool),
+        index=jnp.int32(0),
+    )
+
+
+def _set(items: tuple, i: int, value) -> tuple:
+    return (*items[:i], value, *items[i + 1 :])
+
+
+def _write_prompt(cache: KVCache, layer: int, k, v) -> KVCache:
+    """Store the keys/values of slots ``0..t-1`` (the whole prompt); a ring keeps only its last ``length``."""
+    length, t = cache.keys[layer].shape[2], k.shape[2]
+    ring = jnp.arange(max(t - length, 0), t) % length
+    keys = cache.keys[layer].at[:, :, ring].set(k[:, :, t - len(ring) :].astype(cache.keys[layer].dtype))
+    values = cache.values[layer].at[:, :, ring].set(v[:, :, t - len(ring) :].astype(cache.values[layer].dtype))
+    return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+
+
+def _write_token(cache: KVCache, layer: int, k, v):
+    """Store one token's key/value at slot ``cache.index`` (in place); return the layer's keys, values and
+    the ``[batch, 1, 1, length]`` mask of the ring entries this token may attend to."""
+    length = cache.keys[layer].shape[2]
+    at = (0, 0, cache.index % length, 0)
+    keys = jax.lax.dynamic_update_slice(cache.keys[layer], k.astype(cache.keys[layer].dtype), at)
+    values = jax.lax.dynamic_update_slice(cache.values[layer], v.astype(cache.values[layer].dtype), at)
+    # Ring entry r holds the latest slot s <= index with s % length == r.
+    slots = cache.index - (cache.index - jnp.arange(length)) % length
+    mask = (slots >= 0)[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1)
+    cache = dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+    return keys, values, mask[:, None, None, :], cache
+
+
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, position_ids, cache: KVCache):
+    """Run the whole (left-padded) prompt, fill the cache; return the last position's logits [batch, vocab]."""
+    seq_len = input_ids.shape[1]
+    masks = attention_masks(model.config, seq_len, seq_len)
+    bias = padding_bias(masks["global"], attention_mask)
+
+    def attention(layer, kind, q, k, v, cache):
+        return attend(q, k, v, masks[kind], bias), _write_prompt(cache, layer, k, v)
+
+    cache = dataclasses.replace(cache, valid=cache.valid.at[:, :seq_len].set(attention_mask.astype(bool)))
+    hidden, cache = model.transform(input_ids, position_ids, attention, cache, periods)
+    cache = dataclasses.replace(cache, index=jnp.int32(seq_len))
+    return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
+    """One token per row at slot ``cache.index``: logits [batch, vocab] and the updated cache."""
+    cache = dataclasses.replace(cache, valid=cache.valid.at[:, cache.index].set(True))
+
+    def attention(layer, kind, q, k, v, cache):
+        keys, values, mask, cache = _write_token(cache, layer, k, v)
+        return attend(q, keys, values, mask), cache
+
+    hidden, cache = model.transform(tokens[:, None], positions[:, None], attention, cache, periods)
+    cache = dataclasses.replace(cache, index=cache.index + 1)
+    return model.logits(hidden)[:, 0], cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The model split for generation programs: its graph and parameters, plus the blocks as one module per
+    period (``periods``) so that generation runs layer by layer with a static index.
+
+    On the CPU the per-period weights are separate buffers made here, once per call: XLA:CPU copies any
+    slice of a stacked weight inside a program, which would double a decode step's memory traffic. On
+    accelerators, slicing inside the program is free, so ``periods`` is None and the slices are taken there.
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    period_graphdef: nnx.GraphDef
+    periods: list | None
+
+    @classmethod
+    def of(cls, model: GPTNeo) -> Weights:
+        graphdef, params = nnx.split(model)
+        period_graphdef, stacked = nnx.split(model.periods)
+        periods = _unstack(stacked, model.config.num_periods) if jax.default_backend() == "cpu" else None
+        return cls(graphdef, params, period_graphdef, periods)
+
+
+def _unstack(stacked, n: int) -> list:
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+
+
+def _build(graphdef, params, period_graphdef, periods):
+    """Inside a program: the model and its list of per-period block modules."""
+    model = nnx.merge(graphdef, params)
+    if periods is None:
+        periods = _unstack(nnx.state(model.periods), model.config.num_periods)
+    return model, [nnx.merge(period_graphdef, state) for state in periods]
+
+
+# ------------------------------------------------------------------------------------------- samplers
+# Small pure functions on float32 logits [batch, vocab], in the order transformers applies them.
+def repetition_penalty(logits, seen, penalty):
+    """Divide positive (multiply negative) logits of tokens already in the sequence by ``penalty``."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def top_k(logits, k):
+    """Keep the ``k`` largest logits (ties at the k-th value are kept)."""
+    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p(logits, p):
+    """Keep the smallest set of tokens whose probability reaches ``p`` (nucleus), at least one."""
+    order = jnp.argsort(logits, axis=-1)  # ascending, as transformers does
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - p).at[:, -1].set(False)
+    remove = jnp.zeros_like(remove).at[jnp.arange(logits.shape[0])[:, None], order].set(remove)
+    return jnp.where(remove, NEG_INF, logits)
+
+
+def min_p(logits, p):
+    """Drop tokens whose probability is below ``p`` times the most likely token's."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < p * probs.max(axis=-1, keepdims=True), NEG_INF, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Which processors run (static: part of the compiled program); their values are traced arguments."""
+
+    do_sample: bool = False
+    repetition_penalty: bool = False
+    top_k: int = 0
+    top_p: bool = False
+    min_p: bool = False
+
+
+def process_logits(logits, seen, values: dict, sampling: Sampling):
+    if sampling.repetition_penalty:
+        logits = repetition_penalty(logits, seen, values["repetition_penalty"])
+    if sampling.do_sample:
+        logits = logits / values["temperature"]
+        if sampling.top_k:
+            logits = top_k(logits, sampling.top_k)
+        if sampling.top_p:
+            logits = top_p(logits, values["top_p"])
+        if sampling.min_p:
+            logits = min_p(logits, values["min_p"])
+    return logits
+
+
+def choose(logits, key, sampling: Sampling):
+    if sampling.do_sample:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoopState:
+    cache: KVCache
+    tokens: jax.Array  # [batch, new] generated tokens (pad after a row finishes)
+    last: jax.Array  # [batch] the newest token, fed to the next step
+    positions: jax.Array  # [batch] position of ``last``
+    finished: jax.Array  # [batch]
+    seen: jax.Array  # [batch, vocab] tokens in the sequence (repetition penalty), else [batch, 1]
+    step: jax.Array  # number of tokens generated so far
+    key: jax.Array
+
+
+def _emit(state: LoopState, logits, values, sampling: Sampling, eos, pad) -> LoopState:
+    """Pick the next token of every row from ``logits`` and record it."""
+    logits = process_logits(logits, state.seen, values, sampling)
+    token = choose(logits, jax.random.fold_in(state.key, state.step), sampling)
+    token = jnp.where(state.finished, pad, token)
+    seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True) if sampling.repetition_penalty else state.seen
+    return dataclasses.replace(
+        state,
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
+        last=token,
+        finished=state.finished | (token == eos),
+        seen=seen,
+        step=state.step + 1,
+    )
+
+
+@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new", "sampling"))
+def _start(graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos, pad, *, max_len, max_new, sampling):
+    """Prefill and pick the first new token."""
+    model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    batch = input_ids.shape[0]
+    positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    cache = init_cache(model.config, batch, max_len, model.dtype)
+    logits, cache = prefill(model, periods, input_ids, attention_mask, positions, cache)
+    state = LoopState(
+        cache=cache,
+        tokens=jnp.full((batch, max_new), pad, jnp.int32),
+        last=jnp.zeros((batch,), jnp.int32),
+        positions=attention_mask.sum(axis=1).astype(jnp.int32) - 1,
+        finished=jnp.zeros((batch,), bool),
+        seen=seen,
+        step=jnp.int32(0),
+        key=key,
+    )
+    state = _emit(state, logits, values, sampling, eos, pad)
+    return dataclasses.replace(state, positions=state.positions + 1)
+
+
+@partial(jax.jit, static_argnames=("graphdefs", "sampling"), donate_argnames=("state",))
+def _continue(graphdefs, arrays, state: LoopState, stop, values, eos, pad, *, sampling):
+    """Decode until ``stop`` tokens exist or every row has finished."""
+
+    def cond(carry):
+        state, _ = carry
+        return (state.step < stop) & ~jnp.all(state.finished)
+
+    def body(carry):
+        # The weights ride in the carry: NNX wants modules built at the trace level that uses them.
+        state, arrays = carry
+        model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+        logits, cache = decode_step(model, periods, state.last, state.positions, state.cache)
+        state = _emit(dataclasses.replace(state, cache=cache), logits, values, sampling, eos, pad)
+        return dataclasses.replace(state, positions=state.positions + 1), arrays
+
+    return jax.lax.while_loop(cond, body, (state, arrays))[0]
+
+
+def bucket(n: int) -> int:
+    """Round a length up so that nearby lengths share one compiled program: 16, 32, 64, … then multiples of 256."""
+    return max(16, 2 ** math.ceil(math.log2(n))) if n <= 256 else 256 * math.ceil(n / 256)
+
+
+@dataclasses.dataclass
+class _Request:
+    """A validated, bucketed generation request."""
+
+    input_ids: np.ndarray  # [batch, bucketed prompt] left-padded
+    attention_mask: np.ndarray
+    prompt_len: int  # the caller's (unbucketed) prompt length
+    max_new_tokens: int
+    eos: int
+    pad: int
+
+
+def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id) -> _Request:
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"the prompt is empty or not [batch, seq]: input_ids has shape {input_ids.shape}")
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {input_ids.shape}")
+    if not mask.any(axis=1).all():
+        raise ValueError("a prompt row is empty: its attention_mask is all zeros")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = model.config.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+            f"max_position_embeddings ({limit}); shorten the prompt or ask for fewer tokens"
+        )
+    vocab = model.config.vocab_size
+    if input_ids.min() < 0 or input_ids.max() >= vocab:
+        raise ValueError(f"input_ids must be in [0, {vocab}), got values in [{input_ids.min()}, {input_ids.max()}]")
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    eos = -1 if eos_token_id is None else eos_token_id  # -1: never stop early
+    width = bucket(input_ids.shape[1])
+    left = width - input_ids.shape[1]
+    return _Request(
+        input_ids=np.pad(input_ids, ((0, 0), (left, 0)), constant_values=pad).astype(np.int32),
+        attention_mask=np.pad(mask, ((0, 0), (left, 0))).astype(np.int32),
+        prompt_len=input_ids.shape[1],
+        max_new_tokens=max_new_tokens,
+        eos=eos,
+        pad=pad,
+    )
+
+
+def _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("num_beams > 1 is beam search, which is deterministic: drop do_sample (or use num_beams=1)")
+
+
+def stream(
+    model: GPTNeo,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the new tokens ``[batch, n]`` chunk by chunk (``chunk_size`` tokens, or all at once).
+
+    Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
+    """
+    _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, 1)
+    request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    if max_new_tokens == 0:
+        return
+    if do_sample and temperature == 0:
+        do_sample = False  # the limit of temperature -> 0 is greedy
+    vocab = model.config.vocab_size
+    sampling = Sampling(
+        do_sample=do_sample,
+        repetition_penalty=repetition_penalty != 1.0,
+        top_k=min(top_k, vocab) if do_sample else 0,
+        top_p=do_sample and top_p < 1.0,
+        min_p=do_sample and min_p > 0.0,
+    )
+    values = {
+        "temperature": jnp.float32(temperature or 1.0),
+        "top_p": jnp.float32(top_p),
+        "min_p": jnp.float32(min_p),
+        "repetition_penalty": jnp.float32(repetition_penalty),
+    }
+    if sampling.repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
+        caller_ids = np.asarray(input_ids).reshape(request.input_ids.shape[0], -1)
+        seen = np.zeros((caller_ids.shape[0], vocab), bool)
+        seen[np.arange(caller_ids.shape[0])[:, None], caller_ids] = True
+    else:
+        seen = np.zeros((request.input_ids.shape[0], 1), bool)
+    weights = Weights.of(model)
+    graphdefs, arrays = (weights.graphdef, weights.period_graphdef), (weights.params, weights.periods)
+    max_len = bucket(request.input_ids.shape[1] + max_new_tokens)
+    eos, pad = jnp.int32(request.eos), jnp.int32(request.pad)
+    state = _start(
+        graphdefs,
+        arrays,
+        jnp.asarray(request.input_ids),
+        jnp.asarray(request.attention_mask),
+        jnp.asarray(seen),
+        values,
+        jax.random.key(seed),
+        eos,
+        pad,
+        max_len=max_len,
+        max_new=bucket(max_new_tokens),
+        sampling=sampling,
+    )
+    done = 0
+    chunk = chunk_size or max_new_tokens
+    while True:
+        stop = min(done + chunk, max_new_tokens)
+        state = _continue(graphdefs, arrays, state, jnp.int32(stop), values, eos, pad, sampling=sampling)
+        step = int(state.step)
+        tokens = np.asarray(state.tokens[:, done:step])
+        yield tokens
+        done = step
+        if done >= max_new_tokens or bool(state.finished.all()):
+            return
+
+
+def generate(
+    model: GPTNeo,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Continue ``input_ids`` ([batch, seq], left-padded with ``attention_mask`` when rows differ in length).
+
+    Returns ``[batch, seq + max_new_tokens]``: the prompt, then the new tokens; after a row emits
+    ``eos_token_id`` the rest of it is ``pad_token_id`` (default: the EOS id). ``eos_token_id=None`` never
+    stops early. Greedy by default; ``do_sample`` samples with ``temperature``, ``top_k``, ``top_p`` and
+    ``min_p``; ``num_beams > 1`` is beam search with ``length_penalty`` and ``early_stopping`` as in
+    transformers. The same ``seed`` gives the same samples.
+    """
+    _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams)
+    prompt = np.asarray(input_ids)
+    prompt = prompt[None] if prompt.ndim == 1 else prompt
+    if num_beams > 1:
+        new = beam_search(
+            model,
+            prompt,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+    else:
+        chunks = list(
+            stream(
+                model,
+                prompt,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                seed=seed,
+            )
+        )
+        new = np.concatenate(chunks, axis=1) if chunks else np.zeros((prompt.shape[0], 0), np.int32)
+    pad = _pad_id(eos_token_id, pad_token_id)
+    filled = np.full((prompt.shape[0], max_new_tokens), pad, np.int64)
+    filled[:, : new.shape[1]] = new
+    return np.concatenate([prompt.astype(np.int64), filled], axis=1)
+
+
+def _pad_id(eos_token_id, pad_token_id) -> int:
+    return pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+
+
+# ------------------------------------------------------------------------------------------- beam search
+def beam_search(*args, **kwargs) -> np.ndarray:
+    raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------- timing helper
+def timed(iterator: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, float]]:
+    """Pair each chunk with the seconds since the iterator was started (for time-to-first-token)."""
+    start = time.perf_counter()
+    for item in iterator:
+        yield item, time.perf_counter() - start
