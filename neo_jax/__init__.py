@@ -2,7 +2,8 @@
 
 from neo_jax.config import GPTNeoConfig
 from neo_jax.convert import from_pretrained, save_pretrained
+from neo_jax.generate import TextGenerator, generate
 from neo_jax.model import GPTNeo, init_model
 
-__all__ = ["GPTNeo", "GPTNeoConfig", "from_pretrained", "init_model", "save_pretrained"]
+__all__ = ["GPTNeo", "GPTNeoConfig", "TextGenerator", "from_pretrained", "generate", "init_model", "save_pretrained"]
 __version__ = "0.1.0"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from pathlib import Path
 
 DTYPES = ("float32", "bfloat16")
 
@@ -18,6 +21,89 @@ def convert(args: argparse.Namespace) -> None:
     print(
         f"wrote {out} ({args.to}, {args.dtype}, {model.config.num_params() / 1e6:.1f}M parameters) "
         f"in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache, so a second run skips compiling (``--compilation-cache``,
+    ``$NEO_JAX_COMPILATION_CACHE``, default ``~/.cache/neo_jax/jax``; ``none`` turns it off)."""
+    import jax
+
+    directory = directory or os.environ.get("NEO_JAX_COMPILATION_CACHE") or "~/.cache/neo_jax/jax"
+    if directory.lower() != "none":
+        jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """Greedy unless a sampling knob is given; validated before anything loads or compiles."""
+    from neo_jax.generate import check_sampling
+
+    do_sample = args.num_beams == 1 and any(
+        value is not None for value in (args.temperature, args.top_k, args.top_p, args.min_p)
+    )
+    options = {
+        "do_sample": do_sample,
+        "temperature": 1.0 if args.temperature is None else args.temperature,
+        "top_k": args.top_k or 0,
+        "top_p": 1.0 if args.top_p is None else args.top_p,
+        "min_p": args.min_p or 0.0,
+        "repetition_penalty": args.repetition_penalty,
+        "num_beams": args.num_beams,
+        "seed": args.seed,
+    }
+    if args.num_beams > 1 and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.min_p)):
+        raise ValueError("--num-beams is beam search: it cannot be combined with --temperature/--top-k/--top-p/--min-p")
+    check_sampling(**{k: v for k, v in options.items() if k != "seed"})
+    return options
+
+
+def generate(args: argparse.Namespace) -> None:
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if not prompt:
+        raise ValueError("empty prompt: pass --prompt TEXT or --prompt-file FILE with some text")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    options = sampling_options(args)
+    enable_compilation_cache(args.compilation_cache)
+
+    from neo_jax.generate import TextGenerator
+
+    generator = TextGenerator(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    beams = options.pop("num_beams")
+    start = time.perf_counter()
+    first, pieces = None, []
+    if beams > 1:  # beam search decides at the end: nothing to stream
+        pieces = generator(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, num_beams=beams, **options)
+        tokens = len(generator.tokenizer(pieces[0])["input_ids"])
+    else:
+        for piece in generator.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **options):
+            first = first or time.perf_counter() - start
+            pieces.append(piece)
+            if not args.json:
+                print(piece, end="", flush=True)
+        tokens = generator.new_tokens
+    elapsed = time.perf_counter() - start
+    first = first or elapsed
+    completion = "".join(pieces)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    "completion": completion,
+                    "new_tokens": tokens,
+                    "time_to_first_token_s": round(first, 3),
+                    "seconds": round(elapsed, 3),
+                }
+            )
+        )
+    else:
+        print(completion if beams > 1 else "")
+    print(
+        f"time to first token {first:.2f}s; {tokens} tokens in {elapsed:.2f}s = {tokens / elapsed:.1f} tokens/s "
+        "(a first run includes compilation)",
         file=sys.stderr,
     )
 
@@ -39,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=convert)
+
+    p = commands.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text as it is produced",
+        description="Greedy by default; --temperature/--top-k/--top-p/--min-p switch to sampling, "
+        "--num-beams > 1 to beam search. Time to first token and tokens/s go to stderr.",
+    )
+    p.add_argument("--model", required=True, help="hub id, Hugging Face directory or neo_jax Orbax directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, help="sampling temperature (> 0 samples, 0 is greedy)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set reaching this probability")
+    p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
+    p.set_defaults(run=generate)
     return parser
 
 

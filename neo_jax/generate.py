@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Iterator
 from functools import partial
 
@@ -80,16 +79,18 @@ def _write_prompt(cache: KVCache, layer: int, k, v) -> KVCache:
     return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
 
 
-def _write_token(cache: KVCache, layer: int, k, v):
+def _write_token(cache: KVCache, layer: int, k, v, window: int | None):
     """Store one token's key/value at slot ``cache.index`` (in place); return the layer's keys, values and
-    the ``[batch, 1, 1, length]`` mask of the ring entries this token may attend to."""
+    the ``[batch, 1, 1, length]`` mask of the ring entries this token may attend to (real tokens, within
+    ``window`` slots for a local layer: a ring of ``window`` entries holds nothing older anyway)."""
     length = cache.keys[layer].shape[2]
     at = (0, 0, cache.index % length, 0)
     keys = jax.lax.dynamic_update_slice(cache.keys[layer], k.astype(cache.keys[layer].dtype), at)
     values = jax.lax.dynamic_update_slice(cache.values[layer], v.astype(cache.values[layer].dtype), at)
     # Ring entry r holds the latest slot s <= index with s % length == r.
     slots = cache.index - (cache.index - jnp.arange(length)) % length
-    mask = (slots >= 0)[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1)
+    visible = (slots >= 0) if window is None else (slots >= 0) & (slots > cache.index - window)
+    mask = visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1)
     cache = dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
     return keys, values, mask[:, None, None, :], cache
 
@@ -114,7 +115,8 @@ def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, cache.index].set(True))
 
     def attention(layer, kind, q, k, v, cache):
-        keys, values, mask, cache = _write_token(cache, layer, k, v)
+        window = model.config.window_size if kind == "local" else None
+        keys, values, mask, cache = _write_token(cache, layer, k, v, window)
         return attend(q, keys, values, mask), cache
 
     hidden, cache = model.transform(tokens[:, None], positions[:, None], attention, cache, periods)
@@ -341,7 +343,7 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     )
 
 
-def _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams):
+def check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams):
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
@@ -381,7 +383,7 @@ def stream(
 
     Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
     """
-    _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, 1)
+    check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, 1)
     request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return
@@ -425,17 +427,15 @@ def stream(
         max_new=bucket(max_new_tokens),
         sampling=sampling,
     )
-    done = 0
+    yield np.asarray(state.tokens[:, :1])  # right after prefill: time to first token
+    done = 1
     chunk = chunk_size or max_new_tokens
-    while True:
+    while done < max_new_tokens and not bool(state.finished.all()):
         stop = min(done + chunk, max_new_tokens)
         state = _continue(graphdefs, arrays, state, jnp.int32(stop), values, eos, pad, sampling=sampling)
         step = int(state.step)
-        tokens = np.asarray(state.tokens[:, done:step])
-        yield tokens
+        yield np.asarray(state.tokens[:, done:step])
         done = step
-        if done >= max_new_tokens or bool(state.finished.all()):
-            return
 
 
 def generate(
@@ -465,7 +465,7 @@ def generate(
     ``min_p``; ``num_beams > 1`` is beam search with ``length_penalty`` and ``early_stopping`` as in
     transformers. The same ``seed`` gives the same samples.
     """
-    _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams)
+    check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams)
     prompt = np.asarray(input_ids)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if num_beams > 1:
@@ -689,9 +689,93 @@ def beam_search(
     return np.asarray(new)
 
 
-# ------------------------------------------------------------------------------------------- timing helper
-def timed(iterator: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, float]]:
-    """Pair each chunk with the seconds since the iterator was started (for time-to-first-token)."""
-    start = time.perf_counter()
-    for item in iterator:
-        yield item, time.perf_counter() - start
+# ------------------------------------------------------------------------------------------- text level
+class TextGenerator:
+    """Prompts in, continuations out, with the model's own Hugging Face tokenizer.
+
+    ``TextGenerator(model_or_src)`` takes a loaded ``GPTNeo`` or anything ``from_pretrained`` reads; the
+    tokenizer comes from the same directory (``transformers.AutoTokenizer``) unless one is passed. Prompts
+    are left-padded into one batch; generation stops at the model's EOS token.
+    """
+
+    def __init__(self, model_or_src, *, tokenizer=None, dtype=jnp.float32, param_dtype=jnp.float32):
+        if isinstance(model_or_src, GPTNeo):
+            self.model = model_or_src
+        else:
+            from neo_jax.convert import from_pretrained
+
+            self.model = from_pretrained(model_or_src, dtype=dtype, param_dtype=param_dtype)
+        if tokenizer is None:
+            if self.model.source_dir is None:
+                raise ValueError("this model was not loaded from a directory: pass tokenizer=... explicitly")
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.model.source_dir)
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"no usable tokenizer in {self.model.source_dir} ({e}); pass tokenizer=... explicitly"
+                ) from None
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.new_tokens = 0
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("empty prompt: give at least one non-empty prompt")
+        encoded = self.tokenizer(prompts, padding=True, return_tensors="np")
+        if encoded["input_ids"].shape[1] == 0 or not encoded["attention_mask"].any(axis=1).all():
+            raise ValueError("a prompt encodes to no tokens")
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def _ids(self, **sampling):
+        return {"eos_token_id": self.model.config.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id, **sampling}
+
+    def decode(self, tokens: np.ndarray, stop: list[str] | None = None) -> str:
+        eos = self.model.config.eos_token_id
+        tokens = [int(t) for t in tokens]
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
+        return _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+
+    def __call__(
+        self, prompts: str | list[str], *, max_new_tokens: int = 50, stop: list[str] | None = None, **sampling
+    ) -> list[str]:
+        """Continuations of ``prompts`` (without the prompt), cut before any of the ``stop`` strings.
+        ``sampling``: the keyword arguments of ``generate``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        input_ids, mask = self.encode(prompts)
+        out = generate(self.model, input_ids, mask, max_new_tokens=max_new_tokens, **self._ids(**sampling))
+        return [self.decode(row[input_ids.shape[1] :], stop) for row in out]
+
+    def stream(
+        self, prompt: str, *, max_new_tokens: int = 50, stop: list[str] | None = None, chunk_size: int = 8, **sampling
+    ) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece as tokens are produced; ``new_tokens`` then
+        counts the tokens this call generated."""
+        input_ids, mask = self.encode([prompt])
+        tokens, shown = [], ""
+        self.new_tokens = 0
+        chunks = stream(
+            self.model, input_ids, mask, max_new_tokens=max_new_tokens, chunk_size=chunk_size, **self._ids(**sampling)
+        )
+        for chunk in chunks:
+            tokens.extend(chunk[0].tolist())
+            self.new_tokens = len(tokens)
+            text = self.decode(tokens, stop)
+            if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+            if stop and any(s in self.tokenizer.decode(tokens) for s in stop):
+                return
+
+
+def _cut(text: str, stop: list[str] | None) -> str:
+    for s in stop or ():
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
