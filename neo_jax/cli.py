@@ -53,6 +53,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
         "num_beams": args.num_beams,
         "seed": args.seed,
     }
+    if args.top_k is not None and args.top_k <= 0:
+        raise ValueError(f"--top-k must be a positive number of tokens, got {args.top_k}")
     if args.num_beams > 1 and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.min_p)):
         raise ValueError("--num-beams is beam search: it cannot be combined with --temperature/--top-k/--top-p/--min-p")
     check_sampling(**{k: v for k, v in options.items() if k != "seed"})

@@ -1,16 +1,18 @@
-"""`neo-jax convert`."""
+"""`neo-jax convert` and `neo-jax generate`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
 from neo_jax.cli import main
-from tests.conftest import SMALL, hf_logits, make_hf_model, random_ids
+from tests.conftest import SMALL, TOKENIZER_DIR, hf_logits, make_hf_model, random_ids
 
 
 def test_convert_hf_to_orbax_to_hf(tmp_path, save_hf, capsys):
@@ -53,3 +55,80 @@ def test_console_script_is_installed():
     result = subprocess.run([exe, "convert", "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--to {orbax,hf}" in result.stdout and "--dtype {float32,bfloat16}" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- generate
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    config = transformers.GPTNeoConfig(
+        **{**SMALL, "vocab_size": 50257, "bos_token_id": 50256, "eos_token_id": 50256, "window_size": 8}
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("text")
+    transformers.GPTNeoForCausalLM(config).save_pretrained(directory)
+    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    import jax
+
+    yield str(tmp_path / "jax-cache")
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_generate_streams_text_and_reports_speed(text_dir, compilation_cache, capsys):
+    import neo_jax
+
+    expected = neo_jax.TextGenerator(text_dir)("EleutherAI has", max_new_tokens=12)[0]
+    args = ["generate", "--model", str(text_dir), "--prompt", "EleutherAI has", "--max-new-tokens", "12"]
+    assert main([*args, "--compilation-cache", compilation_cache]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "time to first token" in err and "tokens/s" in err
+
+    import jax
+
+    assert jax.config.jax_compilation_cache_dir == compilation_cache
+
+    assert main([*args, "--json", "--compilation-cache", "none"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["completion"] == expected and record["new_tokens"] == 12
+    assert record["time_to_first_token_s"] <= record["seconds"]
+
+
+def test_generate_sampling_and_beams(text_dir, capsys):
+    base = ["generate", "--model", str(text_dir), "--prompt", "EleutherAI has", "--max-new-tokens", "8", "--json"]
+    assert main([*base, "--temperature", "0.9", "--top-k", "20", "--seed", "3"]) == 0
+    first = json.loads(capsys.readouterr().out)["completion"]
+    assert main([*base, "--temperature", "0.9", "--top-k", "20", "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == first
+    assert main([*base, "--num-beams", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "1.5"], "top_p must be in"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-k", "0"], "--top-k must be a positive"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+        (["--num-beams", "2", "--temperature", "0.5"], "cannot be combined"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_generate_rejects_bad_options_before_loading(tmp_path, capsys, extra, message):
+    # The model path does not exist: the option error must come first, before any loading or compiling.
+    args = ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_empty_prompt_and_too_long(text_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(text_dir), "--prompt", ""]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    (tmp_path / "long.txt").write_text("word " * 300)
+    assert main(["generate", "--model", str(text_dir), "--prompt-file", str(tmp_path / "long.txt")]) == 2
+    assert "exceeds max_position_embeddings" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""Greedy generation speed, neo_jax vs transformers (PyTorch), on the same random 125M-shape weights.
+
+    python benchmarks/generate.py [--batch-sizes 1,8] [--prompt-len 32] [--new-tokens 128]
+                                  [--prefill-len 512] [--repeats 3] [--dtype float32|bfloat16]
+
+Prints one JSON object. For each batch size: both decode rates in new tokens/s (medians of --repeats runs,
+each a whole ``generate`` call, after a warm-up) and their ratio; neo_jax's first call (compile included).
+At batch 1 also the fraction of the memory roofline: parameter bytes per token / seconds per token /
+measured memory bandwidth. "prefill": the time to the first token of a --prefill-len prompt, both sides.
+transformers runs only in float32 on the CPU; --dtype bfloat16 is for accelerators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+import neo_jax
+
+
+def seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a large multi-threaded reduction (what a memory-bound decode step can at best stream)."""
+    x = torch.ones(2**28)  # 1 GiB
+    x.sum()
+    return x.numel() * 4 / seconds(lambda: x.sum(), 5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/gpt-neo-125M.json")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--skip-transformers", action="store_true", help="neo_jax only (e.g. on a GPU)")
+    args = parser.parse_args()
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPTNeoConfig.from_json_file(args.config)
+    torch.manual_seed(0)
+    reference = transformers.GPTNeoForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = neo_jax.from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype, progress=False)
+    rng = np.random.default_rng(0)
+
+    def ours(ids, new):
+        return lambda: neo_jax.generate(model, ids, max_new_tokens=new)
+
+    def theirs(ids, new):
+        def run():
+            with torch.no_grad():
+                reference.generate(
+                    torch.as_tensor(ids),
+                    attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        return run
+
+    result = {
+        "benchmark": "generate",
+        "config": args.config,
+        "dtype": args.dtype,
+        "device": str(jax.devices()[0]),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+    }
+    param_bytes = model.config.num_params()
+    param_bytes *= 2 if args.dtype == "bfloat16" else 4
+    bandwidth = memory_bandwidth()
+    result["memory_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        ids = rng.integers(0, config.vocab_size, (batch, args.prompt_len))
+        start = time.perf_counter()
+        ours(ids, args.new_tokens)()
+        first_call = time.perf_counter() - start
+        ours_s = seconds(ours(ids, args.new_tokens), args.repeats)
+        entry = {
+            "neo_jax_tokens_per_s": round(batch * args.new_tokens / ours_s, 1),
+            "neo_jax_first_call_s": round(first_call, 2),
+        }
+        if not args.skip_transformers:
+            theirs(ids, 4)()  # warm-up
+            theirs_s = seconds(theirs(ids, args.new_tokens), args.repeats)
+            entry["transformers_tokens_per_s"] = round(batch * args.new_tokens / theirs_s, 1)
+            entry["ratio"] = round(theirs_s / ours_s, 3)
+        if batch == 1:
+            entry["roofline_fraction"] = round(param_bytes / (ours_s / args.new_tokens) / bandwidth, 3)
+        result[f"decode_batch_{batch}"] = entry
+
+    ids = rng.integers(0, config.vocab_size, (1, args.prefill_len))
+    ours(ids, 1)()
+    entry = {"neo_jax_s": round(seconds(ours(ids, 1), args.repeats), 4)}
+    if not args.skip_transformers:
+        theirs(ids, 1)()
+        entry["transformers_s"] = round(seconds(theirs(ids, 1), args.repeats), 4)
+        entry["ratio"] = round(entry["transformers_s"] / entry["neo_jax_s"], 3)
+    result[f"prefill_{args.prefill_len}"] = entry
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
