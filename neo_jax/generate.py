@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Iterator
 from functools import partial
 
@@ -79,20 +80,21 @@ def _write_prompt(cache: KVCache, layer: int, k, v) -> KVCache:
     return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
 
 
-def _write_token(cache: KVCache, layer: int, k, v, window: int | None):
-    """Store one token's key/value at slot ``cache.index`` (in place); return the layer's keys, values and
-    the ``[batch, 1, 1, length]`` mask of the ring entries this token may attend to (real tokens, within
-    ``window`` slots for a local layer: a ring of ``window`` entries holds nothing older anyway)."""
-    length = cache.keys[layer].shape[2]
-    at = (0, 0, cache.index % length, 0)
+def _write_token(cache: KVCache, layer: int, k, v) -> KVCache:
+    """Store one token's key/value at slot ``cache.index``, in place."""
+    at = (0, 0, cache.index % cache.keys[layer].shape[2], 0)
     keys = jax.lax.dynamic_update_slice(cache.keys[layer], k.astype(cache.keys[layer].dtype), at)
     values = jax.lax.dynamic_update_slice(cache.values[layer], v.astype(cache.values[layer].dtype), at)
-    # Ring entry r holds the latest slot s <= index with s % length == r.
+    return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+
+
+def _visible(cache: KVCache, length: int, window: int | None):
+    """``[batch, 1, 1, length]``: the ring entries the token at slot ``cache.index`` may attend to — real
+    tokens, and for a local layer only the last ``window`` slots (a ring of ``window`` entries holds
+    nothing older anyway). Ring entry r holds the latest slot s <= index with s % length == r."""
     slots = cache.index - (cache.index - jnp.arange(length)) % length
-    visible = (slots >= 0) if window is None else (slots >= 0) & (slots > cache.index - window)
-    mask = visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1)
-    cache = dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
-    return keys, values, mask[:, None, None, :], cache
+    visible = slots >= 0 if window is None else (slots >= 0) & (slots > cache.index - window)
+    return (visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1))[:, None, None, :]
 
 
 def prefill(model: GPTNeo, periods, input_ids, attention_mask, position_ids, cache: KVCache):
@@ -113,11 +115,13 @@ def prefill(model: GPTNeo, periods, input_ids, attention_mask, position_ids, cac
 def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
     """One token per row at slot ``cache.index``: logits [batch, vocab] and the updated cache."""
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, cache.index].set(True))
+    lengths = dict(zip(model.config.attention_layers, (key.shape[2] for key in cache.keys)))
+    windows = {"global": None, "local": model.config.window_size}
+    masks = {kind: _visible(cache, length, windows[kind]) for kind, length in lengths.items()}  # once per step
 
     def attention(layer, kind, q, k, v, cache):
-        window = model.config.window_size if kind == "local" else None
-        keys, values, mask, cache = _write_token(cache, layer, k, v, window)
-        return attend(q, keys, values, mask), cache
+        cache = _write_token(cache, layer, k, v)
+        return attend(q, cache.keys[layer], cache.values[layer], masks[kind]), cache
 
     hidden, cache = model.transform(tokens[:, None], positions[:, None], attention, cache, periods)
     cache = dataclasses.replace(cache, index=cache.index + 1)
@@ -129,9 +133,11 @@ class Weights:
     """The model split for generation programs: its graph and parameters, plus the blocks as one module per
     period (``periods``) so that generation runs layer by layer with a static index.
 
-    On the CPU the per-period weights are separate buffers made here, once per call: XLA:CPU copies any
-    slice of a stacked weight inside a program, which would double a decode step's memory traffic. On
-    accelerators, slicing inside the program is free, so ``periods`` is None and the slices are taken there.
+    On the CPU the per-period weights are separate buffers: XLA:CPU copies any slice of a stacked weight
+    inside a program, which would double a decode step's memory traffic. They are made once per model
+    (one more copy of the block weights, kept while the model lives) and made again if its parameters are
+    replaced. On accelerators slicing inside the program is free, so ``periods`` is None and the slices
+    are taken there.
     """
 
     graphdef: nnx.GraphDef
@@ -143,12 +149,24 @@ class Weights:
     def of(cls, model: GPTNeo) -> Weights:
         graphdef, params = nnx.split(model)
         period_graphdef, stacked = nnx.split(model.periods)
-        periods = _unstack(stacked, model.config.num_periods) if jax.default_backend() == "cpu" else None
+        periods = None
+        if jax.default_backend() == "cpu":
+            leaves = jax.tree.leaves(stacked)
+            cached = _UNSTACKED.get(model)
+            if cached is None or any(a is not b for a, b in zip(cached[0], leaves, strict=True)):
+                cached = _UNSTACKED[model] = (leaves, _unstack_copy(stacked, model.config.num_periods))
+            periods = cached[1]
         return cls(graphdef, params, period_graphdef, periods)
+
+
+_UNSTACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unstack(stacked, n: int) -> list:
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+
+
+_unstack_copy = jax.jit(_unstack, static_argnums=1)  # one dispatch instead of one per tensor
 
 
 def _build(graphdef, params, period_graphdef, periods):
@@ -291,8 +309,15 @@ def _continue(graphdefs, arrays, state: LoopState, stop, values, eos, pad, *, sa
 
 
 def bucket(n: int) -> int:
-    """Round a length up so that nearby lengths share one compiled program: 16, 32, 64, … then multiples of 256."""
+    """Round a prompt length up so that nearby lengths share one compiled program: 16, 32, 64, 128, 256,
+    then multiples of 256."""
     return max(16, 2 ** math.ceil(math.log2(n))) if n <= 256 else 256 * math.ceil(n / 256)
+
+
+def cache_bucket(n: int) -> int:
+    """Round a cache length up to a multiple of 64: decode steps read the whole global cache, so a finer
+    rounding than ``bucket`` pays for the rare extra compilation."""
+    return 64 * math.ceil(n / 64)
 
 
 @dataclasses.dataclass
@@ -411,7 +436,7 @@ def stream(
         seen = np.zeros((request.input_ids.shape[0], 1), bool)
     weights = Weights.of(model)
     graphdefs, arrays = (weights.graphdef, weights.period_graphdef), (weights.params, weights.periods)
-    max_len = bucket(request.input_ids.shape[1] + max_new_tokens)
+    max_len = cache_bucket(request.input_ids.shape[1] + max_new_tokens)
     eos, pad = jnp.int32(request.eos), jnp.int32(request.pad)
     state = _start(
         graphdefs,
@@ -424,7 +449,7 @@ def stream(
         eos,
         pad,
         max_len=max_len,
-        max_new=bucket(max_new_tokens),
+        max_new=cache_bucket(max_new_tokens),
         sampling=sampling,
     )
     yield np.asarray(state.tokens[:, :1])  # right after prefill: time to first token
@@ -681,7 +706,7 @@ def beam_search(
         jnp.int32(request.eos),
         jnp.int32(request.pad),
         num_beams=num_beams,
-        max_len=bucket(request.input_ids.shape[1] + max_new_tokens),
+        max_len=cache_bucket(request.input_ids.shape[1] + max_new_tokens),
         max_new=max_new_tokens,
         length_penalty=float(length_penalty),
         early_stopping=early_stopping,
