@@ -1,6 +1,7 @@
 """Hugging Face GPT-Neo checkpoints <-> neo_jax models, and neo_jax's own Orbax format.
 
-One name map (``LAYER_PARAMS`` / ``TOP_PARAMS``) drives import, export and validation. Tensors move one
+One name map (``LAYER_PARAMS`` / ``TOP_PARAMS``) drives import, export and validation; tensors keep their
+PyTorch layout (kernels are ``[out, in]`` on both sides), so a layer's tensor is a slice of a stacked one. Tensors move one
 stacked parameter at a time, so host memory stays near one copy of the model. Every write goes to a
 temporary directory that is renamed into place at the end: a failure leaves nothing half written.
 """
@@ -67,12 +68,6 @@ SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
-def to_hf(path: tuple, array: np.ndarray) -> np.ndarray:
-    """Our kernels are ``[in, out]`` (``x @ kernel``); PyTorch Linear weights are ``[out, in]``.
-    The hook is its own inverse, so it serves both directions."""
-    return array.T if path[-1] == "kernel" else array
-
-
 def param_layout(config: GPTNeoConfig) -> dict[tuple, list[str]]:
     """Our parameter path -> the Hugging Face tensors stacked into it, in stacking order."""
     layout = {path: [name] for name, path in TOP_PARAMS.items()}
@@ -89,8 +84,7 @@ def hf_shapes(layout: dict[tuple, list[str]], values: dict) -> dict[str, tuple[t
     shapes = {}
     for path, names in layout.items():
         value = values[path]
-        single = value.shape[1:] if path[0] == "periods" else value.shape
-        shape = tuple(reversed(single)) if path[-1] == "kernel" else tuple(single)
+        shape = tuple(value.shape[1:] if path[0] == "periods" else value.shape)
         shapes.update({name: (shape, value.dtype) for name in names})
     return shapes
 
@@ -293,9 +287,9 @@ def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, progress: bool)
         if path[0] == "periods":
             buffer = np.empty(abstract[path].shape, param_dtype)
             for i, name in enumerate(names):
-                buffer[i] = to_hf(path, checkpoint.load(name))
+                buffer[i] = checkpoint.load(name)
         else:
-            buffer = to_hf(path, checkpoint.load(names[0])).astype(param_dtype, copy=False)
+            buffer = checkpoint.load(names[0]).astype(param_dtype, copy=False)
         variable.set_value(jax.device_put(buffer))
         del buffer
     return nnx.from_flat_state(flat)
@@ -345,18 +339,16 @@ def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def hf_tensors(model: GPTNeo) -> dict[str, Callable[[], np.ndarray]]:
-    """Hugging Face tensor name -> function giving that tensor as a contiguous numpy array."""
+    """Hugging Face tensor name -> function giving that tensor as a numpy array (on the CPU, a view)."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
     for path, names in param_layout(model.config).items():
         value = flat[path].get_value()
         if path[0] == "periods":
             for i, name in enumerate(names):
-                tensors[name] = lambda path=path, value=value, i=i: np.ascontiguousarray(
-                    to_hf(path, np.asarray(value[i]))
-                )
+                tensors[name] = lambda value=value, i=i: np.asarray(value[i])
         else:
-            tensors[names[0]] = lambda path=path, value=value: np.ascontiguousarray(to_hf(path, np.asarray(value)))
+            tensors[names[0]] = lambda value=value: np.asarray(value)
     return tensors
 
 

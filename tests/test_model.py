@@ -138,9 +138,10 @@ def test_parameters_carry_logical_axis_names():
     )
     names = {jax.tree_util.keystr(path): v.get_metadata()["out_sharding"] for path, v in variables}
     assert names["['wte']['embedding']"] == ("vocab", "embed")
-    assert names["['periods'][0]['attn']['q_proj']['kernel']"] == ("layers", "embed", "heads")
-    assert names["['periods'][1]['mlp']['c_fc']['kernel']"] == ("layers", "embed", "mlp")
-    assert names["['periods'][0]['attn']['out_proj']['kernel']"] == ("layers", "heads", "embed")
+    assert names["['periods'][0]['attn']['q_proj']['kernel']"] == ("layers", "heads", "embed")
+    assert names["['periods'][1]['mlp']['c_fc']['kernel']"] == ("layers", "mlp", "embed")
+    assert names["['periods'][0]['attn']['out_proj']['kernel']"] == ("layers", "embed", "heads")
+    assert names["['periods'][0]['attn']['out_proj']['bias']"] == ("layers", "embed")
     assert all(len(v.get_metadata()["out_sharding"]) == v.get_value().ndim for _, v in variables)
 
 
