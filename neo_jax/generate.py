@@ -326,9 +326,7 @@ class _Request:
 
     input_ids: np.ndarray  # [batch, bucketed prompt] left-padded
     attention_mask: np.ndarray
-    prompt_len: int  # the caller's (unbucketed) prompt length
-    max_new_tokens: int
-    eos: int
+    eos: int  # -1: never stop early
     pad: int
 
 
@@ -354,15 +352,13 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     vocab = model.config.vocab_size
     if input_ids.min() < 0 or input_ids.max() >= vocab:
         raise ValueError(f"input_ids must be in [0, {vocab}), got values in [{input_ids.min()}, {input_ids.max()}]")
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    eos = -1 if eos_token_id is None else eos_token_id  # -1: never stop early
+    pad = _pad_id(eos_token_id, pad_token_id)
+    eos = -1 if eos_token_id is None else eos_token_id
     width = bucket(input_ids.shape[1])
     left = width - input_ids.shape[1]
     return _Request(
         input_ids=np.pad(input_ids, ((0, 0), (left, 0)), constant_values=pad).astype(np.int32),
         attention_mask=np.pad(mask, ((0, 0), (left, 0))).astype(np.int32),
-        prompt_len=input_ids.shape[1],
-        max_new_tokens=max_new_tokens,
         eos=eos,
         pad=pad,
     )
