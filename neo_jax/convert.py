@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from neo_jax.config import GPTNeoConfig
 from neo_jax.model import GPTNeo
+from neo_jax.sharding import place, variable_sharding
 
 # ------------------------------------------------------------------------------------------- the name map
 # Hugging Face name inside ``transformer.h.{i}.`` -> path inside one of our blocks.
@@ -254,26 +256,31 @@ def from_pretrained(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     revision: str | None = None,
+    mesh=None,
+    rules=None,
     progress: bool = True,
 ) -> GPTNeo:
     """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
 
-    ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in.
+    ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. With a ``mesh``
+    (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
+    ``rules`` of ``neo_jax.sharding`` (default ``DEFAULT_RULES``): no device holds a full replicated copy.
     """
     directory = resolve(src, revision)
     config = GPTNeoConfig.from_json_file(directory / "config.json")
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     graphdef, state = abstract_model(config, dtype, param_dtype)
+    placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     if (directory / ORBAX_DIR).is_dir():
-        state = _load_orbax(directory / ORBAX_DIR, state)
+        state = _load_orbax(directory / ORBAX_DIR, state, placement)
     else:
-        state = _load_hf(config, Checkpoint(directory), state, param_dtype, progress)
+        state = _load_hf(config, Checkpoint(directory), state, param_dtype, placement, progress)
     model = nnx.merge(graphdef, state)
     model.source_dir = str(directory)
     return model
 
 
-def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, progress: bool):
+def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, placement, progress: bool):
     layout = param_layout(config)
     flat = nnx.to_flat_state(state)
     abstract = {path: variable.get_value() for path, variable in flat}
@@ -290,7 +297,7 @@ def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, progress: bool)
                 buffer[i] = checkpoint.load(name)
         else:
             buffer = checkpoint.load(names[0]).astype(param_dtype, copy=False)
-        variable.set_value(jax.device_put(buffer))
+        variable.set_value(place(buffer, placement and placement(variable)))
         del buffer
     return nnx.from_flat_state(flat)
 
@@ -302,9 +309,13 @@ def _orbax_checkpointer(**options):
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, **options))
 
 
-def _load_orbax(directory: Path, state):
+def _load_orbax(directory: Path, state, placement):
     import orbax.checkpoint as ocp
 
+    if placement is not None:  # restore each array straight into its shards
+        for _, variable in nnx.to_flat_state(state):
+            value = variable.get_value()
+            variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=placement(variable)))
     target = nnx.to_pure_dict(state)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     # A 1 GB in-flight limit keeps the transient read buffers well below a copy of a large model.

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from neo_jax import sharding
 from neo_jax.config import GPTNeoConfig
 from neo_jax.model import GPTNeo, attend, attention_masks, padding_bias
 
@@ -56,13 +58,23 @@ def cache_bytes(config: GPTNeoConfig, batch: int, max_len: int, dtype=jnp.float3
     return 2 * batch * config.hidden_size * jnp.dtype(dtype).itemsize * sum(cache_lengths(config, max_len))
 
 
-def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype) -> KVCache:
+def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype, mesh=None) -> KVCache:
+    """An empty cache; on a ``mesh`` it is split by batch and heads, like the activations that fill it."""
+
+    def zeros(shape, names, dtype):
+        array = jnp.zeros(shape, dtype)
+        if mesh is None:
+            return array
+        return jax.lax.with_sharding_constraint(array, NamedSharding(mesh, sharding.spec(names, shape, mesh)))
+
+    def layer(length):
+        return zeros((batch, config.num_heads, length, config.head_dim), ("batch", "heads", None, None), dtype)
+
     lengths = cache_lengths(config, max_len)
-    zeros = lambda n: jnp.zeros((batch, config.num_heads, n, config.head_dim), dtype)
     return KVCache(
-        keys=tuple(zeros(n) for n in lengths),
-        values=tuple(zeros(n) for n in lengths),
-        valid=jnp.zeros((batch, max_len), bool),
+        keys=tuple(layer(n) for n in lengths),
+        values=tuple(layer(n) for n in lengths),
+        valid=zeros((batch, max_len), ("batch", None), bool),
         index=jnp.int32(0),
     )
 
@@ -267,13 +279,15 @@ def _emit(state: LoopState, logits, values, sampling: Sampling, eos, pad) -> Loo
     )
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new", "sampling"))
-def _start(graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos, pad, *, max_len, max_new, sampling):
+@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new", "sampling", "mesh"))
+def _start(
+    graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos, pad, *, max_len, max_new, sampling, mesh
+):
     """Prefill and pick the first new token."""
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0]
     positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    cache = init_cache(model.config, batch, max_len, model.dtype)
+    cache = init_cache(model.config, batch, max_len, model.dtype, mesh)
     logits, cache = prefill(model, periods, input_ids, attention_mask, positions, cache)
     state = LoopState(
         cache=cache,
@@ -447,6 +461,7 @@ def stream(
         max_len=max_len,
         max_new=cache_bucket(max_new_tokens),
         sampling=sampling,
+        mesh=sharding.model_mesh(model),
     )
     yield np.asarray(state.tokens[:, :1])  # right after prefill: time to first token
     done = 1
@@ -611,7 +626,10 @@ def _beam_step(state: BeamState, *, num_beams, max_new, eos, length_penalty, ear
     return state, rows, running_sequences[:, :, state.step - 1].reshape(-1)
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "num_beams", "max_len", "max_new", "length_penalty", "early_stopping"))
+@partial(
+    jax.jit,
+    static_argnames=("graphdefs", "num_beams", "max_len", "max_new", "length_penalty", "early_stopping", "mesh"),
+)
 def _beam_search(
     graphdefs,
     arrays,
@@ -625,11 +643,12 @@ def _beam_search(
     max_new,
     length_penalty,
     early_stopping,
+    mesh,
 ):
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0] // num_beams
     positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype)
+    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype, mesh)
     logits, cache = prefill(model, periods, input_ids, attention_mask, positions, cache)
     empty = jnp.full((batch, num_beams, max_new), pad, jnp.int32)
     state = BeamState(
@@ -706,6 +725,7 @@ def beam_search(
         max_new=max_new_tokens,
         length_penalty=float(length_penalty),
         early_stopping=early_stopping,
+        mesh=sharding.model_mesh(model),
     )
     return np.asarray(new)
 

@@ -264,6 +264,22 @@ class GPTNeo(nnx.Module):
         return jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
 
 
-def init_model(config: GPTNeoConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0) -> GPTNeo:
-    """A randomly initialised model (normal(0, initializer_range) weights, as transformers initialises)."""
-    return GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=jax.random.key(seed)))
+def init_model(
+    config: GPTNeoConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0, mesh=None, rules=None
+) -> GPTNeo:
+    """A randomly initialised model (normal(0, initializer_range) weights, as transformers initialises).
+
+    With a ``mesh`` (see ``neo_jax.sharding``) every parameter is created directly in its shards.
+    """
+
+    def create():
+        return GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+    if mesh is None:
+        return create()
+    from neo_jax.sharding import param_shardings
+
+    graphdef, state = nnx.split(nnx.eval_shape(create))
+    pure = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create())), out_shardings=param_shardings(state, mesh, rules))()
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

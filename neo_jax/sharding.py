@@ -1,0 +1,111 @@
+"""Device meshes and logical-axis rules: where every parameter, batch and cache lives.
+
+The model names each parameter's axes (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``, ``layers``);
+rules map those names to the mesh axes ``("data", "fsdp", "tensor")``:
+
+    batch -> (data, fsdp)    embed -> fsdp    heads, mlp, vocab -> tensor    anything else: replicated
+
+A dimension whose size does not divide evenly over its mesh axes is replicated instead (GPT-Neo's vocabulary
+of 50257 is prime to every mesh size), so any mesh works; ``explain`` says where that happened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: all of ``jax.devices()``); one size
+    may be -1 to take the devices the others leave."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(
+            f"mesh sizes must be positive, with at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into a mesh with {known} devices per replica")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are available"
+        )
+    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(tuple(sizes), AXES, axis_types, devices=devices)
+
+
+def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping | None = None) -> PartitionSpec:
+    """The ``PartitionSpec`` for an array with logical axis ``names``: each name's mesh axes from ``rules``,
+    dropping axes of size 1, axes another dimension already uses, and shardings that do not divide evenly."""
+    rules = DEFAULT_RULES if rules is None else rules
+    used, out = set(), []
+    for name, size in zip(names, shape, strict=True):
+        wanted = rules.get(name, ())
+        wanted = (wanted,) if isinstance(wanted, str) else wanted
+        axes = tuple(a for a in wanted if mesh.shape[a] > 1 and a not in used)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping | None = None) -> NamedSharding:
+    """Where a parameter (real or abstract) lives, from the logical names in its metadata."""
+    names = variable.get_metadata()["out_sharding"]
+    return NamedSharding(mesh, spec(names, variable.get_value().shape, mesh, rules))
+
+
+def param_shardings(state, mesh: Mesh, rules: Mapping | None = None) -> dict:
+    """``NamedSharding`` of every parameter of ``state`` (an ``nnx.State``), as a pure dict shaped like
+    ``nnx.to_pure_dict(state)``."""
+    return traverse_util.unflatten_dict(
+        {path: variable_sharding(v, mesh, rules) for path, v in nnx.to_flat_state(state)}
+    )
+
+
+def shard_model(model, mesh: Mesh, rules: Mapping | None = None):
+    """Move ``model``'s parameters onto ``mesh`` (in place) and return it."""
+    state = nnx.state(model, nnx.Param)
+    placed = jax.device_put(nnx.to_pure_dict(state), param_shardings(state, mesh, rules))
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    return model
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Mapping | None = None) -> NamedSharding:
+    """Inputs ``[batch, ...]``: the batch split over the rules' batch axes (when it divides evenly)."""
+    return NamedSharding(mesh, spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules))
+
+
+def model_mesh(model) -> Mesh | None:
+    """The mesh the model's parameters live on, or None for a model on one device."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    sharding = getattr(leaf, "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
+def place(array: np.ndarray, sharding: NamedSharding | None):
+    """A host array onto devices: only the shards each device owns are copied (also across hosts)."""
+    if sharding is None:
+        return jax.device_put(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

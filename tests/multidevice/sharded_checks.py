@@ -1,0 +1,175 @@
+"""Checks on a simulated 8-device CPU mesh. They need JAX_NUM_CPU_DEVICES=8 set before JAX starts, so
+tests/test_sharding.py runs this file in its own pytest process; the file name keeps the main run from
+collecting it."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import neo_jax
+from neo_jax import sharding
+from neo_jax.train import make_optimizer, train_step
+from tests.conftest import SMALL
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 1, 4)]
+# The rules, written out independently of neo_jax.sharding: logical name -> mesh axes.
+RULES = {"embed": ("fsdp",), "heads": ("tensor",), "mlp": ("tensor",), "vocab": ("tensor",)}
+
+
+def test_eight_devices():
+    assert jax.device_count() == 8, "run with JAX_NUM_CPU_DEVICES=8"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = transformers.GPTNeoConfig(**{**SMALL, "window_size": 8})
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("hf")
+    transformers.GPTNeoForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint):
+    return neo_jax.from_pretrained(checkpoint, progress=False)
+
+
+def leaves(model):
+    return jax.tree_util.tree_leaves_with_path(
+        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def expected_shard_shape(names, shape, mesh):
+    out, used = [], set()
+    for name, size in zip(names, shape):
+        axes = [a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used]
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % parts == 0:
+            used.update(axes)
+            size //= parts
+        out.append(size)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_parameters_are_sharded_as_the_rules_say(checkpoint, shape):
+    mesh = sharding.make_mesh(*shape)
+    model = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
+    split = 0
+    for path, variable in leaves(model):
+        array = variable.get_value()
+        expected = expected_shard_shape(variable.get_metadata()["out_sharding"], array.shape, mesh)
+        assert array.addressable_shards[0].data.shape == expected, jax.tree_util.keystr(path)
+        assert len(array.addressable_shards) == 8
+        split += expected != array.shape
+    assert (split > 0) == (shape != (8, 1, 1))  # pure data parallelism replicates every parameter
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_logits_equal_one_device(checkpoint, single, shape):
+    mesh = sharding.make_mesh(*shape)
+    model = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
+    ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (8, 40)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :9] = 0
+    batch = sharding.batch_sharding(mesh, ids.shape)
+    out = nnx.jit(lambda m, x, a: m(x, attention_mask=a))(
+        model, jax.device_put(ids, batch), jax.device_put(mask, batch)
+    )
+    assert out.sharding.mesh == mesh
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single(ids, attention_mask=mask)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_greedy_generation_is_identical(checkpoint, single, shape):
+    model = neo_jax.from_pretrained(checkpoint, mesh=sharding.make_mesh(*shape), progress=False)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, SMALL["vocab_size"], (8, 12))
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    mask[3, :2] = 0
+    ours = neo_jax.generate(model, ids, mask, max_new_tokens=30)
+    np.testing.assert_array_equal(ours, neo_jax.generate(single, ids, mask, max_new_tokens=30))
+    beams = neo_jax.generate(model, ids[:2], mask[:2], max_new_tokens=10, num_beams=3)
+    np.testing.assert_array_equal(beams, neo_jax.generate(single, ids[:2], mask[:2], max_new_tokens=10, num_beams=3))
+
+
+def params(model):
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    }
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_train_step_gives_the_same_loss_and_parameters(checkpoint, shape):
+    mesh = sharding.make_mesh(*shape)
+    ids = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
+    results = []
+    for place in (None, mesh):
+        model = neo_jax.from_pretrained(checkpoint, mesh=place, progress=False)
+        batch = ids if place is None else jax.device_put(ids, sharding.batch_sharding(mesh, ids.shape))
+        # SGD keeps the comparison linear in the gradients; AdamW's first step divides by |g| and so
+        # magnifies last-bit differences in tiny gradients.
+        sgd = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+        losses = [float(train_step(model, sgd, batch))]
+        adamw = make_optimizer(model, 1e-3)
+        losses.append(float(train_step(model, adamw, batch)))
+        results.append((losses, params(model)))
+    (single_losses, single_params), (mesh_losses, mesh_params) = results
+    np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-5)
+    for key, value in single_params.items():
+        np.testing.assert_allclose(mesh_params[key], value, atol=2e-4, err_msg=key)  # after AdamW: |Δ| << lr
+
+
+def test_sgd_step_parameters_match_closely(checkpoint):
+    mesh = sharding.make_mesh(2, 2, 2)
+    ids = np.random.default_rng(3).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
+    out = []
+    for place in (None, mesh):
+        model = neo_jax.from_pretrained(checkpoint, mesh=place, progress=False)
+        train_step(model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param), ids)
+        out.append(params(model))
+    for key, value in out[0].items():
+        np.testing.assert_allclose(out[1][key], value, atol=1e-6, err_msg=key)
+
+
+def test_random_init_under_a_mesh_is_born_sharded():
+    config = neo_jax.GPTNeoConfig(**{**SMALL, "attention_types": ((("global", "local"), 2),)})
+    mesh = sharding.make_mesh(2, 2, 2)
+    model = neo_jax.init_model(config, seed=4, mesh=mesh)
+    for path, variable in leaves(model):
+        array = variable.get_value()
+        assert array.addressable_shards[0].data.shape == expected_shard_shape(
+            variable.get_metadata()["out_sharding"], array.shape, mesh
+        ), jax.tree_util.keystr(path)
+    one = params(neo_jax.init_model(config, seed=4))
+    for key, value in params(model).items():  # the same draws (compiled vs eager rounding aside)
+        np.testing.assert_allclose(value, one[key], atol=1e-7, rtol=0)
+
+
+def test_orbax_restores_straight_into_shards(checkpoint, single, tmp_path):
+    out = neo_jax.save_pretrained(single, tmp_path / "orbax", format="orbax", progress=False)
+    mesh = sharding.make_mesh(1, 2, 4)
+    model = neo_jax.from_pretrained(out, mesh=mesh, progress=False)
+    kernel = model.periods[0].mlp.c_fc.kernel.get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    for key, value in params(single).items():
+        np.testing.assert_array_equal(params(model)[key], value)
+
+
+def test_batch_is_split_over_data_and_fsdp():
+    mesh = sharding.make_mesh(2, 2, 2)
+    assert sharding.batch_sharding(mesh, (8, 16)).spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    x = jax.device_put(jnp.zeros((8, 16)), sharding.batch_sharding(mesh, (8, 16)))
+    assert x.addressable_shards[0].data.shape == (2, 16)

@@ -1,0 +1,73 @@
+"""Sharding rules on one device, and the simulated 8-device checks run in their own process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from neo_jax import sharding
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_simulated_eight_device_mesh_checks():
+    """tests/multidevice/sharded_checks.py on JAX_NUM_CPU_DEVICES=8, in a separate pytest process (a
+    process's device count is fixed when JAX starts, and the rest of the suite keeps one device)."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice/sharded_checks.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 20 and not re.search(r"skipped|failed|error", summary), summary
+
+
+def test_make_mesh_sizes_and_errors():
+    mesh = sharding.make_mesh()
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.size == jax.device_count()
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.make_mesh(-1, -1)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        sharding.make_mesh(1, 2, 2)
+
+
+class FakeMesh:
+    """Just the axis sizes of a (2, 2, 4) mesh: ``spec`` reads nothing else."""
+
+    def __init__(self):
+        self.shape = {"data": 2, "fsdp": 2, "tensor": 4}
+
+
+@pytest.mark.parametrize(
+    "names, shape, expected",
+    [
+        (("vocab", "embed"), (320, 64), P("tensor", "fsdp")),
+        (("vocab", "embed"), (50257, 768), P(None, "fsdp")),  # 50257 does not split: replicated
+        (("layers", "heads", "embed"), (6, 768, 768), P(None, "tensor", "fsdp")),
+        (("layers", "embed"), (6, 768), P(None, "fsdp")),
+        (("position", "embed"), (2048, 768), P(None, "fsdp")),
+        (("batch", None), (8, 16), P(("data", "fsdp"), None)),
+        (("batch", None), (6, 16), P(None, None)),
+    ],
+)
+def test_spec_follows_the_rules(names, shape, expected):
+    assert sharding.spec(names, shape, FakeMesh()) == expected
+
+
+def test_rules_can_be_overridden():
+    rules = {**sharding.DEFAULT_RULES, "embed": (), "vocab": ("fsdp", "tensor")}
+    assert sharding.spec(("vocab", "embed"), (320, 64), FakeMesh(), rules) == P(("fsdp", "tensor"), None)
