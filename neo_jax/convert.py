@@ -328,25 +328,48 @@ def _load_orbax(directory: Path, state, placement):
 # ------------------------------------------------------------------------------------------- writing
 @contextmanager
 def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success."""
+    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success.
+
+    With several processes (a multi-host run) they all write into one temporary directory, collectively
+    for Orbax, and process 0 alone prepares and renames it, between barriers.
+    """
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(
             f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    main, multi = jax.process_index() == 0, jax.process_count() > 1
+    if main:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if multi:
+        tmp = out_dir.parent / f".{out_dir.name}.partial"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier(f"prepare {out_dir}")
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        _barrier(f"written {out_dir}")
+        if main:
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                out_dir.rename(old / out_dir.name)
+                tmp.rename(out_dir)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out_dir)
+        _barrier(f"renamed {out_dir}")
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def hf_tensors(model: GPTNeo) -> dict[str, Callable[[], np.ndarray]]:
@@ -377,17 +400,24 @@ def save_pretrained(
     ``format="hf"``: ``config.json`` and ``model.safetensors`` (sharded with an index above
     ``max_shard_size``) that ``transformers.GPTNeoForCausalLM.from_pretrained`` loads, plus the tokenizer
     and generation-config files of the directory the model was loaded from, if it had any. ``format="orbax"``: an Orbax checkpoint
-    of the parameters in ``params/`` plus ``config.json``; ``from_pretrained`` reads both.
+    of the parameters in ``params/`` plus ``config.json``; ``from_pretrained`` reads both. In a multi-host
+    run every process calls this and Orbax writes the shards collectively; "hf" is for a single process.
     """
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+    if format == "hf" and jax.process_count() > 1:
+        raise ValueError(
+            "format='hf' writes from one process: save with format='orbax' (collective), then convert on one "
+            "host with `neo-jax convert DIR OUT --to hf`"
+        )
     out_dir = Path(out_dir).expanduser().absolute()
     with _atomic_directory(out_dir, overwrite) as tmp:
-        model.config.to_json_file(tmp / "config.json")
-        source = model.source_dir
-        for name in COMPANION_FILES if source else ():
-            if (Path(source) / name).exists():
-                shutil.copy(Path(source) / name, tmp / name)
+        if jax.process_index() == 0:
+            model.config.to_json_file(tmp / "config.json")
+            source = model.source_dir
+            for name in COMPANION_FILES if source else ():
+                if (Path(source) / name).exists():
+                    shutil.copy(Path(source) / name, tmp / name)
         if format == "hf":
             _save_safetensors(model, tmp, max_shard_size, progress and f"writing {out_dir.name}")
         else:
