@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if os.environ.get("NEO_JAX_DISTRIBUTED") == "1":  # set by tpu_scripts/run.sh on every worker
+            from neo_jax import distributed
+
+            distributed.initialize()
         args.run(args)
     except (ValueError, OSError, ImportError) as e:
         print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)
