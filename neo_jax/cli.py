@@ -110,6 +110,33 @@ def generate(args: argparse.Namespace) -> None:
     )
 
 
+def plan(args: argparse.Namespace) -> None:
+    from neo_jax.config import PRESETS, GPTNeoConfig
+    from neo_jax.plan import plan as plan_memory
+    from neo_jax.plan import report
+
+    if args.model in PRESETS:
+        config = GPTNeoConfig.preset(args.model)
+    else:
+        from neo_jax.convert import resolve_config
+
+        config = resolve_config(args.model)
+    try:
+        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh takes three sizes D,F,T (data, fsdp, tensor), got {args.mesh!r}") from None
+    mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    result = plan_memory(config, mesh, args.batch, args.seq, remat=args.remat, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"model": args.model, "mesh": mesh, "batch": args.batch, "seq": args.seq} | result))
+    else:
+        print(
+            f"{args.model}: mesh data={data} fsdp={fsdp} tensor={tensor}, batch {args.batch}, seq {args.seq}, "
+            f"{args.dtype} compute, float32 weights + AdamW{', remat' if args.remat else ''}"
+        )
+        print(report(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-jax", description="GPT-Neo in JAX / Flax NNX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
     p.set_defaults(run=generate)
+
+    p = commands.add_parser(
+        "plan",
+        help="per-device memory of fine-tuning on a mesh, before launching",
+        description="Parameters, AdamW state and gradients are exact for the mesh and sharding rules; "
+        "activations are an estimate.",
+    )
+    p.add_argument("--model", required=True, help="125M, 1.3B, 2.7B, or anything from_pretrained reads")
+    p.add_argument("--mesh", required=True, help="D,F,T: data, fsdp and tensor sizes, e.g. 1,8,1")
+    p.add_argument("--batch", type=int, required=True, help="global batch size")
+    p.add_argument("--seq", type=int, required=True, help="sequence length")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (weights stay float32)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=plan)
     return parser
 
 

@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 ATTENTION_KINDS = ("global", "local")
+# EleutherAI's released sizes; configs/gpt-neo-*.json are these, written out (a test keeps them equal).
+PRESETS = {
+    "125M": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]]},
+    "1.3B": {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "attention_types": [[["global", "local"], 12]]},
+    "2.7B": {"hidden_size": 2560, "num_layers": 32, "num_heads": 20, "attention_types": [[["global", "local"], 16]]},
+}
 # Activations of transformers' ACT2FN that GPT-Neo checkpoints use or could use; see model.ACTIVATIONS.
 ACTIVATION_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
 
@@ -137,6 +143,13 @@ class GPTNeoConfig:
         data["attention_types"] = [[list(kinds), repeat] for kinds, repeat in self.attention_types]
         data["attention_layers"] = list(self.attention_layers)
         return {"architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", **data}
+
+    @classmethod
+    def preset(cls, name: str) -> GPTNeoConfig:
+        """``"125M"``, ``"1.3B"`` or ``"2.7B"``: the published hyperparameters."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+        return cls(**PRESETS[name])
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPTNeoConfig:

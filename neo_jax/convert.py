@@ -232,6 +232,16 @@ def resolve(src: str | os.PathLike, revision: str | None = None) -> Path:
     return _download(str(src), revision)
 
 
+def resolve_config(src: str | os.PathLike, revision: str | None = None) -> GPTNeoConfig:
+    """Only the config of ``src``: a hub id fetches just ``config.json``."""
+    path = Path(src).expanduser()
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+        return GPTNeoConfig.from_json_file(resolve(src) / "config.json")
+    from huggingface_hub import hf_hub_download
+
+    return GPTNeoConfig.from_json_file(hf_hub_download(str(src), "config.json", revision=revision))
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     """Fetch config, weights (safetensors if the repo has them, else .bin) and tokenizer files only."""
     from huggingface_hub import list_repo_files, snapshot_download

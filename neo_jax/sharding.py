@@ -52,21 +52,33 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
     return jax.make_mesh(tuple(sizes), AXES, axis_types, devices=devices)
 
 
-def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping | None = None) -> PartitionSpec:
+def spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh | Mapping[str, int], rules: Mapping | None = None
+) -> PartitionSpec:
     """The ``PartitionSpec`` for an array with logical axis ``names``: each name's mesh axes from ``rules``,
-    dropping axes of size 1, axes another dimension already uses, and shardings that do not divide evenly."""
+    dropping axes of size 1, axes another dimension already uses, and shardings that do not divide evenly.
+    ``mesh`` may also be just the axis sizes, e.g. ``{"data": 1, "fsdp": 8, "tensor": 1}``."""
     rules = DEFAULT_RULES if rules is None else rules
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
     used, out = set(), []
     for name, size in zip(names, shape, strict=True):
         wanted = rules.get(name, ())
         wanted = (wanted,) if isinstance(wanted, str) else wanted
-        axes = tuple(a for a in wanted if mesh.shape[a] > 1 and a not in used)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+        axes = tuple(a for a in wanted if sizes[a] > 1 and a not in used)
+        if axes and size % math.prod(sizes[a] for a in axes) == 0:
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else axes)
         else:
             out.append(None)
     return PartitionSpec(*out)
+
+
+def shard_shape(shape: Sequence[int], partition: PartitionSpec, mesh: Mesh | Mapping[str, int]) -> tuple[int, ...]:
+    """The shape of one device's shard of an array of ``shape`` split by ``partition``."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    parts = [math.prod(sizes[a] for a in ((p,) if isinstance(p, str) else p)) if p else 1 for p in partition]
+    parts += [1] * (len(shape) - len(parts))
+    return tuple(dim // n for dim, n in zip(shape, parts, strict=True))
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping | None = None) -> NamedSharding:

@@ -120,6 +120,7 @@ def test_presets_have_the_published_hyperparameters(name):
     assert config.eos_token_id == config.bos_token_id == 50256
     assert hf.attention_layers == list(config.attention_layers) == ["global", "local"] * (layers // 2)
     assert config.num_params() == n_params
+    assert GPTNeoConfig.preset(name) == config  # the shipped file and the preset cannot drift apart
 
 
 def test_num_params_matches_transformers():

@@ -45,11 +45,7 @@ def test_make_mesh_sizes_and_errors():
         sharding.make_mesh(1, 2, 2)
 
 
-class FakeMesh:
-    """Just the axis sizes of a (2, 2, 4) mesh: ``spec`` reads nothing else."""
-
-    def __init__(self):
-        self.shape = {"data": 2, "fsdp": 2, "tensor": 4}
+SIZES = {"data": 2, "fsdp": 2, "tensor": 4}  # a (2, 2, 4) mesh, by its axis sizes
 
 
 @pytest.mark.parametrize(
@@ -65,9 +61,14 @@ class FakeMesh:
     ],
 )
 def test_spec_follows_the_rules(names, shape, expected):
-    assert sharding.spec(names, shape, FakeMesh()) == expected
+    assert sharding.spec(names, shape, SIZES) == expected
 
 
 def test_rules_can_be_overridden():
     rules = {**sharding.DEFAULT_RULES, "embed": (), "vocab": ("fsdp", "tensor")}
-    assert sharding.spec(("vocab", "embed"), (320, 64), FakeMesh(), rules) == P(("fsdp", "tensor"), None)
+    assert sharding.spec(("vocab", "embed"), (320, 64), SIZES, rules) == P(("fsdp", "tensor"), None)
+
+
+def test_shard_shape():
+    assert sharding.shard_shape((6, 768, 3072), P(None, "tensor", "fsdp"), SIZES) == (6, 192, 1536)
+    assert sharding.shard_shape((8, 16), P(("data", "fsdp")), SIZES) == (2, 16)

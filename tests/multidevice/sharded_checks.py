@@ -173,3 +173,21 @@ def test_batch_is_split_over_data_and_fsdp():
     assert sharding.batch_sharding(mesh, (8, 16)).spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     x = jax.device_put(jnp.zeros((8, 16)), sharding.batch_sharding(mesh, (8, 16)))
     assert x.addressable_shards[0].data.shape == (2, 16)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_plan_parameter_bytes_equal_the_real_shards(checkpoint, shape):
+    from neo_jax.plan import plan
+
+    mesh = sharding.make_mesh(*shape)
+    model = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
+    device = jax.devices()[0]
+    real = sum(
+        shard.data.nbytes
+        for _, variable in leaves(model)
+        for shard in variable.get_value().addressable_shards
+        if shard.device == device
+    )
+    planned = plan(model.config, dict(zip(sharding.AXES, shape)), batch=8, seq=64)
+    assert planned["parameters"] == real
+    assert planned["optimizer_state"] == 2 * real

@@ -1,0 +1,62 @@
+"""`neo-jax plan`: per-device memory before launching (the parameter figure is checked against real
+shards on a simulated mesh in tests/multidevice/sharded_checks.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neo_jax.cli import main
+from neo_jax.config import GPTNeoConfig
+from neo_jax.plan import plan
+
+ONE = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_one_device_parameters_are_the_whole_model():
+    config = GPTNeoConfig.preset("125M")
+    result = plan(config, ONE, batch=1, seq=128)
+    assert result["parameters"] == config.num_params() * 4
+    assert result["gradients"] == result["parameters"] and result["optimizer_state"] == 2 * result["parameters"]
+    assert result["total"] == sum(v for k, v in result.items() if k != "total")
+
+
+def test_sharding_and_remat_shrink_the_right_terms():
+    config = GPTNeoConfig.preset("1.3B")
+    base = plan(config, {"data": 1, "fsdp": 8, "tensor": 1}, batch=8, seq=2048)
+    # every [.., embed] array splits by 8; only the MLP biases ([layers, mlp], mlp -> tensor) stay whole
+    mlp_biases = config.num_layers * config.inner_size * 4
+    assert base["parameters"] == (config.num_params() * 4 - mlp_biases) / 8 + mlp_biases
+    remat = plan(config, {"data": 1, "fsdp": 8, "tensor": 1}, batch=8, seq=2048, remat=True)
+    assert remat["activations"] < base["activations"] / 3 and remat["parameters"] == base["parameters"]
+    data = plan(config, {"data": 8, "fsdp": 1, "tensor": 1}, batch=8, seq=2048)
+    assert data["parameters"] == config.num_params() * 4  # pure data parallelism replicates
+    assert data["activations"] == base["activations"]  # same rows per device
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch": 6}, "multiple of data x fsdp = 4"),
+        ({"seq": 4096}, "max_position_embeddings"),
+        ({"batch": 0}, "positive"),
+    ],
+)
+def test_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan(GPTNeoConfig.preset("125M"), {"data": 2, "fsdp": 2, "tensor": 1}, **{"batch": 8, "seq": 512, **kwargs})
+
+
+def test_cli(capsys, tmp_path):
+    assert main(["plan", "--model", "2.7B", "--mesh", "1,8,1", "--batch", "8", "--seq", "2048", "--remat"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer state" in out and "TPU v4 (32 GiB): yes" in out
+    assert main(["plan", "--model", "125M", "--mesh", "1,1,1", "--batch", "2", "--seq", "512", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["parameters"] == GPTNeoConfig.preset("125M").num_params() * 4
+    GPTNeoConfig.preset("125M").to_json_file(tmp_path / "config.json")  # a directory works too
+    assert main(["plan", "--model", str(tmp_path), "--mesh", "1,1,1", "--batch", "2", "--seq", "512", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == record["parameters"]
+    assert main(["plan", "--model", "125M", "--mesh", "8", "--batch", "8", "--seq", "512"]) == 2
+    assert "--mesh takes three sizes" in capsys.readouterr().err
