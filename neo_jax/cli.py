@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             from neo_jax import distributed
 
             distributed.initialize()
+            if not distributed.is_main_process():  # results are printed once, by process 0
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
         args.run(args)
     except (ValueError, OSError, ImportError) as e:
         print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)

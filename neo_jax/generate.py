@@ -322,6 +322,15 @@ def _continue(graphdefs, arrays, state: LoopState, stop, values, eos, pad, *, sa
     return jax.lax.while_loop(cond, body, (state, arrays))[0]
 
 
+def _to_host(array) -> np.ndarray:
+    """A result on the host; in a multi-host run, rows other hosts hold are gathered first."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def bucket(n: int) -> int:
     """Round a prompt length up so that nearby lengths share one compiled program: 16, 32, 64, 128, 256,
     then multiples of 256."""
@@ -463,14 +472,14 @@ def stream(
         sampling=sampling,
         mesh=sharding.model_mesh(model),
     )
-    yield np.asarray(state.tokens[:, :1])  # right after prefill: time to first token
+    yield _to_host(state.tokens[:, :1])  # right after prefill: time to first token
     done = 1
     chunk = chunk_size or max_new_tokens
     while done < max_new_tokens and not bool(state.finished.all()):
         stop = min(done + chunk, max_new_tokens)
         state = _continue(graphdefs, arrays, state, jnp.int32(stop), values, eos, pad, sampling=sampling)
         step = int(state.step)
-        yield np.asarray(state.tokens[:, done:step])
+        yield _to_host(state.tokens[:, done:step])
         done = step
 
 
@@ -727,7 +736,7 @@ def beam_search(
         early_stopping=early_stopping,
         mesh=sharding.model_mesh(model),
     )
-    return np.asarray(new)
+    return _to_host(new)
 
 
 # ------------------------------------------------------------------------------------------- text level

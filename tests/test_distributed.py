@@ -1,5 +1,6 @@
 """Multi-host for real: two processes on this machine (4 CPU devices each, gloo collectives) run a forward
-pass and a train step on a (2, 2, 2) mesh and must match one process."""
+pass, greedy generation, a train step and a collective Orbax save on a (2, 2, 2) mesh and must match one
+process."""
 
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def test_two_processes_match_one(tmp_path):
     assert result["devices"] == 8
     single = neo_jax.from_pretrained(tmp_path / "hf", progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), np.asarray(single(ids)), atol=1e-5, rtol=0)
+    tokens = neo_jax.generate(single, ids[:, :12], max_new_tokens=10)
+    np.testing.assert_array_equal(np.load(tmp_path / "tokens.npy"), tokens)
     loss = float(train_step(single, nnx.Optimizer(single, optax.sgd(0.5), wrt=nnx.Param), ids))
     assert abs(result["loss"] - loss) <= 1e-5 * abs(loss)
     expected = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(single, nnx.Param)))

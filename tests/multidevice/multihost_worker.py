@@ -3,7 +3,7 @@
     python tests/multidevice/multihost_worker.py PROCESS_ID PORT CHECKPOINT_DIR OUT_DIR
 
 Each process has 4 CPU devices; together they form a (2, 2, 2) mesh over 8. Process 0 writes the
-gathered logits, the loss of one SGD train step and the parameters after it to OUT_DIR; both write the
+gathered logits, greedy tokens, the loss of one SGD train step and the parameters after it to OUT_DIR; both write the
 model after that step as one Orbax checkpoint, OUT_DIR/orbax.
 """
 
@@ -38,11 +38,13 @@ def main() -> None:
     assert (distributed.gather(batch) == ids).all(), "the global batch is not the rows in process order"
 
     logits = distributed.gather(nnx.jit(lambda m, x: m(x))(model, batch))
+    tokens = neo_jax.generate(model, ids[:, :12], max_new_tokens=10)  # every host passes the same prompts
     loss = float(train_step(model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param), batch))
     params = distributed.gather(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     neo_jax.save_pretrained(model, out / "orbax", format="orbax", progress=False)  # collective
     if distributed.is_main_process():
         np.save(out / "logits.npy", logits)
+        np.save(out / "tokens.npy", tokens)
         flat = {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
         np.savez(out / "params.npz", **flat)
         (out / "result.json").write_text(json.dumps({"loss": loss, "devices": len(mesh.devices.flat)}))
