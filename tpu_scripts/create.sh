@@ -2,6 +2,7 @@
 # Create a TPU VM or pod slice.
 #   tpu_scripts/create.sh --name NAME --zone ZONE --project PROJECT \
 #       [--accelerator-type v4-8] [--runtime-version tpu-ubuntu2204-base] [--spot] [--dry-run]
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 parse_common "$@"
 

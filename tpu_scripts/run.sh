@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run one neo-jax command on every worker at once (a pod slice runs one process per worker).
 #   tpu_scripts/run.sh --name NAME --zone ZONE --project PROJECT [--dry-run] -- generate --model ... [...]
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 
 ARGS=()

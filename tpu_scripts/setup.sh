@@ -3,6 +3,7 @@
 #   tpu_scripts/setup.sh --name NAME --zone ZONE --project PROJECT [--source DIR] [--dry-run]
 # The committed tree of --source (default: this checkout) is archived with git, copied to every worker,
 # unpacked to ~/neo_jax and installed there.
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 parse_common "$@"
 
