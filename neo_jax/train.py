@@ -1,11 +1,14 @@
-"""Training: next-token loss, the optimizer and one jitted train step.
+"""Training: next-token loss, the AdamW optimizer with its schedule, and one jitted train step.
 
-This is the core the sharding tests run on a mesh; the fine-tuning loop, data pipeline and checkpoints
-build on it.
+The fine-tuning loop, data pipeline and checkpoints build on these.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -13,28 +16,110 @@ from flax import nnx
 from neo_jax.model import GPTNeo
 
 
-def next_token_loss(model: GPTNeo, input_ids, loss_mask=None):
-    """Mean cross entropy (in float32) of predicting ``input_ids[:, 1:]`` from what precedes each token.
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay, global-norm clipping, and weight decay on the weight
+    matrices only (never biases or LayerNorms; token/position embeddings when ``decay_embeddings``).
+    Adam's defaults are PyTorch's (``betas=(0.9, 0.999)``, ``eps=1e-8``)."""
 
-    ``loss_mask`` ([batch, seq], 1 = count this token as a target) leaves padding out of the mean.
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 0  # the cosine decays over total_steps - warmup_steps; 0 keeps the rate constant
+    final_learning_rate: float = 0.0
+    weight_decay: float = 0.0
+    decay_embeddings: bool = False
+    max_grad_norm: float = 0.0  # 0: no clipping
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    if config.total_steps <= config.warmup_steps:
+        after = optax.constant_schedule(config.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(
+            config.learning_rate,
+            config.total_steps - config.warmup_steps,
+            alpha=config.final_learning_rate / config.learning_rate if config.learning_rate else 0.0,
+        )
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def weight_decay_mask(params, decay_embeddings: bool = False):
+    """True for the parameters weight decay applies to: Linear kernels, and embeddings if asked."""
+
+    def decays(path, _):
+        names = [getattr(key, "key", getattr(key, "name", None)) for key in path]
+        return "kernel" in names or (decay_embeddings and "embedding" in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(model: GPTNeo, config: OptimizerConfig | None = None, **options) -> nnx.Optimizer:
+    """The optimizer for ``model``'s parameters; its state is created alongside them (so on a mesh it is
+    sharded like them). ``options`` override fields of ``config``."""
+    config = dataclasses.replace(config or OptimizerConfig(), **options)
+    adamw = optax.adamw(
+        learning_rate_schedule(config),
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        mask=partial(weight_decay_mask, decay_embeddings=config.decay_embeddings),
+    )
+    clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity()
+    return nnx.Optimizer(model, optax.chain(clip, adamw), wrt=nnx.Param)
+
+
+def token_losses(model: GPTNeo, input_ids, loss_mask=None):
+    """(sum of next-token cross entropies in float32, number of target tokens) for one batch.
+
+    ``loss_mask`` ([batch, seq], 1 = a real token) leaves padding out as a target.
     """
     logits = model(input_ids)[:, :-1]
-    targets = input_ids[:, 1:]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), input_ids[:, 1:])
     weights = jnp.ones_like(losses) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
-    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    return (losses * weights).sum(), weights.sum()
 
 
-def make_optimizer(
-    model: GPTNeo, learning_rate: float | optax.Schedule = 1e-4, weight_decay: float = 0.0
-) -> nnx.Optimizer:
-    """AdamW over the model's parameters (state created alongside them, so sharded like them on a mesh)."""
-    return nnx.Optimizer(model, optax.adamw(learning_rate, weight_decay=weight_decay), wrt=nnx.Param)
+def next_token_loss(model: GPTNeo, input_ids, loss_mask=None):
+    """Mean next-token cross entropy over the batch's target tokens."""
+    total, count = token_losses(model, input_ids, loss_mask)
+    return total / jnp.maximum(count, 1.0)
 
 
-@nnx.jit
-def train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=None):
-    """One optimizer step on a batch; updates ``model`` and ``optimizer`` in place and returns the loss."""
-    loss, grads = nnx.value_and_grad(next_token_loss)(model, input_ids, loss_mask)
+@partial(nnx.jit, static_argnames=("grad_accum",), donate_argnames=("model", "optimizer"))
+def train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=None, *, grad_accum: int = 1):
+    """One optimizer step on a batch, in place; returns ``{"loss", "grad_norm"}``.
+
+    With ``grad_accum > 1`` the batch is cut into that many micro-batches whose gradients are summed in a
+    scan before the single update: the same step as the whole batch at once, in less activation memory.
+    The loss is the mean over every target token of the batch either way.
+    """
+    if loss_mask is None:
+        loss_mask = jnp.ones_like(input_ids)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def summed(params, ids, mask):
+        return token_losses(nnx.merge(graphdef, params, rest), ids, mask)
+
+    grad_fn = jax.value_and_grad(summed, has_aux=True)
+    if grad_accum == 1:
+        (total, count), grads = grad_fn(params, input_ids, loss_mask)
+    else:
+        if input_ids.shape[0] % grad_accum:
+            raise ValueError(f"batch {input_ids.shape[0]} does not split into {grad_accum} micro-batches")
+        micro = lambda x: x.reshape(grad_accum, -1, *x.shape[1:])
+
+        def accumulate(carry, batch):
+            (total, count), grads = grad_fn(params, *batch)
+            return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+        zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro(input_ids), micro(loss_mask)))
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     optimizer.update(model, grads)
-    return loss
+    return {"loss": total / count, "grad_norm": optax.tree.norm(grads)}

@@ -68,7 +68,7 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), np.asarray(single(ids)), atol=1e-5, rtol=0)
     tokens = neo_jax.generate(single, ids[:, :12], max_new_tokens=10)
     np.testing.assert_array_equal(np.load(tmp_path / "tokens.npy"), tokens)
-    loss = float(train_step(single, nnx.Optimizer(single, optax.sgd(0.5), wrt=nnx.Param), ids))
+    loss = float(train_step(single, nnx.Optimizer(single, optax.sgd(0.5), wrt=nnx.Param), ids)["loss"])
     assert abs(result["loss"] - loss) <= 1e-5 * abs(loss)
     expected = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(single, nnx.Param)))
     got = np.load(tmp_path / "params.npz")

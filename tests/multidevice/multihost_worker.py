@@ -39,7 +39,7 @@ def main() -> None:
 
     logits = distributed.gather(nnx.jit(lambda m, x: m(x))(model, batch))
     tokens = neo_jax.generate(model, ids[:, :12], max_new_tokens=10)  # every host passes the same prompts
-    loss = float(train_step(model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param), batch))
+    loss = float(train_step(model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param), batch)["loss"])
     params = distributed.gather(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     neo_jax.save_pretrained(model, out / "orbax", format="orbax", progress=False)  # collective
     if distributed.is_main_process():

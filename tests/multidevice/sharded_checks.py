@@ -122,9 +122,9 @@ def test_train_step_gives_the_same_loss_and_parameters(checkpoint, shape):
         # SGD keeps the comparison linear in the gradients; AdamW's first step divides by |g| and so
         # magnifies last-bit differences in tiny gradients.
         sgd = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
-        losses = [float(train_step(model, sgd, batch))]
-        adamw = make_optimizer(model, 1e-3)
-        losses.append(float(train_step(model, adamw, batch)))
+        losses = [float(train_step(model, sgd, batch)["loss"])]
+        adamw = make_optimizer(model, learning_rate=1e-3)
+        losses.append(float(train_step(model, adamw, batch)["loss"]))
         results.append((losses, params(model)))
     (single_losses, single_params), (mesh_losses, mesh_params) = results
     np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-5)
