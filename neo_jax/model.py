@@ -26,6 +26,12 @@ from neo_jax.config import GPTNeoConfig
 
 MASK_VALUE = jnp.finfo(jnp.float32).min
 
+# Rematerialisation: what the backward pass keeps of each layer period ("none": everything).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the period's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also the Linear layers' outputs
+}
+
 ACTIVATIONS = {
     "gelu_new": partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
@@ -175,6 +181,7 @@ class GPTNeo(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.source_dir: str | None = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
+        self.remat = "none"  # training: "full" or "dots" trade compute for activation memory (REMAT_POLICIES)
         embed = partial(
             nnx.Embed,
             dtype=dtype,
@@ -247,11 +254,13 @@ class GPTNeo(nnx.Module):
 
         if periods is None:
 
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
             def run_period(carry, period):
                 x, state, index = carry
                 return *run(x, state, index, period), index + 1
 
+            if self.remat != "none":  # recompute a period's activations in the backward pass
+                run_period = nnx.remat(run_period, policy=REMAT_POLICIES[self.remat])
+            run_period = nnx.scan(run_period, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
             x, state, _ = run_period((x, state, jnp.int32(0)), self.periods)
         else:
             for index, period in enumerate(periods):

@@ -116,3 +116,19 @@ def test_bfloat16_compute_keeps_float32_master_weights(save_hf):
     metrics = train_step(model, make_optimizer(model, CONFIG), jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
     assert np.isfinite(float(metrics["loss"]))
     assert {p.dtype for p in params(model)} == {jnp.dtype(jnp.float32)}
+
+
+def test_remat_policies_give_the_same_gradients(save_hf):
+    model = neo_jax.from_pretrained(save_hf(make_hf_model()), progress=False)
+    ids, mask = (jnp.asarray(x) for x in batches(n=1)[0])
+    grads, jaxprs = {}, {}
+    for policy in ("none", "full", "dots"):
+        model.remat = policy
+        graphdef, state = nnx.split(model)
+        loss = lambda s, g=graphdef: next_token_loss(nnx.merge(g, s), ids.astype(jnp.int32), mask)
+        grads[policy] = jax.tree.leaves(jax.grad(loss)(state))
+        jaxprs[policy] = str(jax.make_jaxpr(jax.grad(loss))(state))
+    for policy in ("full", "dots"):
+        assert "remat" in jaxprs[policy] and "remat" not in jaxprs["none"]
+        for a, b in zip(grads["none"], grads[policy]):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
