@@ -1,0 +1,112 @@
+"""Train-step speed: neo_jax vs transformers + torch.optim.AdamW, same random 125M-shape weights and batch.
+
+    python benchmarks/train.py [--batch 4] [--seq 512] [--repeats 5] [--dtype float32|bfloat16]
+
+Prints one JSON object: tokens/s of a full AdamW step (forward, backward, update) on each side (medians of
+--repeats steps after warm-up), their ratio, neo_jax's first-step (compile) time, and model FLOPs
+utilisation: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token, over the machine's peak
+measured as the best rate of a large matmul in the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import neo_jax
+from neo_jax.train import make_optimizer, train_step
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_flops(dtype) -> float:
+    """FLOP/s of a large jitted matmul: what this device reaches at best."""
+    n = 2048
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    return 2 * n**3 / min(median_seconds(lambda: matmul(a).block_until_ready(), 3) for _ in range(3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/gpt-neo-125M.json")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPTNeoConfig.from_json_file(args.config)
+    torch.manual_seed(0)
+    reference = transformers.GPTNeoForCausalLM(config)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = neo_jax.from_pretrained(directory, dtype=args.dtype, progress=False)
+    model.remat = args.remat
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
+    jax_ids = jnp.asarray(ids, jnp.int32)
+    optimizer = make_optimizer(model, learning_rate=1e-5)
+
+    def ours():
+        jax.block_until_ready(train_step(model, optimizer, jax_ids))
+
+    start = time.perf_counter()
+    ours()
+    first_step = time.perf_counter() - start
+    ours_s = median_seconds(ours, args.repeats)
+
+    tokens = args.batch * args.seq
+    n_params = model.config.num_params()
+    flops_per_token = 6 * n_params + 12 * config.num_layers * config.hidden_size * args.seq
+    result = {
+        "benchmark": "train",
+        "config": args.config,
+        "device": str(jax.devices()[0]),
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "batch": args.batch,
+        "seq": args.seq,
+        "neo_jax_tokens_per_s": round(tokens / ours_s, 1),
+        "neo_jax_first_step_s": round(first_step, 2),
+        "mfu": round(flops_per_token * tokens / ours_s / peak_flops(jnp.dtype(args.dtype)), 3),
+    }
+    if not args.skip_transformers:
+        reference.train()
+        torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-5)
+        torch_ids = torch.as_tensor(ids)
+
+        def theirs():
+            loss = reference(torch_ids, labels=torch_ids).loss
+            torch_optimizer.zero_grad()
+            loss.backward()
+            torch_optimizer.step()
+
+        theirs()
+        theirs_s = median_seconds(theirs, args.repeats)
+        result["transformers_tokens_per_s"] = round(tokens / theirs_s, 1)
+        result["ratio"] = round(theirs_s / ours_s, 3)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
