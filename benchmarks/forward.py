@@ -10,27 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
+from common import median_seconds, same_weights
 from flax import nnx
-
-import neo_jax
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -41,13 +28,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPTNeoConfig.from_json_file(args.config)
-    torch.manual_seed(0)
-    reference = transformers.GPTNeoForCausalLM(config).eval()
-    with tempfile.TemporaryDirectory() as directory:
-        reference.save_pretrained(directory)
-        model = neo_jax.from_pretrained(directory, progress=False)
+    reference, model = same_weights(args.config)
+    config = reference.config
 
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     torch_ids, jax_ids = torch.as_tensor(ids), jnp.asarray(ids, jnp.int32)

@@ -14,32 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
 import time
 
 import jax
 import numpy as np
 import torch
-import transformers
+from common import median_seconds, same_weights
 
 import neo_jax
-
-
-def seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def memory_bandwidth() -> float:
     """Bytes/s of a large multi-threaded reduction (what a memory-bound decode step can at best stream)."""
     x = torch.ones(2**28)  # 1 GiB
     x.sum()
-    return x.numel() * 4 / seconds(lambda: x.sum(), 5)
+    return x.numel() * 4 / median_seconds(lambda: x.sum(), 5)
 
 
 def main() -> None:
@@ -54,13 +43,8 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true", help="neo_jax only (e.g. on a GPU)")
     args = parser.parse_args()
 
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPTNeoConfig.from_json_file(args.config)
-    torch.manual_seed(0)
-    reference = transformers.GPTNeoForCausalLM(config).eval()
-    with tempfile.TemporaryDirectory() as directory:
-        reference.save_pretrained(directory)
-        model = neo_jax.from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype, progress=False)
+    reference, model = same_weights(args.config, dtype=args.dtype, param_dtype=args.dtype)
+    config = reference.config
     rng = np.random.default_rng(0)
 
     def ours(ids, new):
@@ -97,14 +81,14 @@ def main() -> None:
         start = time.perf_counter()
         ours(ids, args.new_tokens)()
         first_call = time.perf_counter() - start
-        ours_s = seconds(ours(ids, args.new_tokens), args.repeats)
+        ours_s = median_seconds(ours(ids, args.new_tokens), args.repeats)
         entry = {
             "neo_jax_tokens_per_s": round(batch * args.new_tokens / ours_s, 1),
             "neo_jax_first_call_s": round(first_call, 2),
         }
         if not args.skip_transformers:
             theirs(ids, 4)()  # warm-up
-            theirs_s = seconds(theirs(ids, args.new_tokens), args.repeats)
+            theirs_s = median_seconds(theirs(ids, args.new_tokens), args.repeats)
             entry["transformers_tokens_per_s"] = round(batch * args.new_tokens / theirs_s, 1)
             entry["ratio"] = round(theirs_s / ours_s, 3)
         if batch == 1:
@@ -113,10 +97,10 @@ def main() -> None:
 
     ids = rng.integers(0, config.vocab_size, (1, args.prefill_len))
     ours(ids, 1)()
-    entry = {"neo_jax_s": round(seconds(ours(ids, 1), args.repeats), 4)}
+    entry = {"neo_jax_s": round(median_seconds(ours(ids, 1), args.repeats), 4)}
     if not args.skip_transformers:
         theirs(ids, 1)()
-        entry["transformers_s"] = round(seconds(theirs(ids, 1), args.repeats), 4)
+        entry["transformers_s"] = round(median_seconds(theirs(ids, 1), args.repeats), 4)
         entry["ratio"] = round(entry["transformers_s"] / entry["neo_jax_s"], 3)
     result[f"prefill_{args.prefill_len}"] = entry
     print(json.dumps(result, indent=1))

@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
+from common import median_seconds, same_weights
 
-import neo_jax
 from neo_jax.train import make_optimizer, train_step
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_flops(dtype) -> float:
@@ -55,13 +43,8 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPTNeoConfig.from_json_file(args.config)
-    torch.manual_seed(0)
-    reference = transformers.GPTNeoForCausalLM(config)
-    with tempfile.TemporaryDirectory() as directory:
-        reference.save_pretrained(directory)
-        model = neo_jax.from_pretrained(directory, dtype=args.dtype, progress=False)
+    reference, model = same_weights(args.config, dtype=args.dtype)
+    config = reference.config
     model.remat = args.remat
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     jax_ids = jnp.asarray(ids, jnp.int32)
