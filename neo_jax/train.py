@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +124,66 @@ def train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=Non
     grads = jax.tree.map(lambda g: g / count, grads)
     optimizer.update(model, grads)
     return {"loss": total / count, "grad_norm": optax.tree.norm(grads)}
+
+
+class Checkpoints:
+    """Fine-tuning checkpoints with Orbax's ``CheckpointManager``: the model's parameters, the optimizer
+    state and the step (which also fixes the data position, see ``neo_jax.data``).
+
+    Saves are asynchronous and happen every ``save_every`` steps (or when forced); the last ``keep`` are
+    kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so one cut
+    off mid-write (a killed process) is never listed: ``latest_step`` and ``restore`` see the previous one.
+    Leftover temporary directories are removed when the manager opens. Every process of a multi-host run
+    creates its own ``Checkpoints`` on the same directory; Orbax coordinates the writes.
+    """
+
+    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, max_to_keep=keep, cleanup_tmp_directories=True, create=True
+        )
+        self.manager = ocp.CheckpointManager(Path(directory).expanduser().absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, model: GPTNeo, optimizer: nnx.Optimizer, *, force: bool = False) -> bool:
+        """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started."""
+        args = self._ocp.args.Composite(
+            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, model: GPTNeo, optimizer: nnx.Optimizer, step: int | None = None) -> int:
+        """Load checkpoint ``step`` (default: the latest complete one) into ``model`` and ``optimizer`` in
+        place, keeping their dtypes and shardings; returns the step."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.manager.directory}")
+        states = {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+        restore = {}
+        for name, state in states.items():
+            target = nnx.to_pure_dict(state)
+            restore[name] = self._ocp.args.PyTreeRestore(
+                target, restore_args=self._ocp.checkpoint_utils.construct_restore_args(target)
+            )
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(**restore))
+        for name, state in states.items():
+            nnx.replace_by_pure_dict(state, restored[name])
+        nnx.update(model, states["params"])
+        nnx.update(optimizer, states["optimizer"])
+        return step
+
+    def wait(self) -> None:
+        """Block until every save in flight is complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
@@ -132,3 +133,56 @@ def test_remat_policies_give_the_same_gradients(save_hf):
         assert "remat" in jaxprs[policy] and "remat" not in jaxprs["none"]
         for a, b in zip(grads["none"], grads[policy]):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+def run(directory, data, steps, *, start=0, checkpoints=None):
+    """Train from the weights in ``directory`` over batches ``start..steps-1`` (resuming if a checkpoint
+    exists); returns the per-step losses and the final parameters."""
+    model = neo_jax.from_pretrained(directory, progress=False)
+    optimizer = make_optimizer(model, CONFIG)
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        start = checkpoints.restore(model, optimizer)
+    losses = []
+    for step in range(start, steps):
+        losses.append(float(train_step(model, optimizer, jnp.asarray(data.batch(step)))["loss"]))
+        if checkpoints is not None:
+            checkpoints.save(step + 1, model, optimizer)
+    if checkpoints is not None:
+        checkpoints.wait()
+    return losses, params(model)
+
+
+def test_exact_resume(save_hf, tmp_path):
+    from neo_jax.data import PackedData
+    from neo_jax.train import Checkpoints
+
+    directory = save_hf(make_hf_model())
+    data = PackedData(
+        np.random.default_rng(0).integers(0, SMALL["vocab_size"], (40, 16)).astype(np.int32), batch_size=4
+    )
+    straight, final = run(directory, data, 12)
+
+    first = Checkpoints(tmp_path / "ckpt", save_every=3, keep=2)
+    head, _ = run(directory, data, 6, checkpoints=first)
+    first.close()
+    assert sorted(first.all_steps()) == [3, 6]  # every 3 steps, the last 2 kept
+
+    # a save cut off mid-write leaves only a temporary directory: it is ignored (and cleaned up)
+    (tmp_path / "ckpt" / "9.orbax-checkpoint-tmp-1234567").mkdir()
+    second = Checkpoints(tmp_path / "ckpt", save_every=3, keep=2)
+    assert second.latest_step() == 6
+    tail, resumed = run(directory, data, 12, checkpoints=second)
+    second.close()
+    np.testing.assert_array_equal(head + tail, straight)
+    for a, b in zip(final, resumed):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    assert not list((tmp_path / "ckpt").glob("*tmp*"))
+
+
+def test_restore_without_checkpoint_is_a_clear_error(save_hf, tmp_path):
+    from neo_jax.train import Checkpoints
+
+    model = neo_jax.from_pretrained(save_hf(make_hf_model()), progress=False)
+    checkpoints = Checkpoints(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoints.restore(model, make_optimizer(model, CONFIG))
