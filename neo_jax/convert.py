@@ -26,6 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from neo_jax.config import GPTNeoConfig
+from neo_jax.distributed import barrier
 from neo_jax.model import GPTNeo
 from neo_jax.sharding import place, variable_sharding
 
@@ -355,12 +356,12 @@ def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        _barrier(f"prepare {out_dir}")
+        barrier(f"prepare {out_dir}")
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        _barrier(f"written {out_dir}")
+        barrier(f"written {out_dir}")
         if main:
             if out_dir.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -369,17 +370,10 @@ def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
                 shutil.rmtree(old)
             else:
                 tmp.rename(out_dir)
-        _barrier(f"renamed {out_dir}")
+        barrier(f"renamed {out_dir}")
     finally:
         if main and tmp.exists():
             shutil.rmtree(tmp)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def hf_tensors(model: GPTNeo) -> dict[str, Callable[[], np.ndarray]]:

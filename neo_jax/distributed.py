@@ -70,5 +70,6 @@ def gather(tree):
 
 
 def barrier(name: str) -> None:
-    """Wait until every process reaches the same ``name``d point."""
-    multihost_utils.sync_global_devices(name)
+    """Wait until every process reaches the same ``name``d point (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -109,9 +109,13 @@ def _visible(cache: KVCache, length: int, window: int | None):
     return (visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1))[:, None, None, :]
 
 
-def prefill(model: GPTNeo, periods, input_ids, attention_mask, position_ids, cache: KVCache):
-    """Run the whole (left-padded) prompt, fill the cache; return the last position's logits [batch, vocab]."""
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int, mesh=None):
+    """Run the whole (left-padded) prompt into a new cache of ``max_len`` slots; return the last position's
+    logits [batch, vocab] and the cache. Positions count real tokens only (padding gets 0), as transformers'
+    ``generate`` derives them from the attention mask."""
     seq_len = input_ids.shape[1]
+    position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype, mesh)
     masks = attention_masks(model.config, seq_len, seq_len)
     bias = padding_bias(masks["global"], attention_mask)
 
@@ -286,21 +290,18 @@ def _start(
     """Prefill and pick the first new token."""
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0]
-    positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    cache = init_cache(model.config, batch, max_len, model.dtype, mesh)
-    logits, cache = prefill(model, periods, input_ids, attention_mask, positions, cache)
+    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len, mesh)
     state = LoopState(
         cache=cache,
         tokens=jnp.full((batch, max_new), pad, jnp.int32),
         last=jnp.zeros((batch,), jnp.int32),
-        positions=attention_mask.sum(axis=1).astype(jnp.int32) - 1,
+        positions=attention_mask.sum(axis=1).astype(jnp.int32),  # where the first new token goes
         finished=jnp.zeros((batch,), bool),
         seen=seen,
         step=jnp.int32(0),
         key=key,
     )
-    state = _emit(state, logits, values, sampling, eos, pad)
-    return dataclasses.replace(state, positions=state.positions + 1)
+    return _emit(state, logits, values, sampling, eos, pad)
 
 
 @partial(jax.jit, static_argnames=("graphdefs", "sampling"), donate_argnames=("state",))
@@ -326,9 +327,9 @@ def _to_host(array) -> np.ndarray:
     """A result on the host; in a multi-host run, rows other hosts hold are gathered first."""
     if array.is_fully_addressable or array.is_fully_replicated:
         return np.asarray(array)
-    from jax.experimental import multihost_utils
+    from neo_jax.distributed import gather
 
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(gather(array))
 
 
 def bucket(n: int) -> int:
@@ -656,9 +657,7 @@ def _beam_search(
 ):
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0] // num_beams
-    positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype, mesh)
-    logits, cache = prefill(model, periods, input_ids, attention_mask, positions, cache)
+    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len, mesh)
     empty = jnp.full((batch, num_beams, max_new), pad, jnp.int32)
     state = BeamState(
         cache=cache,
