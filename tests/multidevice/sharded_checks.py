@@ -191,3 +191,13 @@ def test_plan_parameter_bytes_equal_the_real_shards(checkpoint, shape):
     planned = plan(model.config, dict(zip(sharding.AXES, shape)), batch=8, seq=64)
     assert planned["parameters"] == real
     assert planned["optimizer_state"] == 2 * real
+
+
+def test_shard_model_moves_a_loaded_model_onto_the_mesh(checkpoint, single):
+    mesh = sharding.make_mesh(1, 2, 4)
+    moved = sharding.shard_model(neo_jax.from_pretrained(checkpoint, progress=False), mesh)
+    loaded = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
+    for (_, a), (_, b) in zip(leaves(moved), leaves(loaded)):
+        assert a.get_value().sharding == b.get_value().sharding
+    for key, value in params(single).items():
+        np.testing.assert_array_equal(params(moved)[key], value)
