@@ -137,6 +137,15 @@ def plan(args: argparse.Namespace) -> None:
         print(report(result))
 
 
+def train(args: argparse.Namespace) -> None:
+    from neo_jax.finetune import FinetuneConfig, finetune
+
+    settings = {name: getattr(args, name, None) for name in FinetuneConfig.fields()}
+    config = FinetuneConfig.load(args.config, **settings)
+    result = finetune(config)
+    print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-jax", description="GPT-Neo in JAX / Flax NNX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +202,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (weights stay float32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)
+
+    p = commands.add_parser(
+        "train",
+        help="fine-tune on your text: resumable, with Orbax checkpoints and metrics",
+        description="Settings come from --config (a YAML file such as configs/finetune-125M.yaml), then the "
+        "flags. Running the same command again resumes from the latest checkpoint in --output; SIGTERM saves "
+        "and exits 0. Writes OUTPUT/metrics.jsonl, OUTPUT/loss.png and OUTPUT/checkpoints/; prints the last "
+        "step's metrics as JSON.",
+    )
+    p.add_argument("--config", help="YAML file of settings (the flags override it)")
+    p.add_argument("--model", help="hub id, Hugging Face directory, Orbax directory or earlier train output")
+    p.add_argument("--data", nargs="+", help="text files, globs, .jsonl, saved datasets, or hf:NAME[:CONFIG]")
+    p.add_argument("--output", help="run directory: checkpoints, metrics, loss.png")
+    p.add_argument("--steps", type=int, help="optimizer steps in all (default 1000)")
+    p.add_argument("--batch-size", type=int, help="global batch, in sequences (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps, then cosine decay (default 100)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decay of weight matrices (default 0.01)")
+    p.add_argument("--save-every", type=int, help="checkpoint every K steps (default 500)")
+    p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
+    p.add_argument("--eval-every", type=int, help="validation loss every E steps; 0: at the end (default)")
+    p.add_argument("--validation-fraction", type=float, help="share of blocks held out (default 0.01)")
+    p.add_argument("--seed", type=int, help="data order seed (default 0)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype; weights stay float32 (default bfloat16)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), help="recompute activations (default none)")
+    p.add_argument("--mesh", help="D,F,T data, fsdp and tensor sizes (default: every device on fsdp)")
+    p.add_argument("--text-field", help="JSONL/dataset field holding the text (default text)")
+    p.add_argument("--split", help="dataset split (default train)")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard events")
+    p.add_argument("--export-hf", help="at the end, write the model for transformers to this directory")
+    p.set_defaults(run=train)
     return parser
 
 
@@ -206,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             if not distributed.is_main_process():  # results are printed once, by process 0
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
         args.run(args)
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
         print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -67,6 +67,7 @@ COMPANION_FILES = (
     "generation_config.json",
 )
 ORBAX_DIR = "params"
+TRAINING_DIR = "checkpoints"  # a neo-jax train output directory: its latest checkpoint's parameters
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
@@ -284,11 +285,33 @@ def from_pretrained(
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     if (directory / ORBAX_DIR).is_dir():
         state = _load_orbax(directory / ORBAX_DIR, state, placement)
+    elif (directory / TRAINING_DIR).is_dir():
+        state = _load_orbax(_latest_trained(directory), state, placement)
     else:
         state = _load_hf(config, Checkpoint(directory), state, param_dtype, placement, progress)
     model = nnx.merge(graphdef, state)
     model.source_dir = str(directory)
     return model
+
+
+def _latest_trained(directory: Path) -> Path:
+    from neo_jax.train import Checkpoints
+
+    checkpoints = Checkpoints(directory / TRAINING_DIR, read_only=True)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory / TRAINING_DIR} holds no complete checkpoint yet")
+    return checkpoints.params_directory(step)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The Hugging Face tokenizer saved beside a model (``transformers.AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no usable tokenizer in {directory} ({e}); pass tokenizer=... explicitly") from None
 
 
 def _load_hf(config, checkpoint: Checkpoint, state, param_dtype, placement, progress: bool):

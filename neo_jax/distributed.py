@@ -69,6 +69,13 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is True on any (e.g. one host was told to stop)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches the same ``name``d point (nothing to wait for in one process)."""
     if jax.process_count() > 1:

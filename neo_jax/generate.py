@@ -757,14 +757,9 @@ class TextGenerator:
         if tokenizer is None:
             if self.model.source_dir is None:
                 raise ValueError("this model was not loaded from a directory: pass tokenizer=... explicitly")
-            from transformers import AutoTokenizer
+            from neo_jax.convert import load_tokenizer
 
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.model.source_dir)
-            except (OSError, ValueError) as e:
-                raise ValueError(
-                    f"no usable tokenizer in {self.model.source_dir} ({e}); pass tokenizer=... explicitly"
-                ) from None
+            tokenizer = load_tokenizer(self.model.source_dir)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

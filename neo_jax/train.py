@@ -126,6 +126,20 @@ def train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=Non
     return {"loss": total / count, "grad_norm": optax.tree.norm(grads)}
 
 
+_batch_losses = nnx.jit(token_losses)
+
+
+def evaluate(model: GPTNeo, batches) -> float:
+    """Mean next-token cross entropy over every target token of ``batches`` (``[batch, seq]`` arrays)."""
+    total = count = 0.0
+    for input_ids in batches:
+        batch_total, batch_count = _batch_losses(model, input_ids)
+        total, count = total + float(batch_total), count + float(batch_count)
+    if not count:
+        raise ValueError("nothing to evaluate: no batch with a target token")
+    return total / count
+
+
 class Checkpoints:
     """Fine-tuning checkpoints with Orbax's ``CheckpointManager``: the model's parameters, the optimizer
     state and the step (which also fixes the data position, see ``neo_jax.data``).
@@ -137,14 +151,19 @@ class Checkpoints:
     creates its own ``Checkpoints`` on the same directory; Orbax coordinates the writes.
     """
 
-    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3):
+    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, read_only: bool = False):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.directory = Path(directory).expanduser().absolute()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, cleanup_tmp_directories=True, create=True
+            save_interval_steps=save_every,
+            max_to_keep=keep,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(Path(directory).expanduser().absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -152,13 +171,26 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, model: GPTNeo, optimizer: nnx.Optimizer, *, force: bool = False) -> bool:
-        """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started."""
+    def save(
+        self, step: int, model: GPTNeo, optimizer: nnx.Optimizer, *, metadata: dict | None = None, force: bool = False
+    ) -> bool:
+        """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started.
+        ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there."""
         args = self._ocp.args.Composite(
             params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
             optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
+            metadata=self._ocp.args.JsonSave(metadata or {}),
         )
         return self.manager.save(step, args=args, force=force)
+
+    def metadata(self, step: int) -> dict:
+        """The ``metadata`` saved with checkpoint ``step``."""
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(metadata=self._ocp.args.JsonRestore()))
+        return dict(restored["metadata"])
+
+    def params_directory(self, step: int) -> Path:
+        """Where checkpoint ``step`` keeps the parameters (an Orbax PyTree, as ``from_pretrained`` reads)."""
+        return self.directory / str(step) / "params"
 
     def restore(self, model: GPTNeo, optimizer: nnx.Optimizer, step: int | None = None) -> int:
         """Load checkpoint ``step`` (default: the latest complete one) into ``model`` and ``optimizer`` in

@@ -71,7 +71,7 @@ def test_batches_are_deterministic_resumable_and_cover_each_epoch():
 def test_too_little_data_is_a_clear_error(tmp_path):
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
     (tmp_path / "tiny.txt").write_text("Just a few words.")
-    with pytest.raises(ValueError, match="shorter than one block of 64 tokens"):
+    with pytest.raises(ValueError, match="fewer than 64 tokens: not one block of --seq-len"):
         data.load([str(tmp_path / "tiny.txt")], tokenizer, seq_len=64, batch_size=2)
     (tmp_path / "more.txt").write_text("word " * 300)
     with pytest.raises(ValueError, match="fewer than one batch of 32"):

@@ -1,0 +1,452 @@
+"""Fine-tuning runs: ``neo-jax train`` and ``neo_jax.finetune.finetune``.
+
+A run reads its settings (``FinetuneConfig``: a YAML file from ``configs/``, overridden by flags), checks
+them and the data before any model loads, then trains with ``neo_jax.train.train_step`` and writes into
+its output directory:
+
+    OUTPUT/run.yaml          the settings
+    OUTPUT/config.json       the model config, and the tokenizer files: OUTPUT is itself a model source
+    OUTPUT/checkpoints/N/    Orbax checkpoints (parameters, optimizer state, data position)
+    OUTPUT/metrics.jsonl     one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, seconds,
+                             and eval_loss, eval_perplexity on evaluation steps
+    OUTPUT/loss.png          the loss curves, drawn at the end
+    OUTPUT/tensorboard/      TensorBoard events, with ``tensorboard: true``
+
+Running the same command again resumes from the latest complete checkpoint: a run cut off by SIGTERM (it
+saves and exits 0), by kill -9 or by a crash continues on exactly the batch it would have seen, and
+``metrics.jsonl`` keeps one line per step. ``from_pretrained(OUTPUT)`` and ``neo-jax convert OUTPUT DIR
+--to hf`` read the latest checkpoint's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from neo_jax import distributed
+from neo_jax.sharding import batch_sharding, make_mesh, place
+from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
+
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+CHECKPOINTS, METRICS, RUN_FILE = "checkpoints", "metrics.jsonl", "run.yaml"
+# Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
+# by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
+RESUME_KEYS = ("seq_len", "batch_size", "seed", "validation_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; the YAML files in ``configs/`` use these names."""
+
+    model: str
+    data: tuple[str, ...]
+    output: str
+    steps: int = 1000
+    batch_size: int = 8  # global, over every device and host; split into grad_accum micro-batches
+    seq_len: int = 2048
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup: int = 100
+    final_lr: float = 5e-6  # the cosine decays from lr to this over the steps after the warmup
+    weight_decay: float = 0.01
+    decay_embeddings: bool = False
+    max_grad_norm: float = 1.0  # 0: no clipping
+    save_every: int = 500
+    keep: int = 3
+    eval_every: int = 0  # 0: evaluate at the end only
+    validation_fraction: float = 0.01
+    seed: int = 0
+    dtype: str = "bfloat16"  # compute; the parameters and optimizer state stay float32
+    remat: str = "none"
+    mesh: str | None = None  # "D,F,T"; default: every device on the fsdp axis
+    text_field: str = "text"
+    split: str = "train"
+    tensorboard: bool = False
+    export_hf: str | None = None
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides) -> FinetuneConfig:
+        """Settings from a YAML file (optional), then ``overrides`` that are not None."""
+        values = {}
+        if path is not None:
+            import yaml
+
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"no config file {path}")
+            values = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} must hold a mapping of settings, not {type(values).__name__}")
+        values |= {key: value for key, value in overrides.items() if value is not None}
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(cls.fields())}")
+        for field in dataclasses.fields(cls):  # YAML reads 1e-4 as a string: numbers are converted here
+            kind = {"int": int, "float": float, "bool": bool}.get(field.type)
+            value = values.get(field.name)
+            if kind is None or value is None or type(value) is kind:
+                continue
+            if kind is bool or isinstance(value, bool) or (kind is int and isinstance(value, float)):
+                raise ValueError(f"{field.name} must be {field.type}, got {value!r}")
+            try:
+                values[field.name] = kind(value)
+            except ValueError:
+                raise ValueError(f"{field.name} must be {field.type}, got {value!r}") from None
+        missing = [key for key in ("model", "data", "output") if not values.get(key)]
+        if missing:
+            raise ValueError(f"missing setting(s) {missing}: pass --{' --'.join(missing)} or put them in the config")
+        if isinstance(values["data"], str):
+            values["data"] = [values["data"]]
+        values["data"] = tuple(str(d) for d in values["data"])
+        for key in ("model", "output", "export_hf", "mesh"):
+            if values.get(key) is not None:
+                values[key] = str(values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"data": list(self.data)}
+
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            learning_rate=self.lr,
+            warmup_steps=self.warmup,
+            total_steps=self.steps,
+            final_learning_rate=self.final_lr,
+            weight_decay=self.weight_decay,
+            decay_embeddings=self.decay_embeddings,
+            max_grad_norm=self.max_grad_norm,
+        )
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """``"D,F,T"`` as mesh sizes; None puts every device on the fsdp axis."""
+    if text is None:
+        return {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    try:
+        data, fsdp, tensor = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"mesh takes three sizes D,F,T (data, fsdp, tensor), got {text!r}") from None
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for axis, size in sizes.items():
+        if size == -1 and known > 0 and jax.device_count() % known == 0:
+            sizes[axis] = jax.device_count() // known
+    if any(s < 1 for s in sizes.values()) or math.prod(sizes.values()) != jax.device_count():
+        raise ValueError(f"mesh {text} does not cover the {jax.device_count()} devices (D x F x T must equal it)")
+    return sizes
+
+
+def check(config: FinetuneConfig) -> dict[str, int]:
+    """Every setting that can be checked without reading data or loading weights; returns the mesh sizes."""
+    from neo_jax.convert import resolve_config
+    from neo_jax.data import expand_paths
+
+    positive = {"steps": 1, "batch_size": 1, "seq_len": 2, "grad_accum": 1, "save_every": 1, "keep": 1}
+    for key, least in positive.items():
+        if getattr(config, key) < least:
+            raise ValueError(f"{key} must be >= {least}, got {getattr(config, key)}")
+    for key in ("warmup", "eval_every", "weight_decay", "max_grad_norm", "final_lr"):
+        if getattr(config, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(config, key)}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}")
+    if not 0 <= config.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
+    if config.remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {config.remat!r}")
+    if config.batch_size % config.grad_accum:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
+        )
+    mesh = parse_mesh(config.mesh)
+    replicas, micro = mesh["data"] * mesh["fsdp"], config.batch_size // config.grad_accum
+    if micro % replicas:
+        raise ValueError(
+            f"the micro-batch of {micro} rows (batch_size / grad_accum) does not divide over the "
+            f"{replicas} data-parallel devices (mesh data x fsdp): make it a multiple of {replicas}"
+        )
+    model_config = resolve_config(config.model)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len {config.seq_len} is beyond the model's {model_config.max_position_embeddings} positions "
+            "(max_position_embeddings): lower --seq-len"
+        )
+    if config.export_hf is not None:
+        if jax.process_count() > 1:
+            raise ValueError(
+                "export_hf writes from one process: after a multi-host run use `neo-jax convert OUTPUT DIR --to hf`"
+            )
+        export = Path(config.export_hf).expanduser()
+        if export.exists() and (not export.is_dir() or any(export.iterdir())):
+            raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
+    expand_paths(config.data)
+    _check_output(config)
+    return mesh
+
+
+def _check_output(config: FinetuneConfig) -> None:
+    """An existing run in ``output`` may only be resumed with the settings that fix its batches."""
+    run_file = Path(config.output).expanduser() / RUN_FILE
+    if not run_file.exists():
+        return
+    import yaml
+
+    before = yaml.safe_load(run_file.read_text())
+    changed = [key for key in RESUME_KEYS if before.get(key) != config.to_dict()[key]]
+    if before.get("steps") != config.steps and not changed:
+        distributed.log(
+            f"steps changed from {before.get('steps')} to {config.steps}: the learning-rate schedule now ends "
+            f"at step {config.steps}"
+        )
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {config.to_dict()[k]!r}" for k in changed)
+        raise ValueError(
+            f"{config.output} holds a run with other settings ({detail}); resume it with the same ones, "
+            "or choose a new --output"
+        )
+
+
+@contextmanager
+def _sigterm_flag():
+    """A one-element list that becomes [True] on SIGTERM (TPU preemption), for the loop to stop cleanly."""
+    flag = [False]
+
+    def handler(signum, frame):
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: no handler can be installed
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Metrics:
+    """``metrics.jsonl`` (and TensorBoard events), written by process 0."""
+
+    def __init__(self, output: Path, tensorboard: bool):
+        self.path = output / METRICS
+        self.main = distributed.is_main_process()
+        self.writer = None
+        if tensorboard and self.main:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ImportError("tensorboard: true needs tensorboardX: pip install 'neo_jax[train]'") from None
+            self.writer = SummaryWriter(str(output / "tensorboard"))
+
+    def keep_until(self, step: int) -> None:
+        """Drop lines after ``step`` (steps a resumed run repeats), so each step is written once."""
+        if not self.main or not self.path.exists():
+            return
+        kept = [line for line, record in _records(self.path) if record["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """The lines of ``metrics.jsonl`` with their records; a line cut off by a killed process is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Training loss per step and evaluation loss where measured, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [record for _, record in _records(metrics_path)]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token cross entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
+    """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0)."""
+    from neo_jax.config import GPTNeoConfig
+    from neo_jax.convert import COMPANION_FILES
+
+    output = Path(config.output).expanduser().absolute()
+    if distributed.is_main_process():
+        import yaml
+
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RUN_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        GPTNeoConfig.from_json_file(source / "config.json").to_json_file(output / "config.json")
+        for name in COMPANION_FILES:
+            if (source / name).exists() and source != output:
+                shutil.copy(source / name, output / name)
+    distributed.barrier("neo_jax.finetune.output")
+    return output
+
+
+def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
+    """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
+    "done", or "sigterm" when a SIGTERM cut it short after saving. A non-finite loss raises
+    ``FloatingPointError`` naming the step, after the checkpoints in flight are complete."""
+    from neo_jax.convert import from_pretrained, load_tokenizer, resolve
+    from neo_jax.data import load
+
+    sizes = check(config)
+    source = resolve(config.model)
+    tokenizer = load_tokenizer(source)
+    data = load(
+        config.data,
+        tokenizer,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        validation_fraction=config.validation_fraction,
+        text_field=config.text_field,
+        split=config.split,
+    )
+    distributed.log(
+        f"data: {len(data.train)} training and {len(data.validation)} validation blocks of {config.seq_len} "
+        f"tokens ({data.steps_per_epoch} steps per epoch)"
+    )
+    output = _prepare_output(config, source)
+    mesh = make_mesh(**sizes) if jax.device_count() > 1 else None
+    model = from_pretrained(source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, progress=progress)
+    model.remat = config.remat
+    optimizer = make_optimizer(model, config.optimizer())
+    schedule = learning_rate_schedule(config.optimizer())
+    checkpoints = Checkpoints(output / CHECKPOINTS, save_every=config.save_every, keep=config.keep)
+    metrics = Metrics(output, config.tensorboard)
+    data_state = {"fingerprint": data.fingerprint(), "seq_len": config.seq_len, "batch_size": config.batch_size}
+
+    start = checkpoints.latest_step() or 0
+    if start:
+        saved = checkpoints.metadata(start)
+        if saved.get("fingerprint") != data_state["fingerprint"]:
+            raise ValueError(
+                f"the data differs from the data checkpoint {start} in {output / CHECKPOINTS} was trained on; "
+                "resume with the same files, or choose a new --output"
+            )
+        checkpoints.restore(model, optimizer, start)
+        distributed.log(f"resuming from step {start} (checkpoint in {output / CHECKPOINTS})")
+    metrics.keep_until(start)
+
+    def on_device(rows: np.ndarray):
+        return place(rows, None if mesh is None else batch_sharding(mesh, rows.shape))
+
+    tokens = config.batch_size * config.seq_len
+    record, stopped = {}, "done"
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc="training",
+        unit="step",
+        disable=not (progress and distributed.is_main_process()),
+    )
+    try:
+        with _sigterm_flag() as sigterm:
+            for step in range(start + 1, config.steps + 1):
+                began = time.perf_counter()
+                out = train_step(model, optimizer, on_device(data.batch(step - 1)), grad_accum=config.grad_accum)
+                loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+                seconds = time.perf_counter() - began
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    checkpoints.wait()
+                    last = checkpoints.latest_step()
+                    kept = (
+                        f"the last good checkpoint is step {last} in {output / CHECKPOINTS}"
+                        if last
+                        else "no checkpoint was saved"
+                    )
+                    raise FloatingPointError(
+                        f"loss {loss} / gradient norm {grad_norm} at step {step}: stopped without saving it; {kept}. "
+                        "Lower --lr (or raise --warmup) and run again to resume from there"
+                    )
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(schedule(step - 1)),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": round(tokens / seconds, 1),
+                    "seconds": round(seconds, 4),
+                }
+                if data.validation.size and (
+                    (config.eval_every and step % config.eval_every == 0) or step == config.steps
+                ):
+                    eval_loss = evaluate(model, map(on_device, data.validation_batches()))
+                    record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
+                metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.update()
+                interrupted = distributed.any_process(sigterm[0])
+                checkpoints.save(
+                    step,
+                    model,
+                    optimizer,
+                    metadata=data_state | {"step": step},
+                    force=interrupted or step == config.steps,
+                )
+                if interrupted:
+                    stopped = "sigterm"
+                    distributed.log(f"\nSIGTERM: saved step {step}; run the same command again to resume")
+                    break
+    finally:
+        bar.close()
+        checkpoints.close()
+        metrics.close()
+    if stopped == "done" and distributed.is_main_process():
+        plot_losses(output / METRICS, output / "loss.png")
+    if stopped == "done" and config.export_hf is not None:
+        from neo_jax.convert import save_pretrained
+
+        save_pretrained(model, config.export_hf, format="hf", progress=progress)
+        distributed.log(f"exported the model for transformers to {config.export_hf}")
+    return record | {"stopped": stopped}

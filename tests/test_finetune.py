@@ -1,0 +1,285 @@
+"""``neo-jax train`` end to end: an interrupted run (SIGTERM, kill -9 during a save) resumes onto the same
+per-step losses as a straight one; the loss falls on real English; divergence, bad input and settings
+fail clearly before anything compiles."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import neo_jax
+from neo_jax import cli
+from neo_jax.finetune import FinetuneConfig, finetune
+from neo_jax.train import Checkpoints
+from tests.conftest import TOKENIZER_DIR, make_hf_model
+
+ROOT = Path(__file__).parent.parent
+ENGLISH = sorted(str(p) for p in (ROOT / "tests" / "fixtures" / "english").glob("*.txt"))
+STEPS = 12
+SETTINGS = dict(steps=STEPS, batch_size=4, seq_len=64, lr=3e-3, warmup=2, save_every=3, eval_every=4)
+
+
+def flags(model: Path, output: Path, **overrides) -> list[str]:
+    settings = SETTINGS | {"validation_fraction": 0.1, "dtype": "float32"} | overrides
+    out = ["train", "--model", str(model), "--data", *ENGLISH, "--output", str(output)]
+    for key, value in settings.items():
+        out += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def launch(args: list[str], devices: int = 1) -> subprocess.Popen:
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+    command = [sys.executable, "-m", "neo_jax.cli", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> dict:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or the process ends first (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(interval)
+    process.kill()
+    raise TimeoutError("the training run did not get there in time")
+
+
+def parameters(source) -> dict:
+    model = neo_jax.from_pretrained(source, progress=False)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-Neo with GPT-2's vocabulary, saved with the tokenizer, as a hub download would be."""
+    directory = tmp_path_factory.mktemp("model")
+    hf = make_hf_model(
+        vocab_size=50257,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        eos_token_id=50256,
+        bos_token_id=50256,
+    )
+    hf.save_pretrained(directory)
+    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def straight(model_dir, tmp_path_factory) -> Path:
+    """The uninterrupted reference run, with TensorBoard events and an export for transformers."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    export = output.parent / "exported"
+    result = finish(launch(flags(model_dir, output, tensorboard=True, export_hf=export)))
+    assert result["step"] == STEPS and result["stopped"] == "done"
+    return output
+
+
+def assert_same_run(resumed: Path, straight: Path) -> None:
+    records, reference = metrics(resumed), metrics(straight)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # none missing, none repeated
+    for key in ("loss", "grad_norm", "lr"):
+        np.testing.assert_allclose([r[key] for r in records], [r[key] for r in reference], rtol=1e-6, err_msg=key)
+    evals = lambda rs: [(r["step"], r["eval_loss"]) for r in rs if "eval_loss" in r]
+    np.testing.assert_allclose(evals(records), evals(reference), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(parameters(resumed)), jax.tree.leaves(parameters(straight)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_straight_run_writes_metrics_curves_events_and_a_transformers_model(straight):
+    records = metrics(straight)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
+        assert all(math.isfinite(v) for v in record.values())
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8, 12]
+    assert all(math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"])) for r in records if "eval_loss" in r)
+    assert records[0]["lr"] == 0.0 and math.isclose(records[2]["lr"], 3e-3, rel_tol=1e-6)  # warmup, then cosine
+    assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(Checkpoints(straight / "checkpoints", read_only=True).all_steps()) == [6, 9, 12]
+
+    # the export loads in transformers and computes what the trained checkpoint computes
+    exported = transformers.GPTNeoForCausalLM.from_pretrained(straight.parent / "exported").eval()
+    ids = np.random.default_rng(0).integers(0, 50257, (2, 40))
+    with torch.no_grad():
+        expected = exported(torch.as_tensor(ids)).logits.numpy()
+    trained = neo_jax.from_pretrained(straight, progress=False)  # the run directory is a model source
+    np.testing.assert_allclose(np.asarray(trained(jnp.asarray(ids))), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_falls_on_english_text(straight):
+    records = metrics(straight)
+    losses = [r["loss"] for r in records]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
+    assert evals[-1] < evals[0] - 0.5, evals  # on held-out blocks too
+
+
+def test_sigterm_saves_exits_0_and_the_same_command_resumes_exactly(model_dir, straight, tmp_path):
+    output = tmp_path / "run"
+    args = flags(model_dir, output)
+    process = launch(args)
+    assert wait_for(lambda: (output / "metrics.jsonl").exists() and len(metrics(output)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    result = finish(process)
+    assert result["stopped"] == "sigterm" and result["step"] < STEPS
+    assert Checkpoints(output / "checkpoints", read_only=True).latest_step() == result["step"]  # saved on the way out
+    assert not (output / "loss.png").exists()
+
+    assert finish(launch(args))["stopped"] == "done"
+    assert_same_run(output, straight)
+
+
+def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(model_dir, straight, tmp_path):
+    output = tmp_path / "run"
+    args = flags(model_dir, output, save_every=1)
+    process = launch(args)
+    saving = lambda: any((output / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    assert wait_for(saving, process, interval=0.001), "the run ended before a save could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    logged = metrics(output)[-1]["step"] if (output / "metrics.jsonl").exists() else 0
+    complete = Checkpoints(output / "checkpoints", read_only=True).latest_step() or 0
+    assert complete <= logged < STEPS
+
+    assert finish(launch(args))["stopped"] == "done"
+    assert_same_run(output, straight)
+    assert not list((output / "checkpoints").glob("*tmp*"))
+
+
+def test_a_sharded_run_matches_one_device(model_dir, straight, tmp_path):
+    output = tmp_path / "run"
+    finish(launch(flags(model_dir, output, mesh="2,2,2"), devices=8))
+    sharded, reference = metrics(output), metrics(straight)
+    np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in reference], rtol=1e-4)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch):
+    import neo_jax.finetune as module
+
+    real_step, calls = module.train_step, []
+
+    def poisoned(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        return out | {"loss": jnp.float32(np.nan)} if len(calls) == 5 else out
+
+    monkeypatch.setattr(module, "train_step", poisoned)
+    output = tmp_path / "run"
+    config = FinetuneConfig.load(
+        None, model=str(model_dir), data=ENGLISH, output=str(output), dtype="float32", **SETTINGS | {"save_every": 2}
+    )
+    with pytest.raises(FloatingPointError, match=r"nan .* at step 5: .*last good checkpoint is step 4"):
+        finetune(config, progress=False)
+    assert [r["step"] for r in metrics(output)] == [1, 2, 3, 4]
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(parameters(output)))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = cli.main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": ["{tmp}/nowhere/*.txt"]}, "no data file matches"),
+        ({"data": ["{tmp}/empty.txt"]}, "fewer than 64 tokens"),
+        ({"data": ["{tmp}/empty.jsonl"]}, "fewer than 64 tokens"),
+        ({"seq_len": 4096}, "seq_len 4096 is beyond the model's 256 positions"),
+        ({"grad_accum": 3}, "does not split into grad_accum=3"),
+        ({"mesh": "2,1,1"}, "does not cover the 1 devices"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"text_field": "body", "data": ["{tmp}/docs.jsonl"]}, "has no string field 'body'"),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys, change, message):
+    monkeypatch.setattr("neo_jax.convert.from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "some words"}) + "\n")
+    settings = {"data": ENGLISH} | {
+        k: [d.format(tmp=tmp_path) for d in v] if k == "data" else v for k, v in change.items()
+    }
+    args = flags(model_dir, tmp_path / "run", **{k: v for k, v in settings.items() if k != "data"})
+    data_at = args.index("--data")
+    args[data_at + 1 : data_at + 1 + len(ENGLISH)] = settings["data"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_batch_that_does_not_divide_over_the_data_parallel_devices_is_refused(model_dir, tmp_path):
+    process = launch(flags(model_dir, tmp_path / "run", batch_size=6, mesh="4,1,2"), devices=8)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "micro-batch of 6 rows" in err and "4 data-parallel devices" in err, err
+
+
+def test_resuming_with_other_settings_is_refused(model_dir, straight, capsys):
+    code, err = run_cli(flags(model_dir, straight, seed=1), capsys)
+    assert code == 2 and "other settings (seed: 0 -> 1)" in err, err
+
+
+def test_yaml_configs_load_and_flags_override(tmp_path):
+    from neo_jax.config import GPTNeoConfig
+
+    for size in ("125M", "1.3B", "2.7B"):
+        config = FinetuneConfig.load(ROOT / "configs" / f"finetune-{size}.yaml", data=["x.txt"], output="out")
+        assert config.model == f"EleutherAI/gpt-neo-{size}" and isinstance(config.lr, float) and config.lr > 0
+        assert config.seq_len <= GPTNeoConfig.preset(size).max_position_embeddings
+        assert config.batch_size % (config.grad_accum * 8) == 0  # micro-batches split over an 8-chip slice
+    config = FinetuneConfig.load(
+        ROOT / "configs" / "finetune-125M.yaml", data=["x.txt"], output="o", lr=1e-3, steps=None
+    )
+    assert config.lr == 1e-3 and config.steps == 1000
+    (tmp_path / "bad.yaml").write_text("model: m\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
+        FinetuneConfig.load(tmp_path / "bad.yaml", data=["x"], output="o")
+    with pytest.raises(ValueError, match="missing setting"):
+        FinetuneConfig.load(None, model="m")
+
+
+def test_hugging_face_datasets_as_data(tmp_path):
+    import datasets
+
+    from neo_jax.data import read_documents
+
+    texts = ["first document", "second one", "third"]
+    datasets.Dataset.from_dict({"content": texts}).save_to_disk(tmp_path / "saved")
+    assert list(read_documents([str(tmp_path / "saved")], text_field="content")) == texts
+    datasets.DatasetDict({"valid": datasets.Dataset.from_dict({"text": texts[:1]})}).save_to_disk(tmp_path / "dict")
+    assert list(read_documents([str(tmp_path / "dict")], split="valid")) == texts[:1]
+    with pytest.raises(ValueError, match=r"splits \['valid'\], not 'train'"):
+        list(read_documents([str(tmp_path / "dict")]))
+
+    (tmp_path / "local").mkdir()  # hf:NAME goes through datasets.load_dataset (here a local folder, streamed)
+    (tmp_path / "local" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert list(read_documents([f"hf:{tmp_path / 'local'}"])) == texts
