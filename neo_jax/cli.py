@@ -146,6 +146,58 @@ def train(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def eval_perplexity(args: argparse.Namespace) -> None:
+    from neo_jax.data import expand_paths
+
+    expand_paths(args.data)  # missing files fail before the model loads
+
+    from neo_jax.convert import from_pretrained, load_tokenizer, resolve
+    from neo_jax.evaluate import corpus_tokens, perplexity
+
+    directory = resolve(args.model, args.revision)
+    tokens = corpus_tokens(args.data, load_tokenizer(directory), text_field=args.text_field, split=args.split)
+    model = from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype)
+    result = perplexity(
+        model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, progress=True
+    )
+    print(json.dumps(result))
+
+
+def eval_harness(args: argparse.Namespace) -> None:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ImportError("neo-jax eval harness needs lm-evaluation-harness: pip install 'neo_jax[eval]'") from None
+    import neo_jax.lm_eval  # noqa: F401 (registers the model name "neo-jax")
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: check the names, or add --include-path DIR with their YAML")
+    model_args = {"pretrained": args.model, "dtype": args.dtype, "batch_size": args.batch_size}
+    if args.mesh:
+        model_args["mesh"] = args.mesh
+    results = lm_eval.simple_evaluate(
+        model="neo-jax",
+        model_args=model_args,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        task_manager=manager,
+        log_samples=False,
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        fewshot_random_seed=args.seed,
+    )
+    summary = {"model": args.model, "results": results["results"], "n-shot": results.get("n-shot", {})}
+    text = json.dumps(summary, indent=1, default=str)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-jax", description="GPT-Neo in JAX / Flax NNX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +287,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard events")
     p.add_argument("--export-hf", help="at the end, write the model for transformers to this directory")
     p.set_defaults(run=train)
+
+    p = commands.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks")
+    which = p.add_subparsers(dest="evaluation", required=True)
+    e = which.add_parser(
+        "perplexity",
+        help="strided sliding-window perplexity of text files",
+        description="Documents are tokenized and joined with EOS; windows of --seq-len tokens start every "
+        "--stride tokens and each scores only its new tokens, so every token is scored once with up to "
+        "--seq-len tokens of context. Prints JSON {perplexity, nll, tokens}.",
+    )
+    e.add_argument("--model", required=True, help="hub id, Hugging Face directory, Orbax directory or train output")
+    e.add_argument("--data", nargs="+", required=True, help="text files, globs, .jsonl, saved datasets, hf:NAME")
+    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's maximum)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default 512)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--split", default="train")
+    e.add_argument("--revision", default=None)
+    e.set_defaults(run=eval_perplexity, command="eval perplexity")
+    e = which.add_parser(
+        "harness",
+        help="run lm-evaluation-harness tasks through the neo-jax model adapter",
+        description="lm_eval.simple_evaluate with model neo-jax; prints (and with --output writes) the results.",
+    )
+    e.add_argument("--model", required=True, help="hub id, Hugging Face directory, Orbax directory or train output")
+    e.add_argument("--tasks", required=True, help="comma-separated task names")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if below 1)")
+    e.add_argument("--include-path", default=None, help="directory of extra task YAML files")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--mesh", default=None, help="D,F,T: shard the model over a device mesh")
+    e.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default)")
+    e.add_argument("--output", default=None, help="also write the results JSON here")
+    e.set_defaults(run=eval_harness, command="eval harness")
     return parser
 
 

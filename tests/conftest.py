@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests never download: the hub and datasets libraries work from local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
 import pytest
@@ -64,3 +69,19 @@ def save_hf(tmp_path):
         return directory
 
     return save
+
+
+@pytest.fixture(scope="session")
+def gpt2_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-Neo with GPT-2's vocabulary, saved with the tokenizer, as a hub download would be."""
+    directory = tmp_path_factory.mktemp("gpt2-vocab-model")
+    hf = make_hf_model(
+        vocab_size=50257,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        eos_token_id=50256,
+        bos_token_id=50256,
+    )
+    hf.save_pretrained(directory)
+    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
+    return directory

@@ -25,7 +25,6 @@ import neo_jax
 from neo_jax import cli
 from neo_jax.finetune import FinetuneConfig, finetune
 from neo_jax.train import Checkpoints
-from tests.conftest import TOKENIZER_DIR, make_hf_model
 
 ROOT = Path(__file__).parent.parent
 ENGLISH = sorted(str(p) for p in (ROOT / "tests" / "fixtures" / "english").glob("*.txt"))
@@ -76,19 +75,8 @@ def parameters(source) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A 2-layer GPT-Neo with GPT-2's vocabulary, saved with the tokenizer, as a hub download would be."""
-    directory = tmp_path_factory.mktemp("model")
-    hf = make_hf_model(
-        vocab_size=50257,
-        num_layers=2,
-        attention_types=[[["global", "local"], 1]],
-        eos_token_id=50256,
-        bos_token_id=50256,
-    )
-    hf.save_pretrained(directory)
-    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
-    return directory
+def model_dir(gpt2_model_dir) -> Path:
+    return gpt2_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -201,3 +201,21 @@ def test_shard_model_moves_a_loaded_model_onto_the_mesh(checkpoint, single):
         assert a.get_value().sharding == b.get_value().sharding
     for key, value in params(single).items():
         np.testing.assert_array_equal(params(moved)[key], value)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+def test_scoring_and_perplexity_equal_one_device(checkpoint, single, shape):
+    from neo_jax.evaluate import perplexity, score
+
+    model = neo_jax.from_pretrained(checkpoint, mesh=sharding.make_mesh(*shape), progress=False)
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(0, SMALL["vocab_size"], n).tolist() for n in (5, 40, 17, 2, 33)]
+    for (a, greedy_a), (b, greedy_b) in zip(
+        score(model, sequences, batch_size=4), score(single, sequences, batch_size=4)
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_array_equal(greedy_a, greedy_b)
+    tokens = rng.integers(0, SMALL["vocab_size"], 300).tolist()
+    sharded, one = (perplexity(m, tokens, seq_len=64, stride=24, batch_size=4) for m in (model, single))
+    assert sharded["tokens"] == one["tokens"] == 299
+    assert math.isclose(sharded["nll"], one["nll"], rel_tol=1e-6)

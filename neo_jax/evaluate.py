@@ -1,0 +1,117 @@
+"""Evaluation: the log-probability of every token of many token sequences, and strided sliding-window
+perplexity over a corpus. The lm-evaluation-harness adapter (``neo_jax.lm_eval``) scores through ``score``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from neo_jax.generate import bucket
+from neo_jax.model import GPTNeo
+from neo_jax.sharding import batch_sharding, model_mesh, place
+
+
+@nnx.jit
+def _token_scores(model: GPTNeo, input_ids, targets):
+    logits = model(input_ids)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+def score(
+    model: GPTNeo, sequences: Sequence[Sequence[int]], *, batch_size: int = 8, progress: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each token sequence ``s`` (2 to ``max_position_embeddings + 1`` tokens): ``(logprobs, greedy)``,
+    both of length ``len(s) - 1``: ``log p(s[i + 1] | s[: i + 1])`` in float32, and whether ``s[i + 1]`` is
+    the most likely next token.
+
+    Sequences are scored longest first in batches of ``batch_size``, right-padded to a few bucketed
+    lengths (nothing after a position changes its logits), so a whole task compiles a handful of programs.
+    """
+    limit = model.config.max_position_embeddings
+    for s in sequences:
+        if not 2 <= len(s) <= limit + 1:
+            raise ValueError(f"a scored sequence needs 2 to {limit + 1} tokens, got {len(s)}")
+    mesh = model_mesh(model)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    results: list = [None] * len(sequences)
+    bar = tqdm(total=len(sequences), desc="scoring", unit="seq", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = min(bucket(len(sequences[chunk[0]]) - 1), limit)
+        rows = np.zeros((batch_size, width + 1), np.int32)  # padded rows are scored and thrown away
+        for row, i in enumerate(chunk):
+            rows[row, : len(sequences[i])] = sequences[i]
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        if mesh is not None:
+            inputs, targets = (place(a, batch_sharding(mesh, a.shape)) for a in (inputs, targets))
+        logprobs, greedy = jax.device_get(_token_scores(model, inputs, targets))
+        for row, i in enumerate(chunk):
+            n = len(sequences[i]) - 1
+            results[i] = (logprobs[row, :n], greedy[row, :n])
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def perplexity(
+    model: GPTNeo,
+    token_ids: Sequence[int],
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Strided sliding-window perplexity of one token stream, as in transformers' perplexity guide: windows
+    of up to ``seq_len`` tokens (default: the model's maximum) start every ``stride`` tokens (default 512,
+    at most ``seq_len``), and each
+    window scores only the tokens the previous one did not, so with ``stride < seq_len`` every token but
+    the first is scored once, with up to ``seq_len - 1`` tokens of context (disjoint windows, ``stride ==
+    seq_len``, cannot score the first token of each window). Returns ``{"perplexity", "nll", "tokens"}``, where
+    ``nll`` is the mean negative log-likelihood per scored token (nats)."""
+    limit = model.config.max_position_embeddings
+    seq_len = seq_len or limit
+    stride = stride or min(512, seq_len)
+    if not 2 <= seq_len <= limit:
+        raise ValueError(f"seq_len must be in [2, {limit}] (the model's positions), got {seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    token_ids = list(token_ids)
+    if len(token_ids) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
+    windows, scored = [], []  # each window and how many of its last tokens it scores
+    previous_end = 0
+    for begin in range(0, len(token_ids), stride):
+        end = min(begin + seq_len, len(token_ids))
+        windows.append(token_ids[begin:end])
+        scored.append(min(end - previous_end, end - begin - 1))
+        previous_end = end
+        if end == len(token_ids):
+            break
+    total, count = 0.0, 0
+    for (logprobs, _), n in zip(score(model, windows, batch_size=batch_size, progress=progress), scored, strict=True):
+        total -= float(np.sum(logprobs[len(logprobs) - n :], dtype=np.float64))
+        count += n
+    nll = total / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
+
+
+def corpus_tokens(patterns: Sequence[str], tokenizer, *, text_field: str = "text", split: str = "train") -> list[int]:
+    """The documents of ``patterns`` (as ``neo_jax.data`` reads them) tokenized and joined with EOS."""
+    from neo_jax.data import read_documents
+
+    tokens: list[int] = []
+    for number, text in enumerate(read_documents(patterns, text_field, split)):
+        if number and tokenizer.eos_token_id is not None:
+            tokens.append(tokenizer.eos_token_id)
+        tokens.extend(tokenizer(text, verbose=False)["input_ids"])
+    return tokens
