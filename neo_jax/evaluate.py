@@ -20,9 +20,8 @@ from neo_jax.sharding import batch_sharding, model_mesh, place
 
 @nnx.jit
 def _token_scores(model: GPTNeo, input_ids, targets):
-    logits = model(input_ids)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    logits = model(input_ids)  # float32; log_softmax is never materialised next to it
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
     return picked, jnp.argmax(logits, axis=-1) == targets
 
 

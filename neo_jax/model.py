@@ -212,6 +212,11 @@ class GPTNeo(nnx.Module):
         Without ``position_ids`` positions are ``0..seq-1`` for every row, as in the reference forward.
         ``attention_mask`` ([batch, seq], 1 = token, 0 = padding) hides padded keys.
         """
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """The final hidden states ``[batch, seq, embed]`` (after ``ln_f``), before the LM head: the loss
+        takes the head of only the positions that predict a token."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -230,7 +235,7 @@ class GPTNeo(nnx.Module):
             return attend(q, k, v, masks[kind], bias), state
 
         hidden, _ = self.transform(input_ids, position_ids, attention)
-        return self.logits(hidden)
+        return hidden
 
     def transform(self, input_ids, position_ids, attention, state=None, periods=None):
         """Embeddings, every block, final LayerNorm: ``(hidden [batch, seq, embed], state)``.

@@ -79,8 +79,8 @@ def token_losses(model: GPTNeo, input_ids, loss_mask=None):
 
     ``loss_mask`` ([batch, seq], 1 = a real token) leaves padding out as a target.
     """
-    logits = model(input_ids)[:, :-1]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), input_ids[:, 1:])
+    logits = model.logits(model.hidden_states(input_ids)[:, :-1])  # no logits for the last position
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, input_ids[:, 1:])
     weights = jnp.ones_like(losses) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
     return (losses * weights).sum(), weights.sum()
 
