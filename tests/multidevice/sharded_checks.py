@@ -219,3 +219,26 @@ def test_scoring_and_perplexity_equal_one_device(checkpoint, single, shape):
     sharded, one = (perplexity(m, tokens, seq_len=64, stride=24, batch_size=4) for m in (model, single))
     assert sharded["tokens"] == one["tokens"] == 299
     assert math.isclose(sharded["nll"], one["nll"], rel_tol=1e-6)
+
+
+def test_lm_eval_adapter_on_a_mesh_equals_one_device(checkpoint, tmp_path):
+    import shutil
+
+    from neo_jax.lm_eval import NeoJaxLM
+    from tests.conftest import TOKENIZER_DIR
+
+    directory = shutil.copytree(checkpoint, tmp_path / "model")
+    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
+    sharded = NeoJaxLM(str(directory), mesh="2.2.2", batch_size=4)
+    single = NeoJaxLM(str(directory), batch_size=4)
+    assert sharding.model_mesh(sharded.model).shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    rng = np.random.default_rng(5)
+    requests = [
+        (("", ""), rng.integers(0, SMALL["vocab_size"], n).tolist(), rng.integers(0, SMALL["vocab_size"], m).tolist())
+        for n, m in ((3, 1), (40, 5), (250, 20), (1, 1), (12, 3))
+    ]
+    for (a, greedy_a), (b, greedy_b) in zip(
+        sharded._loglikelihood_tokens(requests, disable_tqdm=True),
+        single._loglikelihood_tokens(requests, disable_tqdm=True),
+    ):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-4) and greedy_a == greedy_b
