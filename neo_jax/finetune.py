@@ -378,6 +378,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
         checkpoints.restore(model, optimizer, start)
         distributed.log(f"resuming from step {start} (checkpoint in {output / CHECKPOINTS})")
     metrics.keep_until(start)
+    if start >= config.steps:
+        distributed.log(f"{output} is already trained to step {start}: raise --steps to go on")
 
     def on_device(rows: np.ndarray):
         return place(rows, None if mesh is None else batch_sharding(mesh, rows.shape))
