@@ -337,10 +337,15 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
     "done", or "sigterm" when a SIGTERM cut it short after saving. A non-finite loss raises
     ``FloatingPointError`` naming the step, after the checkpoints in flight are complete."""
+    sizes = check(config)
+    with _sigterm_flag() as sigterm:  # from here on a SIGTERM (TPU preemption) stops the run cleanly
+        return _train(config, sizes, sigterm, progress)
+
+
+def _train(config: FinetuneConfig, sizes: dict[str, int], sigterm: list[bool], progress: bool) -> dict:
     from neo_jax.convert import from_pretrained, load_tokenizer, resolve
     from neo_jax.data import load
 
-    sizes = check(config)
     source = resolve(config.model)
     tokenizer = load_tokenizer(source)
     data = load(
@@ -393,53 +398,45 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
         unit="step",
         disable=not (progress and distributed.is_main_process()),
     )
+    interrupted = distributed.any_process(sigterm[0])  # a SIGTERM while loading: stop before training
+    step = start
     try:
-        with _sigterm_flag() as sigterm:
-            for step in range(start + 1, config.steps + 1):
-                began = time.perf_counter()
-                out = train_step(model, optimizer, on_device(data.batch(step - 1)), grad_accum=config.grad_accum)
-                loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-                seconds = time.perf_counter() - began
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    checkpoints.wait()
-                    last = checkpoints.latest_step()
-                    kept = (
-                        f"the last good checkpoint is step {last} in {output / CHECKPOINTS}"
-                        if last
-                        else "no checkpoint was saved"
-                    )
-                    raise FloatingPointError(
-                        f"loss {loss} / gradient norm {grad_norm} at step {step}: stopped without saving it; {kept}. "
-                        "Lower --lr (or raise --warmup) and run again to resume from there"
-                    )
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": float(schedule(step - 1)),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": round(tokens / seconds, 1),
-                    "seconds": round(seconds, 4),
-                }
-                if data.validation.size and (
-                    (config.eval_every and step % config.eval_every == 0) or step == config.steps
-                ):
-                    eval_loss = evaluate(model, map(on_device, data.validation_batches()))
-                    record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
-                metrics.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                bar.update()
-                interrupted = distributed.any_process(sigterm[0])
-                checkpoints.save(
-                    step,
-                    model,
-                    optimizer,
-                    metadata=data_state | {"step": step},
-                    force=interrupted or step == config.steps,
+        while step < config.steps and not interrupted:
+            step += 1
+            began = time.perf_counter()
+            out = train_step(model, optimizer, on_device(data.batch(step - 1)), grad_accum=config.grad_accum)
+            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+            seconds = time.perf_counter() - began
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                checkpoints.wait()
+                last = checkpoints.latest_step()
+                kept = (
+                    f"the last good checkpoint is step {last} in {output / CHECKPOINTS}" if last else "none saved yet"
                 )
-                if interrupted:
-                    stopped = "sigterm"
-                    distributed.log(f"\nSIGTERM: saved step {step}; run the same command again to resume")
-                    break
+                raise FloatingPointError(
+                    f"loss {loss} / gradient norm {grad_norm} at step {step}: stopped without saving it; {kept}. "
+                    "Lower --lr (or raise --warmup) and run again to resume from there"
+                )
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": float(schedule(step - 1)),
+                "grad_norm": grad_norm,
+                "tokens_per_s": round(tokens / seconds, 1),
+                "seconds": round(seconds, 4),
+            }
+            if data.validation.size and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+                eval_loss = evaluate(model, map(on_device, data.validation_batches()))
+                record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
+            metrics.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update()
+            interrupted = distributed.any_process(sigterm[0])
+            metadata = data_state | {"step": step}
+            checkpoints.save(step, model, optimizer, metadata=metadata, force=interrupted or step == config.steps)
+        if interrupted:
+            stopped = "sigterm"
+            distributed.log(f"\nSIGTERM: stopped at step {step}, saved; run the same command again to resume")
     finally:
         bar.close()
         checkpoints.close()

@@ -271,3 +271,21 @@ def test_hugging_face_datasets_as_data(tmp_path):
     (tmp_path / "local").mkdir()  # hf:NAME goes through datasets.load_dataset (here a local folder, streamed)
     (tmp_path / "local" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     assert list(read_documents([f"hf:{tmp_path / 'local'}"])) == texts
+
+
+def test_sigterm_while_loading_stops_before_training(model_dir, tmp_path, monkeypatch):
+    import neo_jax.convert
+
+    real = neo_jax.convert.from_pretrained
+
+    def preempted(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # the handler only raises a flag: loading goes on
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neo_jax.convert, "from_pretrained", preempted)
+    output = tmp_path / "run"
+    config = FinetuneConfig.load(None, model=str(model_dir), data=ENGLISH, output=str(output), **SETTINGS)
+    assert finetune(config, progress=False) == {"stopped": "sigterm"}
+    assert not (output / "metrics.jsonl").exists() or not metrics(output)
+    assert Checkpoints(output / "checkpoints", read_only=True).latest_step() is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
