@@ -57,7 +57,10 @@ class NeoJaxLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         placement = None
         if mesh is not None:
-            data, fsdp, tensor = (int(x) for x in str(mesh).replace(".", ",").split(","))
+            try:
+                data, fsdp, tensor = (int(x) for x in str(mesh).replace(".", ",").split(","))
+            except ValueError:
+                raise ValueError(f"mesh takes three sizes D.F.T (data, fsdp, tensor), got {mesh!r}") from None
             placement = make_mesh(data, fsdp, tensor)
         directory = resolve(pretrained, revision)
         self.model = from_pretrained(directory, dtype=dtype, param_dtype=dtype, mesh=placement)
