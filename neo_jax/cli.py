@@ -121,11 +121,12 @@ def plan(args: argparse.Namespace) -> None:
         from neo_jax.convert import resolve_config
 
         config = resolve_config(args.model)
-    try:
-        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh takes three sizes D,F,T (data, fsdp, tensor), got {args.mesh!r}") from None
-    mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    from neo_jax.sharding import parse_mesh
+
+    mesh = parse_mesh(args.mesh)
+    if any(size < 1 for size in mesh.values()):
+        raise ValueError(f"--mesh needs the three sizes themselves (no -1) to plan for, got {args.mesh!r}")
+    data, fsdp, tensor = mesh.values()
     result = plan_memory(config, mesh, args.batch, args.seq, remat=args.remat, dtype=args.dtype)
     if args.json:
         print(json.dumps({"model": args.model, "mesh": mesh, "batch": args.batch, "seq": args.seq} | result))

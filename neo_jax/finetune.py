@@ -32,10 +32,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from neo_jax import distributed
-from neo_jax.sharding import batch_sharding, make_mesh, place
+from neo_jax.sharding import batch_sharding, make_mesh, parse_mesh, place
 from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
 
 DTYPES = ("float32", "bfloat16")
@@ -134,26 +135,9 @@ class FinetuneConfig:
         )
 
 
-def parse_mesh(text: str | None) -> dict[str, int]:
-    """``"D,F,T"`` as mesh sizes; None puts every device on the fsdp axis."""
-    if text is None:
-        return {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
-    try:
-        data, fsdp, tensor = (int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"mesh takes three sizes D,F,T (data, fsdp, tensor), got {text!r}") from None
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    known = math.prod(s for s in sizes.values() if s != -1)
-    for axis, size in sizes.items():
-        if size == -1 and known > 0 and jax.device_count() % known == 0:
-            sizes[axis] = jax.device_count() // known
-    if any(s < 1 for s in sizes.values()) or math.prod(sizes.values()) != jax.device_count():
-        raise ValueError(f"mesh {text} does not cover the {jax.device_count()} devices (D x F x T must equal it)")
-    return sizes
-
-
-def check(config: FinetuneConfig) -> dict[str, int]:
-    """Every setting that can be checked without reading data or loading weights; returns the mesh sizes."""
+def check(config: FinetuneConfig) -> Mesh:
+    """Every setting that can be checked without reading data or loading weights; returns the device mesh
+    (``mesh``, by default every device on the fsdp axis)."""
     from neo_jax.convert import resolve_config
     from neo_jax.data import expand_paths
 
@@ -176,8 +160,8 @@ def check(config: FinetuneConfig) -> dict[str, int]:
         raise ValueError(
             f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
         )
-    mesh = parse_mesh(config.mesh)
-    replicas, micro = mesh["data"] * mesh["fsdp"], config.batch_size // config.grad_accum
+    mesh = make_mesh(**(parse_mesh(config.mesh) if config.mesh else {"data": 1, "fsdp": -1}))
+    replicas, micro = mesh.shape["data"] * mesh.shape["fsdp"], config.batch_size // config.grad_accum
     if micro % replicas:
         raise ValueError(
             f"the micro-batch of {micro} rows (batch_size / grad_accum) does not divide over the "
@@ -337,12 +321,12 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
     "done", or "sigterm" when a SIGTERM cut it short after saving. A non-finite loss raises
     ``FloatingPointError`` naming the step, after the checkpoints in flight are complete."""
-    sizes = check(config)
+    mesh = check(config)
     with _sigterm_flag() as sigterm:  # from here on a SIGTERM (TPU preemption) stops the run cleanly
-        return _train(config, sizes, sigterm, progress)
+        return _train(config, mesh if mesh.size > 1 else None, sigterm, progress)
 
 
-def _train(config: FinetuneConfig, sizes: dict[str, int], sigterm: list[bool], progress: bool) -> dict:
+def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progress: bool) -> dict:
     from neo_jax.convert import from_pretrained, load_tokenizer, resolve
     from neo_jax.data import load
 
@@ -363,7 +347,6 @@ def _train(config: FinetuneConfig, sizes: dict[str, int], sigterm: list[bool], p
         f"tokens ({data.steps_per_epoch} steps per epoch)"
     )
     output = _prepare_output(config, source)
-    mesh = make_mesh(**sizes) if jax.device_count() > 1 else None
     model = from_pretrained(source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, progress=progress)
     model.remat = config.remat
     optimizer = make_optimizer(model, config.optimizer())

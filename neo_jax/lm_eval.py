@@ -43,7 +43,7 @@ class NeoJaxLM(TemplateLM):
     ):
         super().__init__()
         from neo_jax.convert import from_pretrained, load_tokenizer, resolve
-        from neo_jax.sharding import make_mesh
+        from neo_jax.sharding import make_mesh, parse_mesh
 
         if unused:
             logging.getLogger(__name__).warning(
@@ -57,11 +57,7 @@ class NeoJaxLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         placement = None
         if mesh is not None:
-            try:
-                data, fsdp, tensor = (int(x) for x in str(mesh).replace(".", ",").split(","))
-            except ValueError:
-                raise ValueError(f"mesh takes three sizes D.F.T (data, fsdp, tensor), got {mesh!r}") from None
-            placement = make_mesh(data, fsdp, tensor)
+            placement = make_mesh(**parse_mesh(mesh))
         directory = resolve(pretrained, revision)
         self.model = from_pretrained(directory, dtype=dtype, param_dtype=dtype, mesh=placement)
         self.tokenizer = load_tokenizer(directory)

@@ -52,6 +52,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
     return jax.make_mesh(tuple(sizes), AXES, axis_types, devices=devices)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"D,F,T"`` (or ``"D.F.T"``, where commas are taken) as ``{"data": D, "fsdp": F, "tensor": T}``;
+    ``make_mesh`` checks the sizes against the devices."""
+    try:
+        data, fsdp, tensor = (int(x) for x in str(text).replace(".", ",").split(","))
+    except ValueError:
+        raise ValueError(f"a mesh is three sizes D,F,T (data, fsdp, tensor), e.g. 1,8,1; got {text!r}") from None
+    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
 def spec(
     names: Sequence[str | None], shape: Sequence[int], mesh: Mesh | Mapping[str, int], rules: Mapping | None = None
 ) -> PartitionSpec:

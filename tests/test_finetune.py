@@ -203,7 +203,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"data": ["{tmp}/empty.jsonl"]}, "fewer than 64 tokens"),
         ({"seq_len": 4096}, "seq_len 4096 is beyond the model's 256 positions"),
         ({"grad_accum": 3}, "does not split into grad_accum=3"),
-        ({"mesh": "2,1,1"}, "does not cover the 1 devices"),
+        ({"mesh": "2,1,1"}, "needs 2 devices, but 1 are available"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"text_field": "body", "data": ["{tmp}/docs.jsonl"]}, "has no string field 'body'"),
     ],

@@ -59,4 +59,4 @@ def test_cli(capsys, tmp_path):
     assert main(["plan", "--model", str(tmp_path), "--mesh", "1,1,1", "--batch", "2", "--seq", "512", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"] == record["parameters"]
     assert main(["plan", "--model", "125M", "--mesh", "8", "--batch", "8", "--seq", "512"]) == 2
-    assert "--mesh takes three sizes" in capsys.readouterr().err
+    assert "a mesh is three sizes D,F,T" in capsys.readouterr().err
