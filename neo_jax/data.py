@@ -19,6 +19,7 @@ import glob
 import hashlib
 import itertools
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -112,6 +113,13 @@ class PackedData:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         order = np.random.default_rng([seed, 0]).permutation(len(blocks))
         held_out = max(1, round(len(blocks) * validation_fraction)) if validation_fraction else 0
+        if held_out and len(blocks) - held_out < batch_size:
+            warnings.warn(
+                f"{len(blocks)} blocks are too few to hold {held_out} out for validation and still fill a batch "
+                f"of {batch_size}: training on all of them, without evaluation",
+                stacklevel=2,
+            )
+            held_out = 0
         self.validation = blocks[np.sort(order[:held_out])]
         self.train = blocks[np.sort(order[held_out:])]
         if len(self.train) < batch_size:

@@ -88,3 +88,10 @@ def test_load_tokenizes_with_the_model_tokenizer(tmp_path):
     everything = np.sort(np.concatenate([packed.train, packed.validation]).ravel())
     np.testing.assert_array_equal(everything, np.sort(stream[: len(everything)]))
     assert (packed.train == 50256).any()  # documents are separated by EOS
+
+
+def test_a_validation_split_that_would_leave_no_full_batch_is_skipped():
+    blocks = np.arange(4 * 8, dtype=np.int32).reshape(4, 8)
+    with pytest.warns(UserWarning, match="too few to hold 1 out for validation"):
+        packed = data.PackedData(blocks, batch_size=4, validation_fraction=0.01)
+    assert len(packed.train) == 4 and len(packed.validation) == 0 and not list(packed.validation_batches())
