@@ -441,15 +441,20 @@ def save_pretrained(
     with _atomic_directory(out_dir, overwrite) as tmp:
         if jax.process_index() == 0:
             model.config.to_json_file(tmp / "config.json")
-            source = model.source_dir
-            for name in COMPANION_FILES if source else ():
-                if (Path(source) / name).exists():
-                    shutil.copy(Path(source) / name, tmp / name)
+            if model.source_dir:
+                copy_companion_files(Path(model.source_dir), tmp)
         if format == "hf":
             _save_safetensors(model, tmp, max_shard_size, progress and f"writing {out_dir.name}")
         else:
             _save_orbax(model, tmp / ORBAX_DIR)
     return out_dir
+
+
+def copy_companion_files(source: Path, destination: Path) -> None:
+    """The tokenizer and generation-config files of ``source`` that exist, into ``destination``."""
+    for name in COMPANION_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, destination / name)
 
 
 def _save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: str | bool) -> None:

@@ -97,6 +97,16 @@ def read_documents(patterns: Sequence[str], text_field: str = "text", split: str
             yield path.read_text()
 
 
+def tokenized_documents(
+    patterns: Sequence[str], tokenizer, text_field: str = "text", split: str = "train"
+) -> Iterator[list[int]]:
+    """The token ids of each document of ``patterns`` (``read_documents``), encoded a thousand at a time:
+    fast tokenizers encode a list in parallel."""
+    texts = read_documents(patterns, text_field, split)
+    for chunk in iter(lambda: list(itertools.islice(texts, 1000)), []):
+        yield from tokenizer(chunk, verbose=False)["input_ids"]
+
+
 def pack(documents: Iterable[Sequence[int]], seq_len: int, eos: int) -> np.ndarray:
     """Join documents, each followed by ``eos``, and cut the stream into ``[n, seq_len]`` blocks (the
     tail shorter than a block is dropped)."""
@@ -171,10 +181,7 @@ def load(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token to separate documents with")
-    texts = read_documents(patterns, text_field, split)
-    chunks = iter(lambda: list(itertools.islice(texts, 1000)), [])  # fast tokenizers encode a list in parallel
-    documents = (ids for chunk in chunks for ids in tokenizer(chunk, verbose=False)["input_ids"])
-    blocks = pack(documents, seq_len, eos)
+    blocks = pack(tokenized_documents(patterns, tokenizer, text_field, split), seq_len, eos)
     if len(blocks) == 0:
         raise ValueError(f"the data in {list(patterns)} holds fewer than {seq_len} tokens: not one block of --seq-len")
     return PackedData(blocks, batch_size=batch_size, seed=seed, validation_fraction=validation_fraction)

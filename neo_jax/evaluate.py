@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from neo_jax.generate import bucket
 from neo_jax.model import GPTNeo
-from neo_jax.sharding import batch_sharding, model_mesh, place
+from neo_jax.sharding import model_mesh, place_batch
 
 
 @nnx.jit
@@ -49,9 +49,7 @@ def score(
         rows = np.zeros((batch_size, width + 1), np.int32)  # padded rows are scored and thrown away
         for row, i in enumerate(chunk):
             rows[row, : len(sequences[i])] = sequences[i]
-        inputs, targets = rows[:, :-1], rows[:, 1:]
-        if mesh is not None:
-            inputs, targets = (place(a, batch_sharding(mesh, a.shape)) for a in (inputs, targets))
+        inputs, targets = place_batch(rows[:, :-1], mesh), place_batch(rows[:, 1:], mesh)
         logprobs, greedy = jax.device_get(_token_scores(model, inputs, targets))
         for row, i in enumerate(chunk):
             n = len(sequences[i]) - 1
@@ -106,11 +104,11 @@ def perplexity(
 
 def corpus_tokens(patterns: Sequence[str], tokenizer, *, text_field: str = "text", split: str = "train") -> list[int]:
     """The documents of ``patterns`` (as ``neo_jax.data`` reads them) tokenized and joined with EOS."""
-    from neo_jax.data import read_documents
+    from neo_jax.data import tokenized_documents
 
     tokens: list[int] = []
-    for number, text in enumerate(read_documents(patterns, text_field, split)):
+    for number, ids in enumerate(tokenized_documents(patterns, tokenizer, text_field, split)):
         if number and tokenizer.eos_token_id is not None:
             tokens.append(tokenizer.eos_token_id)
-        tokens.extend(tokenizer(text, verbose=False)["input_ids"])
+        tokens.extend(ids)
     return tokens

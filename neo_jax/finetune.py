@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -31,12 +30,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from neo_jax import distributed
-from neo_jax.sharding import batch_sharding, make_mesh, parse_mesh, place
+from neo_jax.sharding import make_mesh, parse_mesh, place_batch
 from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
 
 DTYPES = ("float32", "bfloat16")
@@ -301,7 +299,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
     """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0)."""
     from neo_jax.config import GPTNeoConfig
-    from neo_jax.convert import COMPANION_FILES
+    from neo_jax.convert import copy_companion_files
 
     output = Path(config.output).expanduser().absolute()
     if distributed.is_main_process():
@@ -310,9 +308,8 @@ def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         GPTNeoConfig.from_json_file(source / "config.json").to_json_file(output / "config.json")
-        for name in COMPANION_FILES:
-            if (source / name).exists() and source != output:
-                shutil.copy(source / name, output / name)
+        if source != output:
+            copy_companion_files(source, output)
     distributed.barrier("neo_jax.finetune.output")
     return output
 
@@ -369,9 +366,6 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
     if start >= config.steps:
         distributed.log(f"{output} is already trained to step {start}: raise --steps to go on")
 
-    def on_device(rows: np.ndarray):
-        return place(rows, None if mesh is None else batch_sharding(mesh, rows.shape))
-
     tokens = config.batch_size * config.seq_len
     record, stopped = {}, "done"
     bar = tqdm(
@@ -387,7 +381,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
         while step < config.steps and not interrupted:
             step += 1
             began = time.perf_counter()
-            out = train_step(model, optimizer, on_device(data.batch(step - 1)), grad_accum=config.grad_accum)
+            out = train_step(model, optimizer, place_batch(data.batch(step - 1), mesh), grad_accum=config.grad_accum)
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             seconds = time.perf_counter() - began
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -409,7 +403,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
                 "seconds": round(seconds, 4),
             }
             if data.validation.size and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                eval_loss = evaluate(model, map(on_device, data.validation_batches()))
+                eval_loss = evaluate(model, (place_batch(rows, mesh) for rows in data.validation_batches()))
                 record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
             metrics.write(record)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

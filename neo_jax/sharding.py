@@ -119,6 +119,12 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Mapping | None = Non
     return NamedSharding(mesh, spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules))
 
 
+def place_batch(rows: np.ndarray, mesh: Mesh | None, rules: Mapping | None = None):
+    """A host batch ``[batch, ...]`` onto devices: split over the mesh's batch axes, or onto the default
+    device without a mesh. Every process passes the whole batch and copies only its own devices' rows."""
+    return place(rows, None if mesh is None else batch_sharding(mesh, rows.shape, rules))
+
+
 def model_mesh(model) -> Mesh | None:
     """The mesh the model's parameters live on, or None for a model on one device."""
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
