@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from neo_jax.generate import bucket
 from neo_jax.model import GPTNeo
-from neo_jax.sharding import model_mesh, place_batch
+from neo_jax.sharding import model_mesh, place_batch, use_mesh
 
 
 @nnx.jit
@@ -50,7 +50,8 @@ def score(
         for row, i in enumerate(chunk):
             rows[row, : len(sequences[i])] = sequences[i]
         inputs, targets = place_batch(rows[:, :-1], mesh), place_batch(rows[:, 1:], mesh)
-        logprobs, greedy = jax.device_get(_token_scores(model, inputs, targets))
+        with use_mesh(mesh):
+            logprobs, greedy = jax.device_get(_token_scores(model, inputs, targets))
         for row, i in enumerate(chunk):
             n = len(sequences[i]) - 1
             results[i] = (logprobs[row, :n], greedy[row, :n])

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from neo_jax import sharding
 from neo_jax.config import GPTNeoConfig
@@ -58,14 +57,12 @@ def cache_bytes(config: GPTNeoConfig, batch: int, max_len: int, dtype=jnp.float3
     return 2 * batch * config.hidden_size * jnp.dtype(dtype).itemsize * sum(cache_lengths(config, max_len))
 
 
-def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype, mesh=None) -> KVCache:
-    """An empty cache; on a ``mesh`` it is split by batch and heads, like the activations that fill it."""
+def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype) -> KVCache:
+    """An empty cache; under a mesh (``sharding.use_mesh``) it is split by batch and heads, like the
+    activations that fill it."""
 
     def zeros(shape, names, dtype):
-        array = jnp.zeros(shape, dtype)
-        if mesh is None:
-            return array
-        return jax.lax.with_sharding_constraint(array, NamedSharding(mesh, sharding.spec(names, shape, mesh)))
+        return sharding.constrain(jnp.zeros(shape, dtype), *names)
 
     def layer(length):
         return zeros((batch, config.num_heads, length, config.head_dim), ("batch", "heads", None, None), dtype)
@@ -109,13 +106,13 @@ def _visible(cache: KVCache, length: int, window: int | None):
     return (visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1))[:, None, None, :]
 
 
-def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int, mesh=None):
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
     """Run the whole (left-padded) prompt into a new cache of ``max_len`` slots; return the last position's
     logits [batch, vocab] and the cache. Positions count real tokens only (padding gets 0), as transformers'
     ``generate`` derives them from the attention mask."""
     seq_len = input_ids.shape[1]
     position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype, mesh)
+    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype)
     masks = attention_masks(model.config, seq_len, seq_len)
     bias = padding_bias(masks["global"], attention_mask)
 
@@ -283,14 +280,12 @@ def _emit(state: LoopState, logits, values, sampling: Sampling, eos, pad) -> Loo
     )
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new", "sampling", "mesh"))
-def _start(
-    graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos, pad, *, max_len, max_new, sampling, mesh
-):
+@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new", "sampling"))
+def _start(graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos, pad, *, max_len, max_new, sampling):
     """Prefill and pick the first new token."""
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0]
-    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len, mesh)
+    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len)
     state = LoopState(
         cache=cache,
         tokens=jnp.full((batch, max_new), pad, jnp.int32),
@@ -458,27 +453,29 @@ def stream(
     graphdefs, arrays = (weights.graphdef, weights.period_graphdef), (weights.params, weights.periods)
     max_len = cache_bucket(request.input_ids.shape[1] + max_new_tokens)
     eos, pad = jnp.int32(request.eos), jnp.int32(request.pad)
-    state = _start(
-        graphdefs,
-        arrays,
-        jnp.asarray(request.input_ids),
-        jnp.asarray(request.attention_mask),
-        jnp.asarray(seen),
-        values,
-        jax.random.key(seed),
-        eos,
-        pad,
-        max_len=max_len,
-        max_new=cache_bucket(max_new_tokens),
-        sampling=sampling,
-        mesh=sharding.model_mesh(model),
-    )
+    mesh = sharding.model_mesh(model)
+    with sharding.use_mesh(mesh):
+        state = _start(
+            graphdefs,
+            arrays,
+            jnp.asarray(request.input_ids),
+            jnp.asarray(request.attention_mask),
+            jnp.asarray(seen),
+            values,
+            jax.random.key(seed),
+            eos,
+            pad,
+            max_len=max_len,
+            max_new=cache_bucket(max_new_tokens),
+            sampling=sampling,
+        )
     yield _to_host(state.tokens[:, :1])  # right after prefill: time to first token
     done = 1
     chunk = chunk_size or max_new_tokens
     while done < max_new_tokens and not bool(state.finished.all()):
         stop = min(done + chunk, max_new_tokens)
-        state = _continue(graphdefs, arrays, state, jnp.int32(stop), values, eos, pad, sampling=sampling)
+        with sharding.use_mesh(mesh):
+            state = _continue(graphdefs, arrays, state, jnp.int32(stop), values, eos, pad, sampling=sampling)
         step = int(state.step)
         yield _to_host(state.tokens[:, done:step])
         done = step
@@ -638,7 +635,7 @@ def _beam_step(state: BeamState, *, num_beams, max_new, eos, length_penalty, ear
 
 @partial(
     jax.jit,
-    static_argnames=("graphdefs", "num_beams", "max_len", "max_new", "length_penalty", "early_stopping", "mesh"),
+    static_argnames=("graphdefs", "num_beams", "max_len", "max_new", "length_penalty", "early_stopping"),
 )
 def _beam_search(
     graphdefs,
@@ -653,11 +650,10 @@ def _beam_search(
     max_new,
     length_penalty,
     early_stopping,
-    mesh,
 ):
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0] // num_beams
-    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len, mesh)
+    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len)
     empty = jnp.full((batch, num_beams, max_new), pad, jnp.int32)
     state = BeamState(
         cache=cache,
@@ -721,20 +717,20 @@ def beam_search(
     if max_new_tokens == 0:
         return np.zeros((request.input_ids.shape[0], 0), np.int32)
     weights = Weights.of(model)
-    new = _beam_search(
-        (weights.graphdef, weights.period_graphdef),
-        (weights.params, weights.periods),
-        jnp.asarray(np.repeat(request.input_ids, num_beams, axis=0)),
-        jnp.asarray(np.repeat(request.attention_mask, num_beams, axis=0)),
-        jnp.int32(request.eos),
-        jnp.int32(request.pad),
-        num_beams=num_beams,
-        max_len=cache_bucket(request.input_ids.shape[1] + max_new_tokens),
-        max_new=max_new_tokens,
-        length_penalty=float(length_penalty),
-        early_stopping=early_stopping,
-        mesh=sharding.model_mesh(model),
-    )
+    with sharding.use_mesh(sharding.model_mesh(model)):
+        new = _beam_search(
+            (weights.graphdef, weights.period_graphdef),
+            (weights.params, weights.periods),
+            jnp.asarray(np.repeat(request.input_ids, num_beams, axis=0)),
+            jnp.asarray(np.repeat(request.attention_mask, num_beams, axis=0)),
+            jnp.int32(request.eos),
+            jnp.int32(request.pad),
+            num_beams=num_beams,
+            max_len=cache_bucket(request.input_ids.shape[1] + max_new_tokens),
+            max_new=max_new_tokens,
+            length_penalty=float(length_penalty),
+            early_stopping=early_stopping,
+        )
     return _to_host(new)
 
 

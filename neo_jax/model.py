@@ -11,7 +11,9 @@ Numerics that differ from a textbook transformer, all as in the reference:
 - the LM head is tied to the token embedding; logits come out in float32.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``
-and, for the stacked blocks, ``layers``) in its ``out_sharding`` metadata; with no mesh they are inert.
+and, for the stacked blocks, ``layers``) in its ``out_sharding`` metadata, and the activations are
+constrained by logical names too (``batch``, ``heads``, ``mlp``, ``vocab``: see ``neo_jax.sharding``); with
+no mesh both are inert.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neo_jax.config import GPTNeoConfig
+from neo_jax.sharding import constrain
 
 MASK_VALUE = jnp.finfo(jnp.float32).min
 
@@ -126,13 +129,14 @@ class Attention(nnx.Module):
 
     def split_heads(self, x):
         """[b, t, h*d] -> [b, h, t, d]: heads-major, so attention's matmuls need no transposes."""
-        return x.reshape(*x.shape[:-1], self.num_heads, -1).swapaxes(1, 2)
+        return constrain(x.reshape(*x.shape[:-1], self.num_heads, -1).swapaxes(1, 2), "batch", "heads", None, None)
 
     def __call__(self, x, attention, state):
         """``attention(kind, q, k, v, state) -> (out, state)`` mixes the heads: plain masked attention
         in a forward pass, or cache reads and writes during generation (see ``GPTNeo.transform``)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out, state = attention(self.kind, q, k, v, state)
+        out = constrain(out, "batch", "heads", None, None)
         return self.out_proj(out.swapaxes(1, 2).reshape(x.shape)), state
 
 
@@ -144,7 +148,8 @@ class MLP(nnx.Module):
         self.activation = config.activation_function
 
     def __call__(self, x):
-        return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))
+        hidden = constrain(self.c_fc(x), "batch", None, "mlp")
+        return self.c_proj(ACTIVATIONS[self.activation](hidden))
 
 
 class Block(nnx.Module):
@@ -158,8 +163,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, attention, state=None):
         h, state = self.attn(self.ln_1(x), attention, state)
-        x = x + h
-        return x + self.mlp(self.ln_2(x)), state
+        x = constrain(x + h, "batch", None, None)
+        return constrain(x + self.mlp(self.ln_2(x)), "batch", None, None), state
 
 
 class GPTNeo(nnx.Module):
@@ -249,7 +254,7 @@ class GPTNeo(nnx.Module):
         static layer index: decoding uses it, because XLA:CPU copies every weight it slices out of a
         stacked array, which would double the memory traffic of a single-token step.
         """
-        x = self.wte(input_ids) + self.wpe(position_ids)
+        x = constrain(self.wte(input_ids) + self.wpe(position_ids), "batch", None, None)
         size = len(self.config.layer_period)
 
         def run(x, state, index, period):
@@ -275,7 +280,8 @@ class GPTNeo(nnx.Module):
     def logits(self, hidden):
         """The tied LM head, accumulated and returned in float32."""
         embedding = self.wte.embedding[...].astype(hidden.dtype)
-        return jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
+        return constrain(logits, "batch", None, "vocab")
 
 
 def init_model(

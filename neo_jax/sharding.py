@@ -1,16 +1,23 @@
-"""Device meshes and logical-axis rules: where every parameter, batch and cache lives.
+"""Device meshes and logical-axis rules: where every parameter, activation, batch and cache lives.
 
-The model names each parameter's axes (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``, ``layers``);
-rules map those names to the mesh axes ``("data", "fsdp", "tensor")``:
+The model names each parameter's axes (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``, ``layers``)
+and each activation's (``batch``, ``heads``, ``mlp``, ``vocab``; the sequence and the residual stream's
+features are unnamed, so replicated); rules map those names to the mesh axes ``("data", "fsdp", "tensor")``:
 
     batch -> (data, fsdp)    embed -> fsdp    heads, mlp, vocab -> tensor    anything else: replicated
 
 A dimension whose size does not divide evenly over its mesh axes is replicated instead (GPT-Neo's vocabulary
-of 50257 is prime to every mesh size), so any mesh works; ``explain`` says where that happened.
+of 50257 is prime to every mesh size), so any mesh works.
+
+Activations are constrained (``constrain``) only under a mesh context, ``jax.set_mesh(mesh)`` or
+``use_mesh``: the library's entry points (train step, evaluation, generation) enter their model's mesh
+themselves, and without a mesh the constraints are inert. Without them XLA would follow the parameters'
+fsdp split, and every device would hold the whole batch's activations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -67,20 +74,35 @@ def spec(
 ) -> PartitionSpec:
     """The ``PartitionSpec`` for an array with logical axis ``names``: each name's mesh axes from ``rules``,
     dropping axes of size 1, axes another dimension already uses, and shardings that do not divide evenly.
-    ``mesh`` may also be just the axis sizes, e.g. ``{"data": 1, "fsdp": 8, "tensor": 1}``."""
+    ``mesh`` may also be just the axis sizes, e.g. ``{"data": 1, "fsdp": 8, "tensor": 1}``; rules naming an axis
+    the mesh does not have are ignored."""
     rules = DEFAULT_RULES if rules is None else rules
-    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    sizes = mesh.shape if isinstance(mesh, Mesh | jax.sharding.AbstractMesh) else mesh
     used, out = set(), []
     for name, size in zip(names, shape, strict=True):
         wanted = rules.get(name, ())
         wanted = (wanted,) if isinstance(wanted, str) else wanted
-        axes = tuple(a for a in wanted if sizes[a] > 1 and a not in used)
+        axes = tuple(a for a in wanted if sizes.get(a, 1) > 1 and a not in used)
         if axes and size % math.prod(sizes[a] for a in axes) == 0:
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else axes)
         else:
             out.append(None)
     return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+    """``x`` with its dimensions split by their logical ``names`` over the mesh in context (see ``use_mesh``);
+    unchanged outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(names, x.shape, mesh))
+
+
+def use_mesh(mesh: Mesh | None):
+    """The context in which the model's activations follow ``mesh`` (``jax.set_mesh``); a no-op for None."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def shard_shape(shape: Sequence[int], partition: PartitionSpec, mesh: Mesh | Mapping[str, int]) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from neo_jax.model import GPTNeo
+from neo_jax.sharding import model_mesh, use_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,16 +92,23 @@ def next_token_loss(model: GPTNeo, input_ids, loss_mask=None):
     return total / jnp.maximum(count, 1.0)
 
 
-@partial(nnx.jit, static_argnames=("grad_accum",), donate_argnames=("model", "optimizer"))
 def train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=None, *, grad_accum: int = 1):
     """One optimizer step on a batch, in place; returns ``{"loss", "grad_norm"}``.
 
     With ``grad_accum > 1`` the batch is cut into that many micro-batches whose gradients are summed in a
     scan before the single update: the same step as the whole batch at once, in less activation memory.
-    The loss is the mean over every target token of the batch either way.
+    The loss is the mean over every target token of the batch either way. On a mesh the activations are
+    split like the batch (see ``neo_jax.sharding``).
     """
     if loss_mask is None:
         loss_mask = jnp.ones_like(input_ids)
+    with use_mesh(model_mesh(model)):
+        return compiled_train_step(model, optimizer, input_ids, loss_mask, grad_accum=grad_accum)
+
+
+@partial(nnx.jit, static_argnames=("grad_accum",), donate_argnames=("model", "optimizer"))
+def compiled_train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, *, grad_accum: int):
+    """``train_step``'s program; the caller enters the model's mesh (``neo_jax.aot`` lowers it for a TPU)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def summed(params, ids, mask):
@@ -133,7 +141,8 @@ def evaluate(model: GPTNeo, batches) -> float:
     """Mean next-token cross entropy over every target token of ``batches`` (``[batch, seq]`` arrays)."""
     total = count = 0.0
     for input_ids in batches:
-        batch_total, batch_count = _batch_losses(model, input_ids)
+        with use_mesh(model_mesh(model)):
+            batch_total, batch_count = _batch_losses(model, input_ids)
         total, count = total + float(batch_total), count + float(batch_count)
     if not count:
         raise ValueError("nothing to evaluate: no batch with a target token")
