@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -111,31 +112,159 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace) -> None:
+    from neo_jax import plan as planning
     from neo_jax.config import PRESETS, GPTNeoConfig
-    from neo_jax.plan import plan as plan_memory
-    from neo_jax.plan import report
-
-    if args.model in PRESETS:
-        config = GPTNeoConfig.preset(args.model)
-    else:
-        from neo_jax.convert import resolve_config
-
-        config = resolve_config(args.model)
     from neo_jax.sharding import parse_mesh
 
-    mesh = parse_mesh(args.mesh)
-    if any(size < 1 for size in mesh.values()):
+    settings = {}
+    if args.config:  # a fine-tuning YAML: its model, batch, seq, accumulation, remat, dtype, mesh and slice
+        from neo_jax.finetune import FinetuneConfig
+
+        run = FinetuneConfig.load(args.config, data=["-"], output="-", model=args.model)
+        settings = {
+            "model": run.model,
+            "batch": run.batch_size,
+            "seq": run.seq_len,
+            "grad_accum": run.grad_accum,
+            "remat": run.remat,
+            "dtype": run.dtype,
+            "mesh": run.mesh,
+            "topology": run.topology,
+        }
+    for key, value in settings.items():  # flags given on the command line win
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
+    args.dtype = args.dtype or "bfloat16"
+    if args.model is None:
+        raise ValueError("--model (or --config) is required")
+    if args.task == "train" and (args.batch is None or args.seq is None):
+        raise ValueError("--batch and --seq are required for --task train (or give --config)")
+    if args.task == "generate" and args.batch is None:
+        raise ValueError("--batch is required for --task generate")
+    if args.topology is None and args.mesh is None:
+        raise ValueError("give --topology (a TPU slice such as v5e-8) or --mesh D,F,T")
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    if mesh is not None and args.topology is None and any(size < 1 for size in mesh.values()):
         raise ValueError(f"--mesh needs the three sizes themselves (no -1) to plan for, got {args.mesh!r}")
-    data, fsdp, tensor = mesh.values()
-    result = plan_memory(config, mesh, args.batch, args.seq, remat=args.remat, dtype=args.dtype)
-    if args.json:
-        print(json.dumps({"model": args.model, "mesh": mesh, "batch": args.batch, "seq": args.seq} | result))
+    chip = None
+    if args.topology is not None:
+        from neo_jax import aot
+
+        chip = aot.slice_chip(args.topology)
+        if not args.no_compile:
+            aot.require_libtpu()
+        chips = int(args.topology.rsplit("-", 1)[1]) // (2 if args.topology.startswith(("v4", "v5p")) else 1)
+        mesh = mesh or {"data": 1, "fsdp": -1, "tensor": 1}
+        known = math.prod(size for size in mesh.values() if size != -1)
+        if -1 in mesh.values():
+            mesh = {axis: chips // known if size == -1 else size for axis, size in mesh.items()}
+        if math.prod(mesh.values()) != chips:
+            raise ValueError(f"--mesh {args.mesh} has {math.prod(mesh.values())} devices; {args.topology} has {chips}")
+    config = GPTNeoConfig.preset(args.model) if args.model in PRESETS else _config(args.model)
+    compile_for = None if args.no_compile or args.topology is None else args.topology
+    if args.task == "train":
+        result, flops = _plan_train(planning, config, args, mesh, compile_for)
     else:
-        print(
-            f"{args.model}: mesh data={data} fsdp={fsdp} tensor={tensor}, batch {args.batch}, seq {args.seq}, "
-            f"{args.dtype} compute, float32 weights + AdamW{', remat' if args.remat else ''}"
+        result, flops = _plan_generate(planning, config, args, mesh, compile_for)
+    if chip is not None:
+        devices = math.prod(mesh.values())
+        result["flops_per_chip"] = flops["hardware"] / devices
+        result["roofline"] = planning.roofline(
+            flops["hardware"] / devices, flops["bytes"] / devices, chip, flops["model"] / devices
         )
-        print(report(result))
+        result["chip"] = {"name": chip.name, "hbm_gib": chip.hbm_bytes / planning.GIB} | {
+            "peak_tflops_bf16": chip.peak_flops / 1e12,
+            "hbm_gb_per_s": chip.hbm_bandwidth / 1e9,
+        }
+        result["fits"] = result["total"] <= chip.hbm_bytes
+    if args.json:
+        print(json.dumps({"model": args.model, "task": args.task, "topology": args.topology} | result, default=str))
+        return
+    data, fsdp, tensor = mesh.values()
+    how = "compiled by XLA:TPU" if compile_for else "estimated"
+    print(
+        f"{args.model} {args.task} on {args.topology or 'a mesh'} (data={data} fsdp={fsdp} tensor={tensor}), "
+        f"{_describe(args)}; {how}"
+    )
+    printable = {k: v for k, v in result.items() if isinstance(v, int) and not isinstance(v, bool) and k != "total"}
+    for name in ("prefill", "decode"):
+        if name in result:
+            printable |= {f"{name} temporaries": result[name]["temporaries"], f"{name} total": result[name]["total"]}
+    print(planning.report(printable | {"total": result["total"]}, None if chip is None else chip.hbm_bytes))
+    if chip is not None:
+        line = result["roofline"]
+        what = "train step" if args.task == "train" else f"decode step (batch {args.batch}, full cache)"
+        rate = "" if args.task == "train" else f", at most {args.batch / line['seconds']:.0f} tokens/s"
+        print(
+            f"{what}: {result['flops_per_chip'] / 1e12:.3f} TFLOP per chip; roofline lower bound "
+            f"{line['seconds'] * 1e3:.1f} ms ({line['bound']}-bound{rate}), MFU ceiling {line['mfu_ceiling']:.0%}; "
+            f"peaks used: {chip.name} {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s HBM"
+        )
+
+
+def _config(model: str):
+    from neo_jax.convert import resolve_config
+
+    return resolve_config(model)
+
+
+def _describe(args) -> str:
+    if args.task == "train":
+        return (
+            f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "
+            f"{args.dtype} compute, float32 weights + AdamW"
+        )
+    return f"batch {args.batch}, {args.max_len} positions ({args.prompt_len} of prompt), {args.dtype} weights"
+
+
+def _plan_train(planning, config, args, mesh, topology):
+    dtype = args.dtype
+    estimate = planning.plan(
+        config, mesh, args.batch, args.seq, remat=args.remat, grad_accum=args.grad_accum, dtype=dtype
+    )
+    if topology is None:
+        result = estimate
+    else:
+        result = planning.compiled_train(
+            config,
+            topology,
+            args.batch,
+            args.seq,
+            mesh=mesh,
+            remat=args.remat,
+            grad_accum=args.grad_accum,
+            dtype=dtype,
+        )
+    model, hardware = planning.train_flops(config, args.batch, args.seq, args.remat)
+    # Bytes a step cannot avoid: the weights read in the compute dtype for the forward pass, the backward pass
+    # and any recomputation (all-gathered, so whole on every data-parallel device), and the AdamW update.
+    passes = 3 if args.remat == "full" else 2
+    weights = config.num_params() * (2 if dtype == "bfloat16" else 4) * passes * args.grad_accum
+    devices = math.prod(mesh.values())
+    update = 7 * estimate["parameters"] * devices
+    return result, {"model": model, "hardware": hardware, "bytes": weights * mesh["data"] * mesh["fsdp"] + update}
+
+
+def _plan_generate(planning, config, args, mesh, topology):
+    args.max_len = args.max_len or config.max_position_embeddings
+    args.prompt_len = args.prompt_len or args.max_len // 2
+    if not 1 <= args.prompt_len < args.max_len <= config.max_position_embeddings:
+        raise ValueError(
+            f"need 1 <= --prompt-len ({args.prompt_len}) < --max-len ({args.max_len}) <= "
+            f"{config.max_position_embeddings} (max_position_embeddings)"
+        )
+    if topology is None:
+        result = planning.generation_estimate(config, mesh, args.batch, args.max_len, args.prompt_len, dtype=args.dtype)
+    else:
+        result = planning.compiled_generate(
+            config, topology, args.batch, args.max_len, args.prompt_len, mesh=mesh, dtype=args.dtype
+        )
+    # One decode step at a full cache: every weight and the whole cache read once.
+    devices = math.prod(mesh.values())
+    flops = planning.generation_flops(config, args.batch, args.max_len)
+    step_bytes = (result["parameters"] + result["kv_cache"]) * devices
+    return result, {"model": flops, "hardware": flops, "bytes": step_bytes}
 
 
 def train(args: argparse.Namespace) -> None:
@@ -243,16 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "plan",
-        help="per-device memory of fine-tuning on a mesh, before launching",
-        description="Parameters, AdamW state and gradients are exact for the mesh and sharding rules; "
-        "activations are an estimate.",
+        help="per-chip memory, FLOPs and a roofline of fine-tuning or generation, before launching",
+        description="With --topology (a TPU slice such as v5e-8, v4-8, v5e-256) the programs of neo-jax train or "
+        "neo-jax generate are compiled for that slice by XLA:TPU on this machine (needs libtpu: pip install "
+        "'neo_jax[tpu]'), and its memory figures are printed; --no-compile (or --mesh alone) gives the estimate. "
+        "Parameters, AdamW state, gradients and the KV cache are exact for the mesh and sharding rules.",
     )
-    p.add_argument("--model", required=True, help="125M, 1.3B, 2.7B, or anything from_pretrained reads")
-    p.add_argument("--mesh", required=True, help="D,F,T: data, fsdp and tensor sizes, e.g. 1,8,1")
-    p.add_argument("--batch", type=int, required=True, help="global batch size")
-    p.add_argument("--seq", type=int, required=True, help="sequence length")
-    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype (weights stay float32)")
+    p.add_argument("--model", help="125M, 1.3B, 2.7B, or anything from_pretrained reads")
+    p.add_argument("--config", help="a fine-tuning YAML (configs/finetune-*.yaml): its settings, flags override")
+    p.add_argument("--topology", help="TPU slice to compile for: v5e-1, v5e-8, v4-8, v5p-8, v6e-8, v5e-256, ...")
+    p.add_argument("--mesh", help="D,F,T: data, fsdp and tensor sizes (default with --topology: every chip on fsdp)")
+    p.add_argument("--task", choices=("train", "generate"), default="train")
+    p.add_argument("--batch", type=int, help="global batch size (sequences)")
+    p.add_argument("--seq", type=int, help="train: sequence length")
+    p.add_argument("--grad-accum", type=int, help="train: micro-batches per step (default 1)")
+    p.add_argument(
+        "--remat", nargs="?", const="full", choices=("none", "full", "dots"), help="train: recompute activations"
+    )
+    p.add_argument("--max-len", type=int, help="generate: positions in all (default: the model's maximum)")
+    p.add_argument("--prompt-len", type=int, help="generate: prompt tokens (default: half of --max-len)")
+    p.add_argument("--dtype", choices=DTYPES, help="train: compute dtype (weights float32); generate: weights")
+    p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)
 

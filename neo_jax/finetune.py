@@ -74,6 +74,7 @@ class FinetuneConfig:
     split: str = "train"
     tensorboard: bool = False
     export_hf: str | None = None
+    topology: str | None = None  # the TPU slice these settings are sized for: `neo-jax plan --config` compiles for it
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -113,7 +114,7 @@ class FinetuneConfig:
         if isinstance(values["data"], str):
             values["data"] = [values["data"]]
         values["data"] = tuple(str(d) for d in values["data"])
-        for key in ("model", "output", "export_hf", "mesh"):
+        for key in ("model", "output", "export_hf", "mesh", "topology"):
             if values.get(key) is not None:
                 values[key] = str(values[key])
         return cls(**values)

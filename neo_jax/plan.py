@@ -1,9 +1,17 @@
-"""Memory planning: what one device holds when fine-tuning on a mesh, before anything is launched.
+"""Memory planning: what one device holds when fine-tuning or generating on a mesh, before anything is launched.
 
-Parameters, optimizer state and gradients are counted exactly from the model's shapes and the sharding
-rules (one device's shard of every array). Activations are an estimate of what the backward pass keeps,
-per layer and token, after Korthikanti et al. (2022), "Reducing Activation Recomputation in Large
-Transformer Models", adapted to GPT-Neo (no dropout masks, float32 attention probabilities).
+Two ways to a figure:
+- **compiled** (``compiled_train`` / ``compiled_generate``): the real programs of ``neo-jax train`` and
+  ``neo-jax generate`` compiled for a named TPU slice through ``neo_jax.aot``; the memory is XLA:TPU's own
+  per-chip figure.
+- **estimated** (``plan`` / ``generation_estimate``): parameters, optimizer state, gradients and the KV cache
+  counted exactly from the shapes and sharding rules (one device's shard of every array), plus an estimate
+  of the activations calibrated against the compiler on the shipped configs (``tests/test_plan.py`` keeps
+  it within 25%).
+
+Both come with the FLOPs a step needs and a roofline lower bound on its time from the chip's published peak
+FLOP/s and HBM bandwidth. The FLOPs are counted from the shapes: XLA's cost analysis counts the body of a
+loop (the layer scan, gradient accumulation, the decode loop) once, whatever its trip count.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neo_jax.config import GPTNeoConfig
+from neo_jax.generate import bucket, cache_bytes
 from neo_jax.model import GPTNeo
 from neo_jax.sharding import AXES, shard_shape, spec
 
 GIB = 2**30
+REMAT = ("none", "full", "dots")
 # Memory per chip of common accelerators, GiB.
 DEVICES = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "GPU 80 GB": 80}
 
@@ -34,27 +44,52 @@ def parameter_bytes(config: GPTNeoConfig, mesh: Mapping[str, int], param_dtype=j
     return total
 
 
+def _split(size: int, parts: int) -> int:
+    return parts if size % parts == 0 else 1
+
+
 def activation_bytes(
-    config: GPTNeoConfig, mesh: Mapping[str, int], batch: int, seq: int, *, remat: bool, dtype=jnp.bfloat16
+    config: GPTNeoConfig, mesh: Mapping[str, int], batch: int, seq: int, *, remat: str = "none", dtype=jnp.bfloat16
 ) -> int:
-    """Estimated bytes of activations one device keeps for the backward pass."""
+    """Estimated bytes of the activations one device holds at the peak of a train step on ``batch`` rows
+    (a micro-batch), calibrated against XLA:TPU on the shipped configs.
+
+    Per token and layer the backward pass keeps the LayerNorm inputs and outputs and the residual stream
+    (replicated over ``tensor``), q, k, v and the attention output (split by heads), the MLP's hidden layer
+    before and after gelu (split by mlp), and dense attention's [seq, seq] scores: float32 probabilities
+    and their ``dtype`` copy, per head. ``full`` remat keeps only each layer period's input and rebuilds one
+    period at a time; ``dots`` keeps the Linear layers' outputs too. The LM head adds five float32 arrays
+    per token and vocabulary entry (logits, softmax, their gradients and a copy XLA:TPU keeps at the peak)."""
     h, inner, heads, layers = config.hidden_size, config.inner_size, config.num_heads, config.num_layers
     e = jnp.dtype(dtype).itemsize
     t = mesh["tensor"]
-    t_heads = t if heads % t == 0 else 1
-    t_mlp = t if inner % t == 0 else 1
-    t_vocab = t if config.vocab_size % t == 0 else 1
+    t_heads, t_mlp, t_vocab = _split(heads, t), _split(inner, t), _split(config.vocab_size, t)
     local_batch = batch // (mesh["data"] * mesh["fsdp"])
-    # Per token and layer: LayerNorm inputs/outputs and the residual stream (replicated over `tensor`),
-    # q, k, v and the attention output (split by heads), the MLP's hidden layer before and after gelu
-    # (split by mlp), and the float32 attention probabilities (seq per head).
-    per_layer = e * (4 * h + 4 * h / t_heads + 2 * inner / t_mlp) + 4 * heads / t_heads * seq
-    if remat:  # only each layer's input is kept; one layer's worth is rebuilt at a time
-        per_token = layers * e * h + per_layer
+    attention = (4 + e) * heads / t_heads * seq  # the [seq, seq] probabilities, float32 and compute dtype
+    linear = e * (4 * h / t_heads + 2 * h + inner / t_mlp)  # outputs of q, k, v, out_proj, c_fc, c_proj
+    per_layer = e * (4 * h + 2 * inner / t_mlp) + linear + attention
+    period = len(config.layer_period)
+    if remat == "full":
+        per_token = layers / period * e * h + period * per_layer
+    elif remat == "dots":
+        per_token = layers * linear + period * per_layer
     else:
         per_token = layers * per_layer
-    logits = 2 * 4 * config.vocab_size / t_vocab  # float32 logits and their gradient
+    logits = 5 * 4 * config.vocab_size / t_vocab
     return int(local_batch * seq * (per_token + logits))
+
+
+def train_flops(config: GPTNeoConfig, batch: int, seq: int, remat: str = "none") -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one train step on ``batch`` sequences of ``seq`` tokens, over all
+    devices. Model FLOPs are the usual 6 x matmul parameters x tokens plus attention's ``q @ k^T`` and
+    ``p @ v`` (12 x layers x seq x hidden per token), the MFU numerator; hardware FLOPs add what remat
+    recomputes (``full``: the layers' forward pass again; ``dots``: the attention matmuls)."""
+    h, layers, tokens = config.hidden_size, config.num_layers, batch * seq
+    matmul_params = layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
+    layer_forward = 2 * (matmul_params - config.vocab_size * h) + 4 * layers * seq * h
+    model = tokens * (6 * matmul_params + 12 * layers * seq * h)
+    recompute = {"none": 0, "full": layer_forward, "dots": 4 * layers * seq * h}[remat]
+    return float(model), float(model + tokens * recompute)
 
 
 def plan(
@@ -63,36 +98,150 @@ def plan(
     batch: int,
     seq: int,
     *,
-    remat: bool = False,
+    remat: str = "none",
+    grad_accum: int = 1,
     dtype=jnp.bfloat16,
     param_dtype=jnp.float32,
     rules=None,
 ) -> dict:
-    """Per-device bytes of an AdamW fine-tuning step: parameters, optimizer state (two moments),
-    gradients and activations, plus their total."""
+    """Estimated per-device bytes of an AdamW fine-tuning step: parameters, optimizer state (two moments),
+    gradients and activations (of one micro-batch of ``batch / grad_accum`` rows), plus their total."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     if any(size < 1 for size in mesh.values()):
         raise ValueError(f"mesh sizes must be positive, got {mesh}")
-    replicas = mesh["data"] * mesh["fsdp"]
-    if batch < 1 or batch % replicas:
-        raise ValueError(f"batch {batch} must be a positive multiple of data x fsdp = {replicas}")
-    if not 1 <= seq <= config.max_position_embeddings:
-        raise ValueError(f"seq {seq} must be in [1, max_position_embeddings={config.max_position_embeddings}]")
+    _check_train(config, mesh, batch, seq, remat, grad_accum)
     params = parameter_bytes(config, mesh, param_dtype, rules)
     result = {
         "parameters": params,
         "optimizer_state": 2 * params,
         "gradients": params,
-        "activations": activation_bytes(config, mesh, batch, seq, remat=remat, dtype=dtype),
+        "activations": activation_bytes(config, mesh, batch // grad_accum, seq, remat=remat, dtype=dtype),
     }
     result["total"] = sum(result.values())
     return result
 
 
-def report(result: dict) -> str:
-    """A small table in GiB, and which common devices the total fits on."""
-    lines = [f"{name.replace('_', ' '):>16}  {value / GIB:8.2f} GiB" for name, value in result.items()]
-    fits = ", ".join(
-        f"{device} ({gib} GiB): {'yes' if result['total'] <= gib * GIB else 'no'}" for device, gib in DEVICES.items()
+def _check_train(config, mesh: Mapping[str, int], batch, seq, remat, grad_accum) -> None:
+    replicas = mesh["data"] * mesh["fsdp"]
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if batch < 1 or batch % grad_accum or (batch // grad_accum) % replicas:
+        accumulated = f" times grad_accum = {grad_accum}" if grad_accum > 1 else ""
+        raise ValueError(f"batch {batch} must be a positive multiple of data x fsdp = {replicas}{accumulated}")
+    if not 2 <= seq <= config.max_position_embeddings:
+        raise ValueError(f"seq {seq} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
+
+
+def compiled_train(
+    config: GPTNeoConfig,
+    topology: str,
+    batch: int,
+    seq: int,
+    *,
+    mesh: Mapping[str, int] | None = None,
+    remat: str = "none",
+    grad_accum: int = 1,
+    dtype=jnp.bfloat16,
+) -> dict:
+    """The train step of ``neo-jax train`` compiled for a TPU slice: the exact parameter, optimizer and gradient
+    bytes (as ``plan``), XLA:TPU's arguments and temporaries per chip, and their ``total``."""
+    from neo_jax import aot
+
+    device_mesh = aot.slice_mesh(topology, **(mesh or {"data": 1, "fsdp": -1, "tensor": 1}))
+    sizes = dict(device_mesh.shape)
+    _check_train(config, sizes, batch, seq, remat, grad_accum)
+    params = parameter_bytes(config, sizes)
+    compiled = aot.analyse(
+        aot.train_program(config, device_mesh, batch=batch, seq=seq, dtype=dtype, remat=remat, grad_accum=grad_accum)
     )
+    result = {"parameters": params, "optimizer_state": 2 * params, "gradients": params}
+    return result | {k: compiled[k] for k in ("arguments", "temporaries", "total", "compile_seconds")} | {"mesh": sizes}
+
+
+def generation_flops(config: GPTNeoConfig, batch: int, cache: int) -> float:
+    """FLOPs of one decode step: 2 x matmul parameters per row plus attention over ``cache`` slots per layer
+    (global layers; local ones over their window)."""
+    h = config.hidden_size
+    matmul_params = config.num_layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
+    slots = sum(cache if kind == "global" else min(config.window_size, cache) for kind in config.attention_layers)
+    return float(batch * (2 * matmul_params + 4 * slots * h))
+
+
+def generation_estimate(
+    config: GPTNeoConfig, mesh: Mapping[str, int], batch: int, max_len: int, prompt_len: int, *, dtype=jnp.bfloat16
+) -> dict:
+    """Estimated per-device bytes of generation: the weights (stored in ``dtype``), the KV cache of
+    ``max_len`` slots, and the prefill's activations (one layer of dense attention over the prompt and the
+    last position's logits)."""
+    mesh = {axis: int(mesh[axis]) for axis in AXES}
+    rows = max(1, batch // (mesh["data"] * mesh["fsdp"])) if batch % (mesh["data"] * mesh["fsdp"]) == 0 else batch
+    heads = config.num_heads // _split(config.num_heads, mesh["tensor"])
+    width = bucket(prompt_len)
+    e = jnp.dtype(dtype).itemsize
+    prefill = rows * width * (heads * width * (4 + e) + e * 6 * config.hidden_size) + rows * 4 * config.vocab_size
+    result = {
+        "parameters": parameter_bytes(config, mesh, dtype),
+        "kv_cache": cache_bytes(config, rows, max_len, dtype) // _split(config.num_heads, mesh["tensor"]),
+        "activations": int(prefill),
+    }
+    result["total"] = sum(result.values())
+    return result
+
+
+def compiled_generate(
+    config: GPTNeoConfig,
+    topology: str,
+    batch: int,
+    max_len: int,
+    prompt_len: int,
+    *,
+    mesh: Mapping[str, int] | None = None,
+    dtype=jnp.bfloat16,
+) -> dict:
+    """Prefill and decode of ``neo-jax generate`` compiled for a TPU slice: per chip, the weights and KV cache
+    (exact), and XLA:TPU's temporaries and total of each program."""
+    from neo_jax import aot
+
+    device_mesh = aot.slice_mesh(topology, **(mesh or {"data": 1, "fsdp": -1, "tensor": 1}))
+    sizes = dict(device_mesh.shape)
+    programs = aot.generate_programs(
+        config, device_mesh, batch=batch, max_len=max_len, prompt_len=prompt_len, dtype=dtype
+    )
+    estimate = generation_estimate(config, sizes, batch, max_len, prompt_len, dtype=dtype)
+    result = {"parameters": estimate["parameters"], "kv_cache": estimate["kv_cache"], "mesh": sizes}
+    for name, lowered in programs.items():
+        compiled = aot.analyse(lowered)
+        result[name] = {k: compiled[k] for k in ("arguments", "temporaries", "total", "compile_seconds")}
+    result["total"] = max(result["prefill"]["total"], result["decode"]["total"])
+    return result
+
+
+def roofline(flops_per_chip: float, bytes_per_chip: float, chip, model_flops_per_chip: float) -> dict:
+    """A lower bound on the time of a program on ``chip`` (``neo_jax.aot.Chip``): the larger of its FLOPs at
+    peak and its bytes at full HBM bandwidth; and the MFU that bound allows."""
+    compute, memory = flops_per_chip / chip.peak_flops, bytes_per_chip / chip.hbm_bandwidth
+    seconds = max(compute, memory)
+    return {
+        "seconds": seconds,
+        "bound": "compute" if compute >= memory else "memory",
+        "mfu_ceiling": model_flops_per_chip / (chip.peak_flops * seconds) if seconds else 0.0,
+    }
+
+
+def report(result: dict, hbm: int | None = None) -> str:
+    """A small table in GiB, and which devices the total fits on (``hbm``: just that one, in bytes)."""
+    lines = [
+        f"{name.replace('_', ' '):>16}  {value / GIB:8.2f} GiB"
+        for name, value in result.items()
+        if isinstance(value, int) and name not in ("flops",)
+    ]
+    if hbm is not None:
+        fits = f"{'yes' if result['total'] <= hbm else 'no'}: {result['total'] / hbm:.0%} of {hbm / GIB:.0f} GiB"
+    else:
+        fits = ", ".join(
+            f"{device} ({gib} GiB): {'yes' if result['total'] <= gib * GIB else 'no'}"
+            for device, gib in DEVICES.items()
+        )
     return "\n".join(["per device:", *lines, f"fits: {fits}"])

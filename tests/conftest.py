@@ -8,6 +8,8 @@ from pathlib import Path
 # Tests never download: the hub and datasets libraries work from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# libtpu is installed for the ahead-of-time TPU compiles: JAX itself runs on the CPU and probes for no chip.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest

@@ -1,0 +1,262 @@
+"""Ahead-of-time compilation: the programs ``neo-jax train`` and ``neo-jax generate`` run, built from abstract
+shapes (no weights read, nothing allocated) and compiled for a named TPU slice on any machine.
+
+With ``libtpu`` installed (``pip install 'neo_jax[tpu]'``), ``jax.experimental.topologies`` describes the chips
+of a slice, and ``jax.jit(...).lower(...).compile()`` runs the real XLA:TPU compiler here, on the CPU. What
+``memory_analysis()`` and ``cost_analysis()`` report is then XLA:TPU's own per-chip figure::
+
+    from neo_jax import aot
+    from neo_jax.config import GPTNeoConfig
+
+    mesh = aot.slice_mesh("v5e-8")                     # every chip on fsdp, as neo-jax train runs
+    step = aot.train_program(GPTNeoConfig.preset("1.3B"), mesh, batch=8, seq=2048, remat="full")
+    print(aot.analyse(step))                            # per chip: temporaries, arguments, FLOPs, ...
+
+The same functions take a mesh of real devices (``neo_jax.sharding.make_mesh``): on the CPU that is the fast
+check of how memory scales in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from neo_jax import sharding
+from neo_jax.config import GPTNeoConfig
+from neo_jax.model import GPTNeo
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip's published figures: HBM, peak bfloat16 matmul FLOP/s, HBM bandwidth (bytes/s)."""
+
+    name: str
+    hbm_bytes: int
+    peak_flops: float
+    hbm_bandwidth: float
+
+
+# Google Cloud's published per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 1640e9),
+}
+# Slice name -> the chip grid jax.experimental.topologies describes. v4 and v5p slices are named by
+# TensorCores (two per chip) and run as megacore, one device per chip; v5e and v6e by chips.
+_GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}
+TOPOLOGIES = {
+    **{f"v5e-{n}": ("v5e", grid) for n, grid in _GRIDS_2D.items()},
+    **{f"v6e-{n}": ("v6e", grid) for n, grid in _GRIDS_2D.items()},
+    **{f"v4-{2 * n}": ("v4", grid) for n, grid in _GRIDS_3D.items()},
+    **{f"v5p-{2 * n}": ("v5p", grid) for n, grid in _GRIDS_3D.items()},
+}
+
+
+def slice_chip(topology: str) -> Chip:
+    """The chip of a named slice (``v5e-8`` -> TPU v5e)."""
+    check_topology(topology)
+    return CHIPS[TOPOLOGIES[topology][0]]
+
+
+def check_topology(topology: str) -> None:
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"unknown TPU topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
+
+
+def require_libtpu() -> None:
+    """Fail with the install command when libtpu (the XLA:TPU compiler) is missing."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "compiling for a TPU needs libtpu: pip install 'neo_jax[tpu]' (or --no-compile for the estimate)"
+        ) from None
+
+
+def slice_devices(topology: str) -> list:
+    """The (abstract) devices of a named slice, e.g. ``v5e-8``, ``v4-8`` (4 chips), ``v5e-256``."""
+    check_topology(topology)
+    require_libtpu()
+    from jax.experimental import topologies
+
+    generation, grid = TOPOLOGIES[topology]
+    options = {}
+    if generation in ("v4", "v5p"):
+        options["chip_config_name"] = "megacore"
+    if grid in ("1x1", "1x1x1"):
+        options["chips_per_host_bounds"] = (1, 1, 1)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology)  # quiets libtpu's probing for a local chip
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no lock: several processes may compile at once
+    return list(topologies.get_topology_desc(topology_name=f"{generation}:{grid}", platform="tpu", **options).devices)
+
+
+def slice_mesh(topology: str, data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh over a named slice's chips (default: every chip on fsdp)."""
+    devices = slice_devices(topology)
+    try:
+        return sharding.make_mesh(data, fsdp, tensor, devices=devices)
+    except ValueError as e:
+        raise ValueError(f"{e} (slice {topology} has {len(devices)} chips)") from None
+
+
+def _place(tree, mesh: Mesh, rules=None):
+    """Give every abstract leaf of an NNX object its sharding on ``mesh`` (from its logical axis names,
+    replicated where it has none), in place."""
+    for _, variable in nnx.to_flat_state(nnx.state(tree)):
+        value = variable.get_value()
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+        placed = NamedSharding(mesh, sharding.spec(names, value.shape, mesh, rules))
+        variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=placed))
+    return tree
+
+
+def abstract_model(config: GPTNeoConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32, rules=None):
+    """A ``GPTNeo`` whose parameters are ``ShapeDtypeStruct`` s placed on ``mesh`` as ``from_pretrained(...,
+    mesh=mesh)`` would place them."""
+    model = nnx.eval_shape(lambda: GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return _place(model, mesh, rules)
+
+
+def _input(shape, dtype, mesh: Mesh, names=("batch",)):
+    names = tuple(names) + (None,) * (len(shape) - len(names))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, sharding.spec(names, shape, mesh)))
+
+
+def train_program(
+    config: GPTNeoConfig,
+    mesh: Mesh,
+    *,
+    batch: int,
+    seq: int,
+    dtype=jnp.bfloat16,
+    remat: str = "none",
+    grad_accum: int = 1,
+    optimizer=None,
+) -> jax.stages.Lowered:
+    """The full train step ``neo-jax train`` runs (float32 parameters and AdamW state, ``dtype`` compute,
+    ``remat``, gradient accumulation, donation), lowered for ``mesh`` with a global batch of ``batch``
+    sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.train.OptimizerConfig`` (default settings)."""
+    from neo_jax.train import compiled_train_step, make_optimizer
+
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch < 1 or batch % grad_accum or (batch // grad_accum) % replicas:
+        raise ValueError(
+            f"batch {batch} must split into grad_accum={grad_accum} micro-batches that divide over the "
+            f"{replicas} data-parallel devices (mesh data x fsdp)"
+        )
+    if not 2 <= seq <= config.max_position_embeddings:
+        raise ValueError(f"seq {seq} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
+
+    def create():
+        model = GPTNeo(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        return model, make_optimizer(model, optimizer)
+
+    model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
+    model.remat = remat
+    ids = _input((batch, seq), jnp.int32, mesh)
+    with jax.set_mesh(mesh):
+        return compiled_train_step.lower(model, opt, ids, ids, grad_accum=grad_accum)
+
+
+def generate_programs(
+    config: GPTNeoConfig,
+    mesh: Mesh,
+    *,
+    batch: int,
+    max_len: int,
+    prompt_len: int | None = None,
+    dtype=jnp.bfloat16,
+    param_dtype=None,
+) -> dict[str, jax.stages.Lowered]:
+    """The two programs ``neo-jax generate`` runs, lowered for ``mesh``: ``prefill`` (a left-padded prompt of
+    ``prompt_len`` tokens, default half of ``max_len``, into a new KV cache, and the first token) and
+    ``decode`` (the jitted loop of single-token steps over that cache, up to ``max_len`` positions in all).
+    Weights are stored in ``param_dtype`` (default: ``dtype``, as ``neo-jax generate --dtype`` loads them)."""
+    from neo_jax.generate import Sampling, _continue, _start, bucket, cache_bucket
+
+    prompt_len = max_len // 2 if prompt_len is None else prompt_len
+    if not 1 <= prompt_len < max_len <= config.max_position_embeddings:
+        raise ValueError(
+            f"need 1 <= prompt_len ({prompt_len}) < max_len ({max_len}) <= {config.max_position_embeddings} "
+            "(max_position_embeddings)"
+        )
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype)
+    graphdefs = (nnx.graphdef(model), nnx.graphdef(model.periods))
+    arrays = (nnx.state(model), None)  # on an accelerator the layers are sliced inside the program
+    width, new = bucket(prompt_len), max_len - prompt_len
+    scalar = lambda dtype: _input((), dtype, mesh, ())
+    values = {name: scalar(jnp.float32) for name in ("temperature", "top_p", "min_p", "repetition_penalty")}
+    key = jax.ShapeDtypeStruct(
+        (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, PartitionSpec())
+    )
+    ids = _input((batch, width), jnp.int32, mesh)
+    seen = _input((batch, 1), jnp.bool_, mesh)
+    static = {"sampling": Sampling()}
+    with jax.set_mesh(mesh):
+        prefill = _start.lower(
+            graphdefs,
+            arrays,
+            ids,
+            ids,
+            seen,
+            values,
+            key,
+            scalar(jnp.int32),
+            scalar(jnp.int32),
+            max_len=cache_bucket(width + new),
+            max_new=cache_bucket(new),
+            **static,
+        )
+        state = jax.tree.map(
+            lambda info, placed: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=placed),
+            prefill.out_info,
+            prefill.compile().output_shardings,
+        )
+        decode = _continue.lower(
+            graphdefs, arrays, state, scalar(jnp.int32), values, scalar(jnp.int32), scalar(jnp.int32), **static
+        )
+    return {"prefill": prefill, "decode": decode}
+
+
+def analyse(lowered: jax.stages.Lowered) -> dict:
+    """Compile ``lowered`` and return XLA's per-device figures: bytes of ``arguments``, ``outputs`` (less
+    what aliases the donated arguments), ``temporaries`` and their ``total``; ``flops`` and ``bytes_accessed``
+    from the cost analysis; and ``compile_seconds``. Raises ``ValueError`` naming the shortfall when the
+    program cannot fit the device (XLA:TPU's RESOURCE_EXHAUSTED)."""
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise ValueError(f"does not fit: {str(e).splitlines()[0]}") from None
+        raise
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
+    result = {
+        "arguments": int(memory.argument_size_in_bytes),
+        "outputs": int(outputs),
+        "temporaries": int(memory.temp_size_in_bytes),
+    }
+    result["total"] = sum(result.values())
+    result |= {
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "compile_seconds": round(seconds, 1),
+    }
+    return result
