@@ -113,7 +113,6 @@ def generate(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     from neo_jax import plan as planning
-    from neo_jax.config import PRESETS, GPTNeoConfig
     from neo_jax.sharding import parse_mesh
 
     settings = {}
@@ -161,7 +160,7 @@ def plan(args: argparse.Namespace) -> None:
             mesh = {axis: chips // known if size == -1 else size for axis, size in mesh.items()}
         if math.prod(mesh.values()) != chips:
             raise ValueError(f"--mesh {args.mesh} has {math.prod(mesh.values())} devices; {args.topology} has {chips}")
-    config = GPTNeoConfig.preset(args.model) if args.model in PRESETS else _config(args.model)
+    config = _config(args.model)
     compile_for = None if args.no_compile or args.topology is None else args.topology
     if args.task == "train":
         result, flops = _plan_train(planning, config, args, mesh, compile_for)
@@ -179,7 +178,8 @@ def plan(args: argparse.Namespace) -> None:
         }
         result["fits"] = result["total"] <= chip.hbm_bytes
     if args.json:
-        print(json.dumps({"model": args.model, "task": args.task, "topology": args.topology} | result, default=str))
+        header = {"model": args.model, "task": args.task, "topology": args.topology, "mesh": mesh}
+        print(json.dumps(header | result, default=str))
         return
     data, fsdp, tensor = mesh.values()
     how = "compiled by XLA:TPU" if compile_for else "estimated"
@@ -204,9 +204,12 @@ def plan(args: argparse.Namespace) -> None:
 
 
 def _config(model: str):
+    """A preset by size (125M) or by the released model's hub id, without the network; else the model's own."""
+    from neo_jax.config import PRESETS, GPTNeoConfig
     from neo_jax.convert import resolve_config
 
-    return resolve_config(model)
+    size = model.removeprefix("EleutherAI/gpt-neo-")
+    return GPTNeoConfig.preset(size) if size in PRESETS else resolve_config(model)
 
 
 def _describe(args) -> str:

@@ -4,6 +4,7 @@ shards on a simulated mesh in tests/multidevice/sharded_checks.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,19 @@ def test_cli(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["parameters"] == record["parameters"]
     assert main(["plan", "--model", "125M", "--mesh", "8", "--batch", "8", "--seq", "512"]) == 2
     assert "a mesh is three sizes D,F,T" in capsys.readouterr().err
+
+
+def test_cli_reads_a_finetuning_config(capsys):
+    """--config takes the model (a released model's hub id needs no network), batch, accumulation, remat, mesh
+    and slice from the YAML; flags override them."""
+    config = str(Path(__file__).parents[1] / "configs" / "finetune-2.7B.yaml")
+    assert main(["plan", "--config", config, "--no-compile", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["topology"] == "v4-8" and record["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    expected = plan(GPTNeoConfig.preset("2.7B"), record["mesh"], 16, 2048, remat="full", grad_accum=2)
+    assert record["total"] == expected["total"] and record["fits"]
+    assert main(["plan", "--config", config, "--no-compile", "--json", "--batch", "32"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["activations"]
+        == plan(GPTNeoConfig.preset("2.7B"), record["mesh"], 32, 2048, remat="full", grad_accum=2)["activations"]
+    )
