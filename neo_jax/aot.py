@@ -121,11 +121,14 @@ def _place(tree, mesh: Mesh, rules=None):
     return tree
 
 
-def abstract_model(config: GPTNeoConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32, rules=None):
+def abstract_model(
+    config: GPTNeoConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32, attention="auto", rules=None
+):
     """A ``GPTNeo`` whose parameters are ``ShapeDtypeStruct`` s placed on ``mesh`` as ``from_pretrained(...,
     mesh=mesh)`` would place them."""
-    model = nnx.eval_shape(lambda: GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return _place(model, mesh, rules)
+    from neo_jax.convert import abstract_model as unplaced
+
+    return _place(nnx.merge(*unplaced(config, dtype, param_dtype, attention)), mesh, rules)
 
 
 def _input(shape, dtype, mesh: Mesh, names=("batch",)):
@@ -143,10 +146,12 @@ def train_program(
     remat: str = "none",
     grad_accum: int = 1,
     optimizer=None,
+    attention: str = "auto",
 ) -> jax.stages.Lowered:
     """The full train step ``neo-jax train`` runs (float32 parameters and AdamW state, ``dtype`` compute,
     ``remat``, gradient accumulation, donation), lowered for ``mesh`` with a global batch of ``batch``
-    sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.train.OptimizerConfig`` (default settings)."""
+    sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.train.OptimizerConfig`` (default settings);
+    ``attention``: the implementation (``neo_jax.attention``)."""
     from neo_jax.train import compiled_train_step, make_optimizer
 
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -159,7 +164,7 @@ def train_program(
         raise ValueError(f"seq {seq} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
 
     def create():
-        model = GPTNeo(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        model = GPTNeo(config, dtype=dtype, param_dtype=jnp.float32, attention=attention, rngs=nnx.Rngs(0))
         return model, make_optimizer(model, optimizer)
 
     model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
@@ -178,6 +183,7 @@ def generate_programs(
     prompt_len: int | None = None,
     dtype=jnp.bfloat16,
     param_dtype=None,
+    attention: str = "auto",
 ) -> dict[str, jax.stages.Lowered]:
     """The two programs ``neo-jax generate`` runs, lowered for ``mesh``: ``prefill`` (a left-padded prompt of
     ``prompt_len`` tokens, default half of ``max_len``, into a new KV cache, and the first token) and
@@ -193,7 +199,7 @@ def generate_programs(
         )
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype)
+    model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)
     graphdefs = (nnx.graphdef(model), nnx.graphdef(model.periods))
     arrays = (nnx.state(model), None)  # on an accelerator the layers are sliced inside the program
     width, new = bucket(prompt_len), max_len - prompt_len

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16")
+ATTENTION_HELP = "attention implementation: auto, dense, blockwise or cudnn (see neo_jax.attention)"
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -35,6 +36,12 @@ def enable_compilation_cache(directory: str | None) -> None:
     if directory.lower() != "none":
         jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def check_implementation(name: str) -> None:
+    from neo_jax.attention import check_implementation
+
+    check_implementation(name)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -69,11 +76,12 @@ def generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     options = sampling_options(args)
+    check_implementation(args.attention)
     enable_compilation_cache(args.compilation_cache)
 
     from neo_jax.generate import TextGenerator
 
-    generator = TextGenerator(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    generator = TextGenerator(args.model, dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
     beams = options.pop("num_beams")
     start = time.perf_counter()
     first, pieces = None, []
@@ -129,12 +137,15 @@ def plan(args: argparse.Namespace) -> None:
             "dtype": run.dtype,
             "mesh": run.mesh,
             "topology": run.topology,
+            "attention": run.attention,
         }
     for key, value in settings.items():  # flags given on the command line win
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
     args.dtype = args.dtype or "bfloat16"
+    args.attention = args.attention or "auto"
+    check_implementation(args.attention)
     if args.model is None:
         raise ValueError("--model (or --config) is required")
     if args.task == "train" and (args.batch is None or args.seq is None):
@@ -216,15 +227,29 @@ def _describe(args) -> str:
     if args.task == "train":
         return (
             f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "
-            f"{args.dtype} compute, float32 weights + AdamW"
+            f"{args.dtype} compute, float32 weights + AdamW, {_attention(args)} attention"
         )
     return f"batch {args.batch}, {args.max_len} positions ({args.prompt_len} of prompt), {args.dtype} weights"
+
+
+def _attention(args) -> str:
+    from neo_jax.attention import choose
+
+    chosen = choose(args.attention, args.seq, args.dtype)
+    return chosen if args.attention == chosen else f"{args.attention} ({chosen})"
 
 
 def _plan_train(planning, config, args, mesh, topology):
     dtype = args.dtype
     estimate = planning.plan(
-        config, mesh, args.batch, args.seq, remat=args.remat, grad_accum=args.grad_accum, dtype=dtype
+        config,
+        mesh,
+        args.batch,
+        args.seq,
+        remat=args.remat,
+        grad_accum=args.grad_accum,
+        dtype=dtype,
+        attention=args.attention,
     )
     if topology is None:
         result = estimate
@@ -238,6 +263,7 @@ def _plan_train(planning, config, args, mesh, topology):
             remat=args.remat,
             grad_accum=args.grad_accum,
             dtype=dtype,
+            attention=args.attention,
         )
     model, hardware = planning.train_flops(config, args.batch, args.seq, args.remat)
     # Bytes a step cannot avoid: the weights read in the compute dtype for the forward pass, the backward pass
@@ -369,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
+    p.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
     p.set_defaults(run=generate)
@@ -395,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, help="generate: positions in all (default: the model's maximum)")
     p.add_argument("--prompt-len", type=int, help="generate: prompt tokens (default: half of --max-len)")
     p.add_argument("--dtype", choices=DTYPES, help="train: compute dtype (weights float32); generate: weights")
+    p.add_argument("--attention", help=ATTENTION_HELP + " (default auto)")
     p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)
@@ -425,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="data order seed (default 0)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype; weights stay float32 (default bfloat16)")
     p.add_argument("--remat", choices=("none", "full", "dots"), help="recompute activations (default none)")
+    p.add_argument("--attention", help=ATTENTION_HELP + " (default auto)")
     p.add_argument("--mesh", help="D,F,T data, fsdp and tensor sizes (default: every device on fsdp)")
     p.add_argument("--text-field", help="JSONL/dataset field holding the text (default text)")
     p.add_argument("--split", help="dataset split (default train)")

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from neo_jax.attention import check_implementation
 from neo_jax.config import GPTNeoConfig
 from neo_jax.distributed import barrier
 from neo_jax.model import GPTNeo
@@ -93,9 +94,11 @@ def hf_shapes(layout: dict[tuple, list[str]], values: dict) -> dict[str, tuple[t
     return shapes
 
 
-def abstract_model(config: GPTNeoConfig, dtype=jnp.float32, param_dtype=jnp.float32):
+def abstract_model(config: GPTNeoConfig, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto"):
     """(graphdef, param state of ShapeDtypeStructs): the model's structure without allocating it."""
-    model = nnx.eval_shape(lambda: GPTNeo(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: GPTNeo(config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=nnx.Rngs(0))
+    )
     return nnx.split(model)
 
 
@@ -270,6 +273,7 @@ def from_pretrained(
     revision: str | None = None,
     mesh=None,
     rules=None,
+    attention: str = "auto",
     progress: bool = True,
 ) -> GPTNeo:
     """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
@@ -277,11 +281,13 @@ def from_pretrained(
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. With a ``mesh``
     (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
     ``rules`` of ``neo_jax.sharding`` (default ``DEFAULT_RULES``): no device holds a full replicated copy.
+    ``attention`` picks the attention implementation (``neo_jax.attention``: auto, dense, blockwise, cudnn).
     """
+    check_implementation(attention)  # before anything is downloaded or read
     directory = resolve(src, revision)
     config = GPTNeoConfig.from_json_file(directory / "config.json")
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-    graphdef, state = abstract_model(config, dtype, param_dtype)
+    graphdef, state = abstract_model(config, dtype, param_dtype, attention)
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     if (directory / ORBAX_DIR).is_dir():
         state = _load_orbax(directory / ORBAX_DIR, state, placement)

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from neo_jax import distributed
+from neo_jax.attention import check_implementation
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch
 from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
 
@@ -69,6 +70,7 @@ class FinetuneConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # compute; the parameters and optimizer state stay float32
     remat: str = "none"
+    attention: str = "auto"  # neo_jax.attention: auto, dense, blockwise, cudnn
     mesh: str | None = None  # "D,F,T"; default: every device on the fsdp axis
     text_field: str = "text"
     split: str = "train"
@@ -114,7 +116,7 @@ class FinetuneConfig:
         if isinstance(values["data"], str):
             values["data"] = [values["data"]]
         values["data"] = tuple(str(d) for d in values["data"])
-        for key in ("model", "output", "export_hf", "mesh", "topology"):
+        for key in ("model", "output", "export_hf", "mesh", "topology", "attention"):
             if values.get(key) is not None:
                 values[key] = str(values[key])
         return cls(**values)
@@ -155,6 +157,7 @@ def check(config: FinetuneConfig) -> Mesh:
         raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
     if config.remat not in REMAT:
         raise ValueError(f"remat must be one of {REMAT}, got {config.remat!r}")
+    check_implementation(config.attention)
     if config.batch_size % config.grad_accum:
         raise ValueError(
             f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
@@ -345,7 +348,9 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
         f"tokens ({data.steps_per_epoch} steps per epoch)"
     )
     output = _prepare_output(config, source)
-    model = from_pretrained(source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, progress=progress)
+    model = from_pretrained(
+        source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, attention=config.attention, progress=progress
+    )
     model.remat = config.remat
     optimizer = make_optimizer(model, config.optimizer())
     schedule = learning_rate_schedule(config.optimizer())

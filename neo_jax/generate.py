@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from neo_jax import sharding
+from neo_jax.attention import dense, self_attention
 from neo_jax.config import GPTNeoConfig
-from neo_jax.model import GPTNeo, attend, attention_masks, padding_bias
+from neo_jax.model import GPTNeo
 
 NEG_INF = -jnp.inf
 
@@ -113,11 +114,11 @@ def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
     seq_len = input_ids.shape[1]
     position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
     cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype)
-    masks = attention_masks(model.config, seq_len, seq_len)
-    bias = padding_bias(masks["global"], attention_mask)
+    window = model.config.window_size
 
     def attention(layer, kind, q, k, v, cache):
-        return attend(q, k, v, masks[kind], bias), _write_prompt(cache, layer, k, v)
+        out = self_attention(q, k, v, kind, window, attention_mask, model.attention)
+        return out, _write_prompt(cache, layer, k, v)
 
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, :seq_len].set(attention_mask.astype(bool)))
     hidden, cache = model.transform(input_ids, position_ids, attention, cache, periods)
@@ -134,7 +135,7 @@ def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
 
     def attention(layer, kind, q, k, v, cache):
         cache = _write_token(cache, layer, k, v)
-        return attend(q, cache.keys[layer], cache.values[layer], masks[kind]), cache
+        return dense(q, cache.keys[layer], cache.values[layer], masks[kind]), cache
 
     hidden, cache = model.transform(tokens[:, None], positions[:, None], attention, cache, periods)
     cache = dataclasses.replace(cache, index=cache.index + 1)
@@ -743,13 +744,15 @@ class TextGenerator:
     are left-padded into one batch; generation stops at the model's EOS token.
     """
 
-    def __init__(self, model_or_src, *, tokenizer=None, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self, model_or_src, *, tokenizer=None, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto"
+    ):
         if isinstance(model_or_src, GPTNeo):
             self.model = model_or_src
         else:
             from neo_jax.convert import from_pretrained
 
-            self.model = from_pretrained(model_or_src, dtype=dtype, param_dtype=param_dtype)
+            self.model = from_pretrained(model_or_src, dtype=dtype, param_dtype=param_dtype, attention=attention)
         if tokenizer is None:
             if self.model.source_dir is None:
                 raise ValueError("this model was not loaded from a directory: pass tokenizer=... explicitly")

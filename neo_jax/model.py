@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from neo_jax import attention as attention_impls
 from neo_jax.config import GPTNeoConfig
 from neo_jax.sharding import constrain
-
-MASK_VALUE = jnp.finfo(jnp.float32).min
 
 # Rematerialisation: what the backward pass keeps of each layer period ("none": everything).
 REMAT_POLICIES = {
@@ -43,40 +42,6 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-
-
-def attention_masks(config: GPTNeoConfig, query_len: int, key_len: int) -> dict[str, jax.Array]:
-    """Boolean ``[query, key]`` masks of what each attention kind may see.
-
-    Queries are the last ``query_len`` of ``key_len`` positions in the sequence (slot indices, as in the
-    reference, not ``position_ids``). Local attention keeps ``key > query - window_size``.
-    """
-    q = jnp.arange(key_len - query_len, key_len)[:, None]
-    k = jnp.arange(key_len)[None, :]
-    causal = k <= q
-    return {"global": causal, "local": causal & (k > q - config.window_size)}
-
-
-def padding_bias(causal: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Additive ``[batch, 1, query, key]`` float32 bias hiding padded keys, built as the reference builds it.
-
-    It is added on top of the kind's own mask, so a query with nothing but padding before it (a
-    left-padding slot) ends up attending uniformly to its causal keys instead of producing NaN, which
-    keeps even the logits at padded positions equal to the reference.
-    """
-    visible = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(visible, 0.0, MASK_VALUE).astype(jnp.float32)
-
-
-def attend(q, k, v, mask, bias=None):
-    """Unscaled dot-product attention, heads-major: q [b, h, q, d]; k, v [b, h, k, d]; ``mask`` broadcasts
-    to [b, h, q, k] (True = may attend); ``bias`` is added after masking. Returns [b, h, q, d]."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    if bias is not None:
-        scores = scores + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
 def _axes(*names):
@@ -181,10 +146,12 @@ class GPTNeo(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.attention = attention_impls.check_implementation(attention)  # see neo_jax.attention
         self.source_dir: str | None = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
         self.remat = "none"  # training: "full" or "dots" trade compute for activation memory (REMAT_POLICIES)
         embed = partial(
@@ -233,11 +200,11 @@ class GPTNeo(nnx.Module):
             )
         if position_ids is None:
             position_ids = jnp.arange(seq_len)[None, :]
-        masks = attention_masks(self.config, seq_len, seq_len)
-        bias = None if attention_mask is None else padding_bias(masks["global"], jnp.asarray(attention_mask))
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
 
         def attention(layer, kind, q, k, v, state):
-            return attend(q, k, v, masks[kind], bias), state
+            window = self.config.window_size
+            return attention_impls.self_attention(q, k, v, kind, window, mask, self.attention), state
 
         hidden, _ = self.transform(input_ids, position_ids, attention)
         return hidden

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from neo_jax.attention import BLOCK, choose
 from neo_jax.config import GPTNeoConfig
 from neo_jax.generate import bucket, cache_bytes
 from neo_jax.model import GPTNeo
@@ -49,7 +50,14 @@ def _split(size: int, parts: int) -> int:
 
 
 def activation_bytes(
-    config: GPTNeoConfig, mesh: Mapping[str, int], batch: int, seq: int, *, remat: str = "none", dtype=jnp.bfloat16
+    config: GPTNeoConfig,
+    mesh: Mapping[str, int],
+    batch: int,
+    seq: int,
+    *,
+    remat: str = "none",
+    dtype=jnp.bfloat16,
+    attention: str = "dense",
 ) -> int:
     """Estimated bytes of the activations one device holds at the peak of a train step on ``batch`` rows
     (a micro-batch), calibrated against XLA:TPU on the shipped configs.
@@ -57,7 +65,8 @@ def activation_bytes(
     Per token and layer the backward pass keeps the LayerNorm inputs and outputs and the residual stream
     (replicated over ``tensor``), q, k, v and the attention output (split by heads), the MLP's hidden layer
     before and after gelu (split by mlp), and dense attention's [seq, seq] scores: float32 probabilities
-    and their ``dtype`` copy, per head. ``full`` remat keeps only each layer period's input and rebuilds one
+    and their ``dtype`` copy, per head (``blockwise`` and ``cudnn`` attention keep none: one block of queries'
+    scores exists at a time). ``full`` remat keeps only each layer period's input and rebuilds one
     period at a time; ``dots`` keeps the Linear layers' outputs too. The LM head adds five float32 arrays
     per token and vocabulary entry (logits, softmax, their gradients and a copy XLA:TPU keeps at the peak)."""
     h, inner, heads, layers = config.hidden_size, config.inner_size, config.num_heads, config.num_layers
@@ -65,7 +74,8 @@ def activation_bytes(
     t = mesh["tensor"]
     t_heads, t_mlp, t_vocab = _split(heads, t), _split(inner, t), _split(config.vocab_size, t)
     local_batch = batch // (mesh["data"] * mesh["fsdp"])
-    attention = (4 + e) * heads / t_heads * seq  # the [seq, seq] probabilities, float32 and compute dtype
+    scores = (4 + e) * heads / t_heads * seq  # per query: float32 probabilities and their compute-dtype copy
+    attention, transient = (scores, 0) if attention == "dense" else (0, scores * min(BLOCK, seq) / seq)
     linear = e * (4 * h / t_heads + 2 * h + inner / t_mlp)  # outputs of q, k, v, out_proj, c_fc, c_proj
     per_layer = e * (4 * h + 2 * inner / t_mlp) + linear + attention
     period = len(config.layer_period)
@@ -76,7 +86,7 @@ def activation_bytes(
     else:
         per_token = layers * per_layer
     logits = 5 * 4 * config.vocab_size / t_vocab
-    return int(local_batch * seq * (per_token + logits))
+    return int(local_batch * seq * (per_token + logits + transient))
 
 
 def train_flops(config: GPTNeoConfig, batch: int, seq: int, remat: str = "none") -> tuple[float, float]:
@@ -102,10 +112,12 @@ def plan(
     grad_accum: int = 1,
     dtype=jnp.bfloat16,
     param_dtype=jnp.float32,
+    attention: str = "auto",
     rules=None,
 ) -> dict:
     """Estimated per-device bytes of an AdamW fine-tuning step: parameters, optimizer state (two moments),
-    gradients and activations (of one micro-batch of ``batch / grad_accum`` rows), plus their total."""
+    gradients and activations (of one micro-batch of ``batch / grad_accum`` rows, with the ``attention``
+    implementation it would run), plus their total."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     if any(size < 1 for size in mesh.values()):
         raise ValueError(f"mesh sizes must be positive, got {mesh}")
@@ -115,7 +127,9 @@ def plan(
         "parameters": params,
         "optimizer_state": 2 * params,
         "gradients": params,
-        "activations": activation_bytes(config, mesh, batch // grad_accum, seq, remat=remat, dtype=dtype),
+        "activations": activation_bytes(
+            config, mesh, batch // grad_accum, seq, remat=remat, dtype=dtype, attention=choose(attention, seq, dtype)
+        ),
     }
     result["total"] = sum(result.values())
     return result
@@ -144,6 +158,7 @@ def compiled_train(
     remat: str = "none",
     grad_accum: int = 1,
     dtype=jnp.bfloat16,
+    attention: str = "auto",
 ) -> dict:
     """The train step of ``neo-jax train`` compiled for a TPU slice: the exact parameter, optimizer and gradient
     bytes (as ``plan``), XLA:TPU's arguments and temporaries per chip, and their ``total``."""
