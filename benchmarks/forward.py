@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--attention", default="auto", help="neo_jax.attention implementation")
     args = parser.parse_args()
 
-    reference, model = same_weights(args.config)
+    reference, model = same_weights(args.config, attention=args.attention)
     config = reference.config
 
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
@@ -54,6 +55,7 @@ def main() -> None:
                 "config": args.config,
                 "batch": args.batch,
                 "seq": args.seq,
+                "attention": args.attention,
                 "device": str(jax.devices()[0]),
                 "transformers_tokens_per_s": round(tokens / torch_s, 1),
                 "neo_jax_tokens_per_s": round(tokens / jax_s, 1),

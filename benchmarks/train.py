@@ -41,10 +41,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    parser.add_argument("--attention", default="auto", help="neo_jax.attention implementation")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
-    reference, model = same_weights(args.config, dtype=args.dtype)
+    reference, model = same_weights(args.config, dtype=args.dtype, attention=args.attention)
     config = reference.config
     model.remat = args.remat
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
@@ -68,6 +69,7 @@ def main() -> None:
         "device": str(jax.devices()[0]),
         "dtype": args.dtype,
         "remat": args.remat,
+        "attention": args.attention,
         "batch": args.batch,
         "seq": args.seq,
         "neo_jax_tokens_per_s": round(tokens / ours_s, 1),
