@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
@@ -162,28 +163,44 @@ def compiled_generate(*args, **kwargs) -> dict:
 
 
 def isolated(function, *args, **kwargs):
-    """``function(*args, **kwargs)`` in a fresh process. XLA:TPU aborts the process on some programs instead
-    of raising (libtpu 0.0.42.1 on 2.7B with fsdp=4 on v4 and v5p): that becomes a ValueError here."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    """``function(*args, **kwargs)`` in a fresh Python process (arguments and result pickled). XLA:TPU aborts
+    the process on some programs instead of raising (libtpu 0.0.42.1 on 2.7B with fsdp=4 on v4 and v5p):
+    that becomes a ValueError here. The child's output (libtpu's log lines) is discarded."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=_quiet) as pool:
-        try:
-            return pool.submit(function, *args, **kwargs).result()
-        except BrokenProcessPool:
+    with tempfile.TemporaryDirectory() as directory:
+        call, result = Path(directory) / "call", Path(directory) / "result"
+        call.write_bytes(pickle.dumps((function, args, kwargs)))
+        command = [sys.executable, "-c", "import sys, neo_jax.plan as p; p._run_isolated(*sys.argv[1:])", call, result]
+        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if not result.exists():
             raise ValueError(
                 "XLA:TPU crashed while compiling this program (a compiler bug, not a memory verdict); "
                 "try another --mesh, e.g. with tensor=2, or --no-compile for the estimate"
-            ) from None
+            )
+        ok, value = pickle.loads(result.read_bytes())
+    if not ok:
+        raise value
+    return value
 
 
-def _quiet() -> None:
-    """In the compiling process: libtpu's log lines (and a crash's dump) go nowhere; errors come back raised."""
-    import os
+def _run_isolated(call: str, result: str) -> None:
+    """The child's side of ``isolated``."""
+    import pickle
 
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    function, args, kwargs = pickle.loads(Path(call).read_bytes())
+    try:
+        outcome = (True, function(*args, **kwargs))
+    except Exception as e:  # noqa: BLE001 (every error is raised again in the parent)
+        outcome = (False, e)
+    try:
+        data = pickle.dumps(outcome)
+    except Exception:  # noqa: BLE001 (an error that does not pickle still comes back, as its text)
+        data = pickle.dumps((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
+    Path(result).write_bytes(data)
 
 
 def _compiled_train(
