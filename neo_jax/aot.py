@@ -19,6 +19,7 @@ check of how memory scales in the tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -67,6 +68,12 @@ def slice_chip(topology: str) -> Chip:
     """The chip of a named slice (``v5e-8`` -> TPU v5e)."""
     check_topology(topology)
     return CHIPS[TOPOLOGIES[topology][0]]
+
+
+def slice_size(topology: str) -> int:
+    """How many devices (chips) a named slice has: ``v5e-8`` -> 8, ``v4-8`` -> 4 (megacore)."""
+    check_topology(topology)
+    return math.prod(int(n) for n in TOPOLOGIES[topology][1].split("x"))
 
 
 def check_topology(topology: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -157,61 +156,36 @@ def plan(args: argparse.Namespace) -> None:
     mesh = parse_mesh(args.mesh) if args.mesh else None
     if mesh is not None and args.topology is None and any(size < 1 for size in mesh.values()):
         raise ValueError(f"--mesh needs the three sizes themselves (no -1) to plan for, got {args.mesh!r}")
-    chip = None
-    if args.topology is not None:
+    if args.topology is not None and not args.no_compile:
         from neo_jax import aot
 
-        chip = aot.slice_chip(args.topology)
-        if not args.no_compile:
-            aot.require_libtpu()
-        chips = int(args.topology.rsplit("-", 1)[1]) // (2 if args.topology.startswith(("v4", "v5p")) else 1)
-        mesh = mesh or {"data": 1, "fsdp": -1, "tensor": 1}
-        known = math.prod(size for size in mesh.values() if size != -1)
-        if -1 in mesh.values():
-            mesh = {axis: chips // known if size == -1 else size for axis, size in mesh.items()}
-        if math.prod(mesh.values()) != chips:
-            raise ValueError(f"--mesh {args.mesh} has {math.prod(mesh.values())} devices; {args.topology} has {chips}")
+        aot.require_libtpu()
     config = _config(args.model)
-    compile_for = None if args.no_compile or args.topology is None else args.topology
+    where = {"topology": args.topology, "mesh": mesh, "dtype": args.dtype, "compile": not args.no_compile}
     if args.task == "train":
-        result, flops = _plan_train(planning, config, args, mesh, compile_for)
-    else:
-        result, flops = _plan_generate(planning, config, args, mesh, compile_for)
-    if chip is not None:
-        devices = math.prod(mesh.values())
-        result["flops_per_chip"] = flops["hardware"] / devices
-        result["roofline"] = planning.roofline(
-            flops["hardware"] / devices, flops["bytes"] / devices, chip, flops["model"] / devices
+        result = planning.train_report(
+            config,
+            batch=args.batch,
+            seq=args.seq,
+            remat=args.remat,
+            grad_accum=args.grad_accum,
+            attention=args.attention,
+            **where,
         )
-        result["chip"] = {"name": chip.name, "hbm_gib": chip.hbm_bytes / planning.GIB} | {
-            "peak_tflops_bf16": chip.peak_flops / 1e12,
-            "hbm_gb_per_s": chip.hbm_bandwidth / 1e9,
-        }
-        result["fits"] = result["total"] <= chip.hbm_bytes
+    else:
+        result = planning.generate_report(
+            config, batch=args.batch, max_len=args.max_len, prompt_len=args.prompt_len, **where
+        )
     if args.json:
-        header = {"model": args.model, "task": args.task, "topology": args.topology, "mesh": mesh}
-        print(json.dumps(header | result, default=str))
+        print(json.dumps({"model": args.model, "task": args.task, "topology": args.topology} | result, default=str))
         return
-    data, fsdp, tensor = mesh.values()
-    how = "compiled by XLA:TPU" if compile_for else "estimated"
+    data, fsdp, tensor = result["mesh"].values()
+    how = "compiled by XLA:TPU" if args.topology and not args.no_compile else "estimated"
     print(
         f"{args.model} {args.task} on {args.topology or 'a mesh'} (data={data} fsdp={fsdp} tensor={tensor}), "
-        f"{_describe(args)}; {how}"
+        f"{_describe(args, result)}; {how}"
     )
-    printable = {k: v for k, v in result.items() if isinstance(v, int) and not isinstance(v, bool) and k != "total"}
-    for name in ("prefill", "decode"):
-        if name in result:
-            printable |= {f"{name} temporaries": result[name]["temporaries"], f"{name} total": result[name]["total"]}
-    print(planning.report(printable | {"total": result["total"]}, None if chip is None else chip.hbm_bytes))
-    if chip is not None:
-        line = result["roofline"]
-        what = "train step" if args.task == "train" else f"decode step (batch {args.batch}, full cache)"
-        rate = "" if args.task == "train" else f", at most {args.batch / line['seconds']:.0f} tokens/s"
-        print(
-            f"{what}: {result['flops_per_chip'] / 1e12:.3f} TFLOP per chip; roofline lower bound "
-            f"{line['seconds'] * 1e3:.1f} ms ({line['bound']}-bound{rate}), MFU ceiling {line['mfu_ceiling']:.0%}; "
-            f"peaks used: {chip.name} {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s HBM"
-        )
+    print(planning.describe(result))
 
 
 def _config(model: str):
@@ -223,77 +197,17 @@ def _config(model: str):
     return GPTNeoConfig.preset(size) if size in PRESETS else resolve_config(model)
 
 
-def _describe(args) -> str:
-    if args.task == "train":
-        return (
-            f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "
-            f"{args.dtype} compute, float32 weights + AdamW, {_attention(args)} attention"
-        )
-    return f"batch {args.batch}, {args.max_len} positions ({args.prompt_len} of prompt), {args.dtype} weights"
-
-
-def _attention(args) -> str:
+def _describe(args, result) -> str:
+    if args.task == "generate":
+        return f"batch {args.batch}, {result['max_len']} positions ({result['prompt_len']} of prompt), {args.dtype} weights"
     from neo_jax.attention import choose
 
     chosen = choose(args.attention, args.seq, args.dtype)
-    return chosen if args.attention == chosen else f"{args.attention} ({chosen})"
-
-
-def _plan_train(planning, config, args, mesh, topology):
-    dtype = args.dtype
-    estimate = planning.plan(
-        config,
-        mesh,
-        args.batch,
-        args.seq,
-        remat=args.remat,
-        grad_accum=args.grad_accum,
-        dtype=dtype,
-        attention=args.attention,
+    attention = chosen if args.attention == chosen else f"{args.attention} ({chosen})"
+    return (
+        f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "
+        f"{args.dtype} compute, float32 weights + AdamW, {attention} attention"
     )
-    if topology is None:
-        result = estimate
-    else:
-        result = planning.compiled_train(
-            config,
-            topology,
-            args.batch,
-            args.seq,
-            mesh=mesh,
-            remat=args.remat,
-            grad_accum=args.grad_accum,
-            dtype=dtype,
-            attention=args.attention,
-        )
-    model, hardware = planning.train_flops(config, args.batch, args.seq, args.remat)
-    # Bytes a step cannot avoid: the weights read in the compute dtype for the forward pass, the backward pass
-    # and any recomputation (all-gathered, so whole on every data-parallel device), and the AdamW update.
-    passes = 3 if args.remat == "full" else 2
-    weights = config.num_params() * (2 if dtype == "bfloat16" else 4) * passes * args.grad_accum
-    devices = math.prod(mesh.values())
-    update = 7 * estimate["parameters"] * devices
-    return result, {"model": model, "hardware": hardware, "bytes": weights * mesh["data"] * mesh["fsdp"] + update}
-
-
-def _plan_generate(planning, config, args, mesh, topology):
-    args.max_len = args.max_len or config.max_position_embeddings
-    args.prompt_len = args.prompt_len or args.max_len // 2
-    if not 1 <= args.prompt_len < args.max_len <= config.max_position_embeddings:
-        raise ValueError(
-            f"need 1 <= --prompt-len ({args.prompt_len}) < --max-len ({args.max_len}) <= "
-            f"{config.max_position_embeddings} (max_position_embeddings)"
-        )
-    if topology is None:
-        result = planning.generation_estimate(config, mesh, args.batch, args.max_len, args.prompt_len, dtype=args.dtype)
-    else:
-        result = planning.compiled_generate(
-            config, topology, args.batch, args.max_len, args.prompt_len, mesh=mesh, dtype=args.dtype
-        )
-    # One decode step at a full cache: every weight and the whole cache read once.
-    devices = math.prod(mesh.values())
-    flops = planning.generation_flops(config, args.batch, args.max_len)
-    step_bytes = (result["parameters"] + result["kv_cache"]) * devices
-    return result, {"model": flops, "hardware": flops, "bytes": step_bytes}
 
 
 def train(args: argparse.Namespace) -> None:

@@ -31,6 +31,8 @@ from neo_jax.model import GPTNeo
 from neo_jax.sharding import AXES, shard_shape, spec
 
 GIB = 2**30
+# The per-device byte counts a report prints, in order.
+BYTES = ("parameters", "optimizer_state", "gradients", "kv_cache", "activations", "arguments", "temporaries")
 REMAT = ("none", "full", "dots")
 # Memory per chip of common accelerators, GiB.
 DEVICES = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "GPU 80 GB": 80}
@@ -300,6 +302,128 @@ def roofline(flops_per_chip: float, bytes_per_chip: float, chip, model_flops_per
         "bound": "compute" if compute >= memory else "memory",
         "mfu_ceiling": model_flops_per_chip / (chip.peak_flops * seconds) if seconds else 0.0,
     }
+
+
+def slice_mesh_sizes(topology: str, mesh: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The mesh sizes on a named slice: ``mesh`` (one size may be -1; default every chip on fsdp), checked
+    against the slice's chip count."""
+    from neo_jax import aot
+
+    chips = aot.slice_size(topology)
+    mesh = dict(mesh or {"data": 1, "fsdp": -1, "tensor": 1})
+    known = math.prod(size for size in mesh.values() if size != -1)
+    if -1 in mesh.values():
+        mesh = {axis: chips // known if size == -1 else size for axis, size in mesh.items()}
+    if math.prod(mesh.values()) != chips:
+        raise ValueError(f"the mesh {mesh} has {math.prod(mesh.values())} devices; {topology} has {chips}")
+    return mesh
+
+
+def train_report(
+    config: GPTNeoConfig,
+    *,
+    batch: int,
+    seq: int,
+    topology: str | None = None,
+    mesh: Mapping[str, int] | None = None,
+    remat: str = "none",
+    grad_accum: int = 1,
+    dtype="bfloat16",
+    attention: str = "auto",
+    compile: bool = True,
+) -> dict:
+    """Everything ``neo-jax plan`` says of a train step: memory per device (compiled for ``topology`` when
+    ``compile``, else estimated), and on a slice the FLOPs, the roofline and whether it fits."""
+    mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
+    options = {"remat": remat, "grad_accum": grad_accum, "dtype": jnp.dtype(dtype), "attention": attention}
+    estimate = plan(config, mesh, batch, seq, **options)
+    result = compiled_train(config, topology, batch, seq, mesh=mesh, **options) if topology and compile else estimate
+    model, hardware = train_flops(config, batch, seq, remat)
+    # Bytes a step cannot avoid: the weights read in the compute dtype for the forward pass, the backward pass
+    # and any recomputation (all-gathered, so whole on every data-parallel device), and the AdamW update.
+    passes = 3 if remat == "full" else 2
+    weights = config.num_params() * jnp.dtype(dtype).itemsize * passes * grad_accum * mesh["data"] * mesh["fsdp"]
+    update = 7 * estimate["parameters"] * math.prod(mesh.values())
+    return _on_slice(result | {"mesh": mesh}, topology, model, hardware, weights + update)
+
+
+def generate_report(
+    config: GPTNeoConfig,
+    *,
+    batch: int,
+    max_len: int | None = None,
+    prompt_len: int | None = None,
+    topology: str | None = None,
+    mesh: Mapping[str, int] | None = None,
+    dtype="bfloat16",
+    compile: bool = True,
+) -> dict:
+    """Everything ``neo-jax plan --task generate`` says: weights, KV cache and the prefill and decode programs'
+    memory per device, and on a slice the roofline of a decode step at a full cache."""
+    max_len = max_len or config.max_position_embeddings
+    prompt_len = prompt_len or max_len // 2
+    if not 1 <= prompt_len < max_len <= config.max_position_embeddings:
+        raise ValueError(
+            f"need 1 <= prompt_len ({prompt_len}) < max_len ({max_len}) <= {config.max_position_embeddings} "
+            "(max_position_embeddings)"
+        )
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
+    dtype = jnp.dtype(dtype)
+    if topology and compile:
+        result = compiled_generate(config, topology, batch, max_len, prompt_len, mesh=mesh, dtype=dtype)
+    else:
+        result = generation_estimate(config, mesh, batch, max_len, prompt_len, dtype=dtype)
+    flops = generation_flops(config, batch, max_len)
+    # A step reads every weight once (all-gathered over fsdp: whole but for the tensor split on every chip)
+    # and the whole cache.
+    step_bytes = (result["parameters"] * mesh["fsdp"] + result["kv_cache"]) * math.prod(mesh.values())
+    result |= {"mesh": mesh, "max_len": max_len, "prompt_len": prompt_len}
+    result = _on_slice(result, topology, flops, flops, step_bytes)
+    if topology:
+        result["roofline"]["tokens_per_s"] = batch / result["roofline"]["seconds"]
+    return result
+
+
+def _on_slice(result: dict, topology: str | None, model_flops: float, flops: float, step_bytes: float) -> dict:
+    """Add the chip, the FLOPs per chip, the roofline and whether the total fits, for a named slice."""
+    if topology is None:
+        return result
+    from neo_jax import aot
+
+    chip, devices = aot.slice_chip(topology), math.prod(result["mesh"].values())
+    return result | {
+        "flops_per_chip": flops / devices,
+        "roofline": roofline(flops / devices, step_bytes / devices, chip, model_flops / devices),
+        "chip": {
+            "name": chip.name,
+            "hbm_gib": chip.hbm_bytes / GIB,
+            "peak_tflops_bf16": chip.peak_flops / 1e12,
+            "hbm_gb_per_s": chip.hbm_bandwidth / 1e9,
+        },
+        "fits": result["total"] <= chip.hbm_bytes,
+    }
+
+
+def describe(result: dict) -> str:
+    """``report``'s table, plus the roofline line on a slice."""
+    printable = {k: result[k] for k in BYTES if k in result}
+    for name in ("prefill", "decode"):
+        if name in result:
+            printable |= {f"{name} temporaries": result[name]["temporaries"], f"{name} total": result[name]["total"]}
+    chip = result.get("chip")
+    lines = [report(printable | {"total": result["total"]}, None if chip is None else int(chip["hbm_gib"] * GIB))]
+    if chip is not None:
+        line = result["roofline"]
+        rate = f", at most {line['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in line else ""
+        lines.append(
+            f"{'decode step at a full cache' if 'kv_cache' in result else 'train step'}: "
+            f"{result['flops_per_chip'] / 1e12:.3f} TFLOP per chip; roofline lower bound {line['seconds'] * 1e3:.1f} ms "
+            f"({line['bound']}-bound{rate}), MFU ceiling {line['mfu_ceiling']:.0%}; peaks used: {chip['name']} "
+            f"{chip['peak_tflops_bf16']:.0f} TFLOP/s bf16, {chip['hbm_gb_per_s']:.0f} GB/s HBM"
+        )
+    return "\n".join(lines)
 
 
 def report(result: dict, hbm: int | None = None) -> str:
