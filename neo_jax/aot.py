@@ -181,12 +181,26 @@ def train_program(
         return compiled_train_step.lower(model, opt, ids, ids, grad_accum=grad_accum)
 
 
+def generation_lengths(config: GPTNeoConfig, batch: int, max_len: int | None, prompt_len: int | None):
+    """(max_len, prompt_len) of a generation to compile: by default every position, half of them prompt."""
+    max_len = max_len or config.max_position_embeddings
+    prompt_len = prompt_len or max_len // 2
+    if not 1 <= prompt_len < max_len <= config.max_position_embeddings:
+        raise ValueError(
+            f"need 1 <= prompt_len ({prompt_len}) < max_len ({max_len}) <= {config.max_position_embeddings} "
+            "(max_position_embeddings)"
+        )
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return max_len, prompt_len
+
+
 def generate_programs(
     config: GPTNeoConfig,
     mesh: Mesh,
     *,
     batch: int,
-    max_len: int,
+    max_len: int | None = None,
     prompt_len: int | None = None,
     dtype=jnp.bfloat16,
     param_dtype=None,
@@ -198,14 +212,7 @@ def generate_programs(
     Weights are stored in ``param_dtype`` (default: ``dtype``, as ``neo-jax generate --dtype`` loads them)."""
     from neo_jax.generate import Sampling, _continue, _start, bucket, cache_bucket
 
-    prompt_len = max_len // 2 if prompt_len is None else prompt_len
-    if not 1 <= prompt_len < max_len <= config.max_position_embeddings:
-        raise ValueError(
-            f"need 1 <= prompt_len ({prompt_len}) < max_len ({max_len}) <= {config.max_position_embeddings} "
-            "(max_position_embeddings)"
-        )
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
     model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)
     graphdefs = (nnx.graphdef(model), nnx.graphdef(model.periods))
     arrays = (nnx.state(model), None)  # on an accelerator the layers are sliced inside the program

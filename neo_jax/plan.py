@@ -360,15 +360,9 @@ def generate_report(
 ) -> dict:
     """Everything ``neo-jax plan --task generate`` says: weights, KV cache and the prefill and decode programs'
     memory per device, and on a slice the roofline of a decode step at a full cache."""
-    max_len = max_len or config.max_position_embeddings
-    prompt_len = prompt_len or max_len // 2
-    if not 1 <= prompt_len < max_len <= config.max_position_embeddings:
-        raise ValueError(
-            f"need 1 <= prompt_len ({prompt_len}) < max_len ({max_len}) <= {config.max_position_embeddings} "
-            "(max_position_embeddings)"
-        )
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    from neo_jax.aot import generation_lengths
+
+    max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
     mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
     dtype = jnp.dtype(dtype)
     if topology and compile:
