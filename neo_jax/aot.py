@@ -3,7 +3,8 @@ shapes (no weights read, nothing allocated) and compiled for a named TPU slice o
 
 With ``libtpu`` installed (``pip install 'neo_jax[tpu]'``), ``jax.experimental.topologies`` describes the chips
 of a slice, and ``jax.jit(...).lower(...).compile()`` runs the real XLA:TPU compiler here, on the CPU. What
-``memory_analysis()`` and ``cost_analysis()`` report is then XLA:TPU's own per-chip figure::
+``memory_analysis()`` reports is then XLA:TPU's own per-chip figure (``cost_analysis()`` too, but it counts
+the body of a loop once, whatever its trip count)::
 
     from neo_jax import aot
     from neo_jax.config import GPTNeoConfig
@@ -143,6 +144,22 @@ def _input(shape, dtype, mesh: Mesh, names=("batch",)):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, sharding.spec(names, shape, mesh)))
 
 
+def check_train(config: GPTNeoConfig, mesh: dict, batch: int, seq: int, remat: str, grad_accum: int) -> None:
+    """A train step's shapes against the mesh sizes: the micro-batch divides over data x fsdp, seq fits."""
+    from neo_jax.model import REMAT_POLICIES
+
+    replicas = mesh["data"] * mesh["fsdp"]
+    if remat != "none" and remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of none, {', '.join(REMAT_POLICIES)}; got {remat!r}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if batch < 1 or batch % grad_accum or (batch // grad_accum) % replicas:
+        accumulated = f" times grad_accum = {grad_accum}" if grad_accum > 1 else ""
+        raise ValueError(f"batch {batch} must be a positive multiple of data x fsdp = {replicas}{accumulated}")
+    if not 2 <= seq <= config.max_position_embeddings:
+        raise ValueError(f"seq {seq} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
+
+
 def train_program(
     config: GPTNeoConfig,
     mesh: Mesh,
@@ -161,14 +178,7 @@ def train_program(
     ``attention``: the implementation (``neo_jax.attention``)."""
     from neo_jax.train import compiled_train_step, make_optimizer
 
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch < 1 or batch % grad_accum or (batch // grad_accum) % replicas:
-        raise ValueError(
-            f"batch {batch} must split into grad_accum={grad_accum} micro-batches that divide over the "
-            f"{replicas} data-parallel devices (mesh data x fsdp)"
-        )
-    if not 2 <= seq <= config.max_position_embeddings:
-        raise ValueError(f"seq {seq} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
+    check_train(config, dict(mesh.shape), batch, seq, remat, grad_accum)
 
     def create():
         model = GPTNeo(config, dtype=dtype, param_dtype=jnp.float32, attention=attention, rngs=nnx.Rngs(0))

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
+from neo_jax.aot import check_train
 from neo_jax.attention import BLOCK, choose
 from neo_jax.config import GPTNeoConfig
 from neo_jax.generate import bucket, cache_bytes
@@ -33,7 +34,6 @@ from neo_jax.sharding import AXES, shard_shape, spec
 GIB = 2**30
 # The per-device byte counts a report prints, in order.
 BYTES = ("parameters", "optimizer_state", "gradients", "kv_cache", "activations", "arguments", "temporaries")
-REMAT = ("none", "full", "dots")
 # Memory per chip of common accelerators, GiB.
 DEVICES = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "GPU 80 GB": 80}
 
@@ -125,7 +125,7 @@ def plan(
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     if any(size < 1 for size in mesh.values()):
         raise ValueError(f"mesh sizes must be positive, got {mesh}")
-    _check_train(config, mesh, batch, seq, remat, grad_accum)
+    check_train(config, mesh, batch, seq, remat, grad_accum)
     params = parameter_bytes(config, mesh, param_dtype, rules)
     result = {
         "parameters": params,
@@ -137,19 +137,6 @@ def plan(
     }
     result["total"] = sum(result.values())
     return result
-
-
-def _check_train(config, mesh: Mapping[str, int], batch, seq, remat, grad_accum) -> None:
-    replicas = mesh["data"] * mesh["fsdp"]
-    if remat not in REMAT:
-        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-    if batch < 1 or batch % grad_accum or (batch // grad_accum) % replicas:
-        accumulated = f" times grad_accum = {grad_accum}" if grad_accum > 1 else ""
-        raise ValueError(f"batch {batch} must be a positive multiple of data x fsdp = {replicas}{accumulated}")
-    if not 2 <= seq <= config.max_position_embeddings:
-        raise ValueError(f"seq {seq} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
 
 
 def compiled_train(*args, **kwargs) -> dict:
@@ -223,7 +210,6 @@ def _compiled_train(
 
     device_mesh = aot.slice_mesh(topology, **(mesh or {"data": 1, "fsdp": -1, "tensor": 1}))
     sizes = dict(device_mesh.shape)
-    _check_train(config, sizes, batch, seq, remat, grad_accum)
     params = parameter_bytes(config, sizes)
     compiled = aot.analyse(
         aot.train_program(config, device_mesh, batch=batch, seq=seq, dtype=dtype, remat=remat, grad_accum=grad_accum)
