@@ -10,6 +10,8 @@ Numerics that differ from a textbook transformer, all as in the reference:
 - "local" layers see the current token and the previous ``window_size - 1`` tokens;
 - the LM head is tied to the token embedding; logits come out in float32.
 
+The attention itself (dense, blockwise or cuDNN, with these numerics in each) is ``neo_jax.attention``.
+
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``
 and, for the stacked blocks, ``layers``) in its ``out_sharding`` metadata, and the activations are
 constrained by logical names too (``batch``, ``heads``, ``mlp``, ``vocab``: see ``neo_jax.sharding``); with
