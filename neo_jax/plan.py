@@ -212,7 +212,16 @@ def _compiled_train(
     sizes = dict(device_mesh.shape)
     params = parameter_bytes(config, sizes)
     compiled = aot.analyse(
-        aot.train_program(config, device_mesh, batch=batch, seq=seq, dtype=dtype, remat=remat, grad_accum=grad_accum)
+        aot.train_program(
+            config,
+            device_mesh,
+            batch=batch,
+            seq=seq,
+            dtype=dtype,
+            remat=remat,
+            grad_accum=grad_accum,
+            attention=attention,
+        )
     )
     result = {"parameters": params, "optimizer_state": 2 * params, "gradients": params}
     return result | {k: compiled[k] for k in ("arguments", "temporaries", "total", "compile_seconds")} | {"mesh": sizes}

@@ -122,6 +122,17 @@ def test_plan_cli_compiles_for_a_topology(tmp_path, capsys):
     assert "compiled by XLA:TPU" in out and "fits: yes" in out and "197 TFLOP/s bf16, 819 GB/s HBM" in out
 
 
+def test_plan_compiles_the_attention_it_is_given():
+    """At 2048 tokens dense attention's [T, T] scores show in the compiled temporaries; blockwise has none (the
+    rest is mostly the [T, vocab] logits, the same in both)."""
+    config = few_layers("125M")
+    dense, blockwise = (
+        plan.compiled_train(config, "v5e-1", 1, 2048, attention=name)["temporaries"] for name in ("dense", "blockwise")
+    )
+    probabilities = config.num_layers * config.num_heads * 2048**2 * 4  # every layer's float32 [T, T], batch 1
+    assert dense - blockwise >= probabilities / 2, (blockwise / 2**30, dense / 2**30)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
