@@ -6,7 +6,7 @@ Two ways to a figure:
   per-chip figure.
 - **estimated** (``plan`` / ``generation_estimate``): parameters, optimizer state, gradients and the KV cache
   counted exactly from the shapes and sharding rules (one device's shard of every array), plus an estimate
-  of the activations calibrated against the compiler on the shipped configs (``tests/test_plan.py`` keeps
+  of the activations calibrated against the compiler on the shipped configs (``tests/test_aot.py`` keeps
   it within 25%).
 
 Both come with the FLOPs a step needs and a roofline lower bound on its time from the chip's published peak
@@ -93,13 +93,19 @@ def activation_bytes(
     return int(local_batch * seq * (per_token + logits + transient))
 
 
+def _matmul_params(config: GPTNeoConfig) -> int:
+    """Parameters that take part in a matmul: every block's Linear kernels and the tied LM head."""
+    h = config.hidden_size
+    return config.num_layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
+
+
 def train_flops(config: GPTNeoConfig, batch: int, seq: int, remat: str = "none") -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one train step on ``batch`` sequences of ``seq`` tokens, over all
     devices. Model FLOPs are the usual 6 x matmul parameters x tokens plus attention's ``q @ k^T`` and
     ``p @ v`` (12 x layers x seq x hidden per token), the MFU numerator; hardware FLOPs add what remat
     recomputes (``full``: the layers' forward pass again; ``dots``: the attention matmuls)."""
     h, layers, tokens = config.hidden_size, config.num_layers, batch * seq
-    matmul_params = layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
+    matmul_params = _matmul_params(config)
     layer_forward = 2 * (matmul_params - config.vocab_size * h) + 4 * layers * seq * h
     model = tokens * (6 * matmul_params + 12 * layers * seq * h)
     recompute = {"none": 0, "full": layer_forward, "dots": 4 * layers * seq * h}[remat]
@@ -208,7 +214,7 @@ def _compiled_train(
     bytes (as ``plan``), XLA:TPU's arguments and temporaries per chip, and their ``total``."""
     from neo_jax import aot
 
-    device_mesh = aot.slice_mesh(topology, **(mesh or {"data": 1, "fsdp": -1, "tensor": 1}))
+    device_mesh = aot.slice_mesh(topology, **(mesh or {}))  # default: every chip on fsdp
     sizes = dict(device_mesh.shape)
     params = parameter_bytes(config, sizes)
     compiled = aot.analyse(
@@ -230,10 +236,8 @@ def _compiled_train(
 def generation_flops(config: GPTNeoConfig, batch: int, cache: int) -> float:
     """FLOPs of one decode step: 2 x matmul parameters per row plus attention over ``cache`` slots per layer
     (global layers; local ones over their window)."""
-    h = config.hidden_size
-    matmul_params = config.num_layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
     slots = sum(cache if kind == "global" else min(config.window_size, cache) for kind in config.attention_layers)
-    return float(batch * (2 * matmul_params + 4 * slots * h))
+    return float(batch * (2 * _matmul_params(config) + 4 * slots * config.hidden_size))
 
 
 def generation_estimate(
@@ -243,7 +247,8 @@ def generation_estimate(
     ``max_len`` slots, and the prefill's activations (one layer of dense attention over the prompt and the
     last position's logits)."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
-    rows = max(1, batch // (mesh["data"] * mesh["fsdp"])) if batch % (mesh["data"] * mesh["fsdp"]) == 0 else batch
+    replicas = mesh["data"] * mesh["fsdp"]
+    rows = batch // replicas if batch % replicas == 0 else batch  # a batch that does not divide is replicated
     heads = config.num_heads // _split(config.num_heads, mesh["tensor"])
     width = bucket(prompt_len)
     e = jnp.dtype(dtype).itemsize
@@ -271,7 +276,7 @@ def _compiled_generate(
     (exact), and XLA:TPU's temporaries and total of each program."""
     from neo_jax import aot
 
-    device_mesh = aot.slice_mesh(topology, **(mesh or {"data": 1, "fsdp": -1, "tensor": 1}))
+    device_mesh = aot.slice_mesh(topology, **(mesh or {}))  # default: every chip on fsdp
     sizes = dict(device_mesh.shape)
     start = time.perf_counter()
     programs = aot.generate_programs(
