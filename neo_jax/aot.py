@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from neo_jax import attention as attention_impls
 from neo_jax import sharding
 from neo_jax.config import GPTNeoConfig
 from neo_jax.model import GPTNeo
@@ -133,10 +134,15 @@ def abstract_model(
     config: GPTNeoConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32, attention="auto", rules=None
 ):
     """A ``GPTNeo`` whose parameters are ``ShapeDtypeStruct`` s placed on ``mesh`` as ``from_pretrained(...,
-    mesh=mesh)`` would place them."""
+    mesh=mesh)`` would place them; ``attention`` is checked against the slice's platform, not this host's."""
     from neo_jax.convert import abstract_model as unplaced
 
-    return _place(nnx.merge(*unplaced(config, dtype, param_dtype, attention)), mesh, rules)
+    with attention_impls.compiling_for(_platform(mesh)):
+        return _place(nnx.merge(*unplaced(config, dtype, param_dtype, attention)), mesh, rules)
+
+
+def _platform(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
 
 
 def _input(shape, dtype, mesh: Mesh, names=("batch",)):
@@ -184,7 +190,8 @@ def train_program(
         model = GPTNeo(config, dtype=dtype, param_dtype=jnp.float32, attention=attention, rngs=nnx.Rngs(0))
         return model, make_optimizer(model, optimizer)
 
-    model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
+    with attention_impls.compiling_for(_platform(mesh)):  # which attention implementations may run
+        model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
     model.remat = remat
     ids = _input((batch, seq), jnp.int32, mesh)
     with jax.set_mesh(mesh):

@@ -2,7 +2,8 @@
 
 The numerics are the reference's in every one: logits ``q @ k^T`` with no ``1/sqrt(d)`` scaling, computed
 and soft-maxed in float32, masked logits at ``finfo(float32).min``, probabilities cast to the value dtype
-before ``@ v``. Global layers are causal; local layers see the current token and the previous
+before ``@ v`` (splash, flash-style, multiplies them in float32 with the values upcast: the same in
+float32, a little more precise in bfloat16). Global layers are causal; local layers see the current token and the previous
 ``window_size - 1``.
 
 - ``dense``: the [query, key] scores of the whole sequence at once. Decode steps always use it.
@@ -11,27 +12,74 @@ before ``@ v``. Global layers are causal; local layers see the current token and
   the ``window_size - 1`` keys before it for a local layer), and is rematerialised in the backward pass,
   so no [T, T] array exists in the forward or the backward pass: memory grows linearly in T, and a local
   layer costs O(T x window).
+- ``splash``: JAX's Pallas splash-attention kernel for TPUs (``CausalMask`` / ``LocalMask``, padding as
+  segment ids, sequences padded to a multiple of 128), split over the mesh's batch and head axes with
+  ``jax.shard_map``. On the CPU it runs only in Pallas' interpret mode, inside ``splash_interpret()`` (tests).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, NVIDIA GPUs only.
-- ``auto``: cuDNN on a GPU in bfloat16/float16, otherwise blockwise for sequences longer than
-  ``DENSE_UP_TO`` and dense for shorter ones.
+- ``auto``: splash on a TPU, cuDNN on a GPU in bfloat16/float16, otherwise blockwise for sequences longer
+  than ``DENSE_UP_TO`` and dense for shorter ones. The platform is that of the mesh in context (so a program
+  compiled ahead of time for a TPU slice counts as TPU), else the default backend.
 
 Rows of left padding (queries that are padding themselves) follow the reference only in ``dense`` and in the
 global layers of ``blockwise``: the reference lets such a row attend uniformly to every key whose logit is
-``finfo.min``, including keys outside a local window, which ``blockwise`` never visits. Those rows' outputs
-are never used (no token is predicted from padding), and every real token's row is the reference's.
+``finfo.min``, including keys outside a local window, which ``blockwise`` never visits; ``splash`` lets it
+attend to the padding before it (its segment), ``cudnn`` to its causal keys. Those rows' outputs are never
+used (no token is predicted from padding), and every real token's row is the reference's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
+
+from neo_jax import sharding
 
 MASK_VALUE = jnp.finfo(jnp.float32).min
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn")
-BLOCK = 128  # queries per block in `blockwise`
-DENSE_UP_TO = 1024  # `auto` on a CPU (or TPU): dense attention up to this many tokens, blockwise beyond
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "cudnn")
+BLOCK = 128  # queries per block in `blockwise`; `splash` pads sequences to a multiple of it
+SPLASH_BLOCKS = (512, 256, 128)  # splash's query and key blocks: the largest that divides the padded length
+SPLASH_BLOCK_SIZES = (  # every block size of splash's forward and backward kernels
+    *("block_q", "block_kv", "block_kv_compute"),
+    *("block_q_dkv", "block_kv_dkv", "block_kv_dkv_compute", "block_q_dq", "block_kv_dq"),
+)
+DENSE_UP_TO = 1024  # `auto` on a CPU: dense attention up to this many tokens, blockwise beyond
+
+_interpret = contextvars.ContextVar("splash_interpret", default=False)
+_target = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def splash_interpret():
+    """Within this context ``splash`` may run on any backend, through Pallas' interpreter (slow; for tests of
+    its numerics on the CPU). Traced programs keep the mode they were traced in."""
+    token = _interpret.set(True)
+    try:
+        yield
+    finally:
+        _interpret.reset(token)
+
+
+@contextlib.contextmanager
+def compiling_for(name: str):
+    """Within this context ``platform()`` is ``name``: a model built here for ahead-of-time compilation for
+    another platform (``neo_jax.aot``) is checked against that platform's implementations."""
+    token = _target.set(name)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def platform() -> str:
+    """The platform programs are traced for: ``compiling_for``'s, else that of the devices of the mesh in
+    context, else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return _target.get() or (jax.default_backend() if device is None else device.platform)
 
 
 def check_implementation(implementation: str) -> str:
@@ -40,25 +88,30 @@ def check_implementation(implementation: str) -> str:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     runnable = available()
     if implementation not in runnable:
+        hint = " (splash runs on TPUs, or anywhere inside neo_jax.attention.splash_interpret())"
         raise ValueError(
-            f"attention {implementation!r} cannot run on the {jax.default_backend()} backend; "
-            f"available here: {', '.join(runnable)}"
+            f"attention {implementation!r} cannot run on the {platform()} backend; "
+            f"available here: {', '.join(runnable)}{hint if implementation == 'splash' else ''}"
         )
     return implementation
 
 
 def available() -> tuple[str, ...]:
-    """The implementations this process's backend can run."""
-    gpu = jax.default_backend() == "gpu"
-    return ("auto", "dense", "blockwise", *(("cudnn",) if gpu else ()))
+    """The implementations the platform (``platform()``) can run."""
+    here = platform()
+    splash = here == "tpu" or _interpret.get()
+    return ("auto", "dense", "blockwise", *(("splash",) if splash else ()), *(("cudnn",) if here == "gpu" else ()))
 
 
-def choose(implementation: str, seq_len: int, dtype) -> str:
+def choose(implementation: str, seq_len: int, dtype, on: str | None = None) -> str:
     """The implementation ``auto`` (or a named one) means for a self-attention over ``seq_len`` tokens in
-    ``dtype`` (cuDNN's fused attention takes 16-bit inputs only)."""
+    ``dtype`` on platform ``on`` (default ``platform()``); cuDNN's fused attention takes 16-bit inputs only."""
     if implementation != "auto":
         return implementation
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    on = on or platform()
+    if on == "tpu":
+        return "splash"
+    if on == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
     return "blockwise" if seq_len > DENSE_UP_TO else "dense"
 
@@ -154,6 +207,42 @@ def cudnn(q, k, v, kind: str, window: int, attention_mask=None):
     return out.swapaxes(1, 2)
 
 
+def splash(q, k, v, kind: str, window: int, attention_mask=None):
+    """JAX's Pallas splash attention (TPU): unscaled logits in float32, the kind as a ``CausalMask`` or a
+    ``LocalMask`` of ``window`` keys, padded keys hidden by segment ids (padding 0, tokens 1). The sequence is
+    padded at the end to a multiple of ``BLOCK`` (those queries are dropped; no real query sees their keys).
+    Under a mesh the kernel runs per shard of the batch and head axes (``jax.shard_map``)."""
+    t = q.shape[2]
+    length = math.ceil(t / BLOCK) * BLOCK
+    block = next(size for size in SPLASH_BLOCKS if length % size == 0)
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, length - t), (0, 0))) for x in (q, k, v))
+    args = (q, k, v)
+    if attention_mask is not None:
+        args += (jnp.pad(jnp.asarray(attention_mask, jnp.int32), ((0, 0), (0, length - t))),)
+    interpret = _interpret.get()
+
+    def run(q, k, v, segments=None):
+        shape = (length, length)
+        mask = splash_lib.CausalMask(shape) if kind == "global" else splash_lib.LocalMask(shape, (window - 1, 0), 0)
+        kernel = splash_lib.make_splash_mha(
+            splash_lib.MultiHeadMask([mask] * q.shape[1]),
+            block_sizes=splash_lib.BlockSizes(**dict.fromkeys(SPLASH_BLOCK_SIZES, block)),
+            mask_value=float(MASK_VALUE),
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
+        ids = None if segments is None else splash_lib.SegmentIds(segments, segments)
+        return jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(q, k, v, ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        split = sharding.spec(("batch", "heads", None, None), q.shape, mesh)
+        specs = (split,) * 3 + ((jax.P(split[0], None),) if len(args) == 4 else ())
+        run = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)
+    return run(*args)[:, :, :t]
+
+
 def self_attention(q, k, v, kind: str, window: int, attention_mask=None, implementation: str = "auto"):
     """Attention of a sequence over itself (q, k, v heads-major [b, h, T, d]) with the implementation chosen
     by ``choose``; ``attention_mask`` ([b, T], 1 = token, 0 = padding) hides padded keys."""
@@ -161,6 +250,8 @@ def self_attention(q, k, v, kind: str, window: int, attention_mask=None, impleme
     implementation = choose(implementation, t, q.dtype)
     if implementation == "blockwise":
         return blockwise(q, k, v, kind, window, attention_mask)
+    if implementation == "splash":
+        return splash(q, k, v, kind, window, attention_mask)
     if implementation == "cudnn":
         return cudnn(q, k, v, kind, window, attention_mask)
     causal = masks(t, t, window)

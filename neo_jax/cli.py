@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_HELP = "attention implementation: auto, dense, blockwise or cudnn (see neo_jax.attention)"
+ATTENTION_HELP = "attention implementation: auto, dense, blockwise, splash (TPU) or cudnn (GPU); see neo_jax.attention"
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -35,12 +35,6 @@ def enable_compilation_cache(directory: str | None) -> None:
     if directory.lower() != "none":
         jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def check_implementation(name: str) -> None:
-    from neo_jax.attention import check_implementation
-
-    check_implementation(name)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -75,6 +69,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     options = sampling_options(args)
+    from neo_jax.attention import check_implementation
+
     check_implementation(args.attention)
     enable_compilation_cache(args.compilation_cache)
 
@@ -120,6 +116,7 @@ def generate(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     from neo_jax import plan as planning
+    from neo_jax.attention import check_implementation, compiling_for
     from neo_jax.sharding import parse_mesh
 
     settings = {}
@@ -144,7 +141,8 @@ def plan(args: argparse.Namespace) -> None:
     args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
     args.dtype = args.dtype or "bfloat16"
     args.attention = args.attention or "auto"
-    check_implementation(args.attention)
+    with compiling_for("tpu"):  # a plan is for a TPU slice, whatever this host is
+        check_implementation(args.attention)
     if args.model is None:
         raise ValueError("--model (or --config) is required")
     if args.task == "train" and (args.batch is None or args.seq is None):
@@ -202,7 +200,7 @@ def _describe(args, result) -> str:
         return f"batch {args.batch}, {result['max_len']} positions ({result['prompt_len']} of prompt), {args.dtype} weights"
     from neo_jax.attention import choose
 
-    chosen = choose(args.attention, args.seq, args.dtype)
+    chosen = choose(args.attention, args.seq, args.dtype, on="tpu")
     attention = chosen if args.attention == chosen else f"{args.attention} ({chosen})"
     return (
         f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "

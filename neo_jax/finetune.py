@@ -34,8 +34,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from neo_jax import distributed
-from neo_jax.attention import check_implementation
-from neo_jax.sharding import make_mesh, parse_mesh, place_batch
+from neo_jax.attention import check_implementation, choose
+from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
 from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
 
 DTYPES = ("float32", "bfloat16")
@@ -70,7 +70,7 @@ class FinetuneConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # compute; the parameters and optimizer state stay float32
     remat: str = "none"
-    attention: str = "auto"  # neo_jax.attention: auto, dense, blockwise, cudnn
+    attention: str = "auto"  # neo_jax.attention: auto, dense, blockwise, splash, cudnn
     mesh: str | None = None  # "D,F,T"; default: every device on the fsdp axis
     text_field: str = "text"
     split: str = "train"
@@ -352,6 +352,9 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
         source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, attention=config.attention, progress=progress
     )
     model.remat = config.remat
+    with use_mesh(mesh):
+        chosen = choose(config.attention, config.seq_len, config.dtype)
+    distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
     optimizer = make_optimizer(model, config.optimizer())
     schedule = learning_rate_schedule(config.optimizer())
     checkpoints = Checkpoints(output / CHECKPOINTS, save_every=config.save_every, keep=config.keep)

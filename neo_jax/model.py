@@ -10,7 +10,7 @@ Numerics that differ from a textbook transformer, all as in the reference:
 - "local" layers see the current token and the previous ``window_size - 1`` tokens;
 - the LM head is tied to the token embedding; logits come out in float32.
 
-The attention itself (dense, blockwise or cuDNN, with these numerics in each) is ``neo_jax.attention``.
+The attention itself (dense, blockwise, splash or cuDNN, with these numerics in each) is ``neo_jax.attention``.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``position``
 and, for the stacked blocks, ``layers``) in its ``out_sharding`` metadata, and the activations are

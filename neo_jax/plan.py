@@ -69,8 +69,8 @@ def activation_bytes(
     Per token and layer the backward pass keeps the LayerNorm inputs and outputs and the residual stream
     (replicated over ``tensor``), q, k, v and the attention output (split by heads), the MLP's hidden layer
     before and after gelu (split by mlp), and dense attention's [seq, seq] scores: float32 probabilities
-    and their ``dtype`` copy, per head (``blockwise`` and ``cudnn`` attention keep none: one block of queries'
-    scores exists at a time). ``full`` remat keeps only each layer period's input and rebuilds one
+    and their ``dtype`` copy, per head (``blockwise``, ``splash`` and ``cudnn`` attention keep none: one block
+    of queries' scores exists at a time). ``full`` remat keeps only each layer period's input and rebuilds one
     period at a time; ``dots`` keeps the Linear layers' outputs too. The LM head adds five float32 arrays
     per token and vocabulary entry (logits, softmax, their gradients and a copy XLA:TPU keeps at the peak)."""
     h, inner, heads, layers = config.hidden_size, config.inner_size, config.num_heads, config.num_layers
@@ -127,7 +127,7 @@ def plan(
 ) -> dict:
     """Estimated per-device bytes of an AdamW fine-tuning step: parameters, optimizer state (two moments),
     gradients and activations (of one micro-batch of ``batch / grad_accum`` rows, with the ``attention``
-    implementation it would run), plus their total."""
+    implementation it would run on a TPU), plus their total."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     if any(size < 1 for size in mesh.values()):
         raise ValueError(f"mesh sizes must be positive, got {mesh}")
@@ -138,7 +138,13 @@ def plan(
         "optimizer_state": 2 * params,
         "gradients": params,
         "activations": activation_bytes(
-            config, mesh, batch // grad_accum, seq, remat=remat, dtype=dtype, attention=choose(attention, seq, dtype)
+            config,
+            mesh,
+            batch // grad_accum,
+            seq,
+            remat=remat,
+            dtype=dtype,
+            attention=choose(attention, seq, dtype, on="tpu"),
         ),
     }
     result["total"] = sum(result.values())

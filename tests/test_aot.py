@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -95,8 +96,8 @@ def test_the_estimate_is_within_a_quarter_of_the_compiler(shipped):
 
 @pytest.mark.slow
 def test_1_3b_fits_a_v5e_8_without_remat():
-    """Blockwise attention (what auto picks at 2048 tokens) leaves no [T, T] array: 1.3B at seq 2048, batch 8,
-    no remat fits 16 GiB per v5e chip (21.7 GiB with dense attention)."""
+    """Splash attention (what auto picks on a TPU) leaves no [T, T] array: 1.3B at seq 2048, batch 8, no remat
+    fits 16 GiB per v5e chip (21.7 GiB with dense attention, 12.4 GiB with blockwise)."""
     lowered = aot.train_program(GPTNeoConfig.preset("1.3B"), aot.slice_mesh("v5e-8"), batch=8, seq=2048)
     assert aot.analyse(lowered)["total"] <= 14 * 2**30
 
@@ -123,14 +124,30 @@ def test_plan_cli_compiles_for_a_topology(tmp_path, capsys):
 
 
 def test_plan_compiles_the_attention_it_is_given():
-    """At 2048 tokens dense attention's [T, T] scores show in the compiled temporaries; blockwise has none (the
-    rest is mostly the [T, vocab] logits, the same in both)."""
+    """At 2048 tokens dense attention's [T, T] scores show in the compiled temporaries; blockwise and splash have
+    none (the rest is mostly the [T, vocab] logits, the same in all)."""
     config = few_layers("125M")
-    dense, blockwise = (
-        plan.compiled_train(config, "v5e-1", 1, 2048, attention=name)["temporaries"] for name in ("dense", "blockwise")
+    dense, blockwise, splash = (
+        plan.compiled_train(config, "v5e-1", 1, 2048, attention=name)["temporaries"]
+        for name in ("dense", "blockwise", "splash")
     )
     probabilities = config.num_layers * config.num_heads * 2048**2 * 4  # every layer's float32 [T, T], batch 1
     assert dense - blockwise >= probabilities / 2, (blockwise / 2**30, dense / 2**30)
+    assert dense - splash >= probabilities / 2, (splash / 2**30, dense / 2**30)
+
+
+@pytest.mark.parametrize("topology", ["v5e-8", "v4-8"])
+def test_auto_is_splash_on_a_tpu(topology):
+    """The train step compiled for a slice runs the Pallas splash kernels (forward, and both backward kernels)
+    in every layer, split over the slice by batch (a global and a local layer: two masks, one kernel each)."""
+    lowered = aot.train_program(few_layers("125M"), aot.slice_mesh(topology), batch=aot.slice_size(topology), seq=2048)
+    kernels = re.findall(r"splash_mha_\w+", lowered.as_text())
+    assert sorted(set(kernels)) == [
+        "splash_mha_dkv_no_residuals",
+        "splash_mha_dq_no_residuals",
+        "splash_mha_fwd_residuals",
+    ]
+    assert aot.analyse(lowered)["total"] < aot.slice_chip(topology).hbm_bytes
 
 
 @pytest.mark.parametrize(

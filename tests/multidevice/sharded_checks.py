@@ -16,7 +16,7 @@ import transformers
 from flax import nnx
 
 import neo_jax
-from neo_jax import sharding
+from neo_jax import attention, sharding
 from neo_jax.train import make_optimizer, train_step
 from tests.conftest import SMALL
 
@@ -88,6 +88,26 @@ def test_logits_equal_one_device(checkpoint, single, shape):
     )
     assert out.sharding.mesh == mesh
     np.testing.assert_allclose(np.asarray(out), np.asarray(single(ids, attention_mask=mask)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_splash_on_a_mesh_equals_one_device(checkpoint, single, shape):
+    """Splash (in Pallas' interpret mode) under the mesh runs once per shard of the batch and heads, inside a
+    manual (shard_map) computation; every real token's logits equal one device's dense ones."""
+    mesh = sharding.make_mesh(*shape)
+    ids = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (8, 150)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :9] = 0
+    batch = sharding.batch_sharding(mesh, ids.shape)
+    with attention.splash_interpret():
+        model = neo_jax.from_pretrained(checkpoint, mesh=mesh, attention="splash", progress=False)
+    with attention.splash_interpret(), sharding.use_mesh(mesh):
+        forward = nnx.jit(lambda m, x, a: m(x, attention_mask=a))
+        args = (model, jax.device_put(ids, batch), jax.device_put(mask, batch))
+        assert "manual_computation" in forward.lower(*args).as_text()
+        out = np.asarray(forward(*args))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out[real], np.asarray(single(ids, attention_mask=mask))[real], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shape", MESHES)
