@@ -250,15 +250,14 @@ def generation_estimate(
     config: GPTNeoConfig, mesh: Mapping[str, int], batch: int, max_len: int, prompt_len: int, *, dtype=jnp.bfloat16
 ) -> dict:
     """Estimated per-device bytes of generation: the weights (stored in ``dtype``), the KV cache of
-    ``max_len`` slots, and the prefill's activations (one layer of dense attention over the prompt and the
-    last position's logits)."""
+    ``max_len`` slots, and the prefill's activations (one layer's over the prompt, with splash attention as on
+    a TPU: no [prompt, prompt] scores, and the last position's logits)."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     replicas = mesh["data"] * mesh["fsdp"]
     rows = batch // replicas if batch % replicas == 0 else batch  # a batch that does not divide is replicated
-    heads = config.num_heads // _split(config.num_heads, mesh["tensor"])
     width = bucket(prompt_len)
     e = jnp.dtype(dtype).itemsize
-    prefill = rows * width * (heads * width * (4 + e) + e * 6 * config.hidden_size) + rows * 4 * config.vocab_size
+    prefill = rows * width * e * 6 * config.hidden_size + rows * 4 * config.vocab_size
     result = {
         "parameters": parameter_bytes(config, mesh, dtype),
         "kv_cache": cache_bytes(config, rows, max_len, dtype) // _split(config.num_heads, mesh["tensor"]),
