@@ -14,10 +14,12 @@ ATTENTION_HELP = "attention implementation: auto, dense, blockwise, splash (TPU)
 
 
 def convert(args: argparse.Namespace) -> None:
-    from neo_jax.convert import from_pretrained, save_pretrained
+    from neo_jax.convert import check_destination, from_pretrained, resolve, save_pretrained
 
     start = time.perf_counter()
-    model = from_pretrained(args.src, dtype=args.dtype, param_dtype=args.dtype, revision=args.revision)
+    source = resolve(args.src, args.revision)
+    check_destination(args.dst, args.overwrite, source)  # before the weights are read
+    model = from_pretrained(source, dtype=args.dtype, param_dtype=args.dtype)
     out = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(
         f"wrote {out} ({args.to}, {args.dtype}, {model.config.num_params() / 1e6:.1f}M parameters) "
@@ -70,7 +72,9 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     options = sampling_options(args)
     from neo_jax.attention import check_implementation
+    from neo_jax.generate import check_stop
 
+    check_stop(args.stop)
     check_implementation(args.attention)
     enable_compilation_cache(args.compilation_cache)
 
@@ -208,13 +212,14 @@ def _describe(args, result) -> str:
     )
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace) -> int:
     from neo_jax.finetune import FinetuneConfig, finetune
 
     settings = {name: getattr(args, name, None) for name in FinetuneConfig.fields()}
     config = FinetuneConfig.load(args.config, **settings)
     result = finetune(config)
     print(json.dumps(result))
+    return 130 if result["stopped"] == "sigint" else 0  # a Ctrl-C ends with the shell's status for SIGINT
 
 
 def eval_perplexity(args: argparse.Namespace) -> None:
@@ -222,10 +227,16 @@ def eval_perplexity(args: argparse.Namespace) -> None:
 
     expand_paths(args.data)  # missing files fail before the model loads
 
+    from neo_jax import validate
+    from neo_jax.config import GPTNeoConfig
     from neo_jax.convert import from_pretrained, load_tokenizer, resolve
-    from neo_jax.evaluate import corpus_tokens, perplexity
+    from neo_jax.evaluate import corpus_tokens, perplexity, windows_of
 
     directory = resolve(args.model, args.revision)
+    windows_of(
+        args.seq_len, args.stride, GPTNeoConfig.from_json_file(directory / "config.json").max_position_embeddings
+    )
+    validate.integer("--batch-size", args.batch_size, least=1)
     tokens = corpus_tokens(args.data, load_tokenizer(directory), text_field=args.text_field, split=args.split)
     model = from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype)
     result = perplexity(
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_mesh_values_attached(sys.argv[1:] if argv is None else argv))
     try:
         if os.environ.get("NEO_JAX_DISTRIBUTED") == "1":  # set by tpu_scripts/run.sh on every worker
             from neo_jax import distributed
@@ -420,11 +431,24 @@ def main(argv: list[str] | None = None) -> int:
             distributed.initialize()
             if not distributed.is_main_process():  # results are printed once, by process 0
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
-        args.run(args)
+        return args.run(args) or 0
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"neo-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _mesh_values_attached(argv: list[str]) -> list[str]:
+    """``--mesh -1,1,1`` as ``--mesh=-1,1,1``: argparse would take a value starting with '-' for an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--mesh" and arg.startswith("-"):
+            out[-1] = f"--mesh={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,12 @@ PRESETS = {
     "1.3B": {"hidden_size": 2048, "num_layers": 24, "num_heads": 16, "attention_types": [[["global", "local"], 12]]},
     "2.7B": {"hidden_size": 2560, "num_layers": 32, "num_heads": 20, "attention_types": [[["global", "local"], 16]]},
 }
+INTEGER_FIELDS = ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads", "window_size")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+FLOAT_FIELDS = (
+    *("resid_dropout", "embed_dropout", "attention_dropout", "classifier_dropout"),
+    *("layer_norm_epsilon", "initializer_range"),
+)
 # Activations of transformers' ACT2FN that GPT-Neo checkpoints use or could use; see model.ACTIVATIONS.
 ACTIVATION_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
 
@@ -48,8 +55,9 @@ class GPTNeoConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        self._check_types()
         # Normalise lists (as JSON gives them) to tuples so the config stays hashable.
-        types = tuple((tuple(kinds), int(repeat)) for kinds, repeat in self.attention_types)
+        types = tuple((tuple(kinds), repeat) for kinds, repeat in self.attention_types)
         object.__setattr__(self, "attention_types", types)
         self.validate()
 
@@ -82,12 +90,44 @@ class GPTNeoConfig:
         return (self.vocab_size + self.max_position_embeddings) * d + layers * per_layer + 2 * d
 
     # ----------------------------------------------------------------- validation
+    def _check_types(self) -> None:
+        """Every field has its JSON type (a float where an integer belongs, a string for a number, a list for
+        an object and the like are refused, never converted); the first that does not is a ValueError."""
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        number = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        expected = {
+            "an integer": (integer, INTEGER_FIELDS),
+            "an integer or null": (lambda v: v is None or integer(v), ("intermediate_size", *TOKEN_ID_FIELDS)),
+            "a finite number": (number, FLOAT_FIELDS),
+            "true or false": (lambda v: isinstance(v, bool), ("use_cache", "tie_word_embeddings")),
+            "a string": (lambda v: isinstance(v, str), ("activation_function",)),
+        }
+        for what, (ok, names) in expected.items():
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"Invalid GPT-Neo config: {name} must be {what}, got {getattr(self, name)!r}")
+        pair = lambda p: (
+            isinstance(p, list | tuple)
+            and len(p) == 2
+            and isinstance(p[0], list | tuple)
+            and all(isinstance(kind, str) for kind in p[0])
+            and integer(p[1])
+            and p[1] >= 1
+        )
+        if not isinstance(self.attention_types, list | tuple) or not all(pair(p) for p in self.attention_types):
+            raise ValueError(
+                "Invalid GPT-Neo config: attention_types must be a list of [[kinds...], count] pairs with a whole "
+                f'count >= 1, e.g. [[["global", "local"], 12]]; got {self.attention_types!r}'
+            )
+        for name in TOKEN_ID_FIELDS:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"Invalid GPT-Neo config: {name} must be >= 0 or null, got {getattr(self, name)}")
+
     def validate(self) -> None:
         problems = []
-        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads", "window_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in INTEGER_FIELDS:
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("Invalid GPT-Neo config: " + "; ".join(problems))
         if self.intermediate_size is not None and self.intermediate_size <= 0:
@@ -108,6 +148,11 @@ class GPTNeoConfig:
             )
         if not self.layer_norm_epsilon > 0:
             problems.append(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        for name in ("resid_dropout", "embed_dropout", "attention_dropout", "classifier_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.initializer_range < 0:
+            problems.append(f"initializer_range must be >= 0, got {self.initializer_range}")
         if not self.tie_word_embeddings:
             problems.append("tie_word_embeddings=false is not GPT-Neo: its LM head is tied to the token embedding")
         if problems:
@@ -117,10 +162,15 @@ class GPTNeoConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> GPTNeoConfig:
         """Build from a Hugging Face ``config.json`` dict; unknown keys (``torch_dtype``, …) are ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object of settings, got {type(data).__name__}")
         model_type = data.get("model_type", "gpt_neo")
         if model_type != "gpt_neo":
             raise ValueError(f"config.json has model_type {model_type!r}; neo_jax reads only 'gpt_neo' models")
         data = dict(data)
+        layers = data.get("attention_layers", [])
+        if not (isinstance(layers, list | tuple) and all(isinstance(k, str) for k in layers)):
+            raise ValueError(f"Invalid GPT-Neo config: attention_layers must be a list of kinds, got {layers!r}")
         data.setdefault("num_layers", data.get("num_hidden_layers", cls.num_layers))
         data.setdefault("num_heads", data.get("num_attention_heads", cls.num_heads))
         if "attention_types" not in data and "attention_layers" in data:
@@ -160,7 +210,10 @@ class GPTNeoConfig:
             raise FileNotFoundError(f"no config.json at {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
-        return cls.from_hf_dict(data)
+        try:
+            return cls.from_hf_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")

@@ -13,7 +13,9 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -158,7 +160,8 @@ class Checkpoint:
         if not path.exists():
             raise FileNotFoundError(f"weight file {path} is missing (listed in {BIN_INDEX}); re-download it")
         try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            # mmap reads only the zip format (torch >= 1.6); a legacy file is read whole, as transformers does
+            return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); re-download it") from None
 
@@ -360,23 +363,47 @@ def _load_orbax(directory: Path, state, placement):
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     # A 1 GB in-flight limit keeps the transient read buffers well below a copy of a large model.
     with _orbax_checkpointer(restore_concurrent_gb=1) as checkpointer:
+        _check_orbax_shapes(directory, checkpointer.metadata(directory.absolute()).item_metadata.tree, target)
         restored = checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(target, restore_args))
     nnx.replace_by_pure_dict(state, restored)
     return state
 
 
+def _check_orbax_shapes(directory: Path, saved, target) -> None:
+    """Every array the config needs is in the checkpoint with the config's shape, and nothing else is: a
+    ``config.json`` that does not describe its parameters is an error naming the first array that differs."""
+    flat = lambda tree: {
+        ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    saved, target = flat(saved), flat(target)
+    problem = None
+    if missing := sorted(target.keys() - saved.keys()):
+        problem = f"{missing[0]} is missing from the checkpoint"
+    elif unexpected := sorted(saved.keys() - target.keys()):
+        problem = f"the checkpoint holds {unexpected[0]}, which the config has no place for"
+    else:
+        for name, array in target.items():
+            if tuple(saved[name].shape) != tuple(array.shape):
+                problem = (
+                    f"{name} is {tuple(saved[name].shape)} in the checkpoint, the config needs {tuple(array.shape)}"
+                )
+                break
+    if problem:
+        raise ValueError(
+            f"{directory.parent / 'config.json'} does not match the parameters in {directory}: {problem}; "
+            "restore the config.json that was saved with them"
+        )
+
+
 # ------------------------------------------------------------------------------------------- writing
 @contextmanager
-def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+def _atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success.
 
     With several processes (a multi-host run) they all write into one temporary directory, collectively
     for Orbax, and process 0 alone prepares and renames it, between barriers.
     """
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
     main, multi = jax.process_index() == 0, jax.process_count() > 1
     if main:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -387,7 +414,9 @@ def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
             tmp.mkdir()
         barrier(f"prepare {out_dir}")
     else:
+        _remove_stale_temporaries(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         yield tmp
         barrier(f"written {out_dir}")
@@ -403,6 +432,38 @@ def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if main and tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_destination(out_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """``out_dir`` (absolute) if a model may be written there: new, empty, or replaced with ``overwrite``,
+    and never a directory that holds ``source`` (replacing it would delete the source). Writing over the
+    source itself (converting in place) is allowed."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    if source is not None:
+        src, dst = Path(source).expanduser().resolve(), out_dir.resolve()
+        if dst in src.parents:
+            raise ValueError(
+                f"{out_dir} holds the source {source}: replacing it would delete the source; write elsewhere"
+            )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+    return out_dir
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary directories of ``out_dir`` that an interrupted write (a killed process) left behind."""
+    for stale in (*out_dir.parent.glob(f".{out_dir.name}.tmp-*"), *out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed {stale}, left by an interrupted write to {out_dir}", file=sys.stderr)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def hf_tensors(model: GPTNeo) -> dict[str, Callable[[], np.ndarray]]:
@@ -443,8 +504,8 @@ def save_pretrained(
             "format='hf' writes from one process: save with format='orbax' (collective), then convert on one "
             "host with `neo-jax convert DIR OUT --to hf`"
         )
-    out_dir = Path(out_dir).expanduser().absolute()
-    with _atomic_directory(out_dir, overwrite) as tmp:
+    out_dir = check_destination(out_dir, overwrite, model.source_dir)
+    with _atomic_directory(out_dir) as tmp:
         if jax.process_index() == 0:
             model.config.to_json_file(tmp / "config.json")
             if model.source_dir:

@@ -71,7 +71,7 @@ def _dataset_texts(source: Path | str, split: str, text_field: str) -> Iterator[
     for number, row in enumerate(dataset):
         if not isinstance(row.get(text_field), str):
             columns = sorted(row)
-            raise ValueError(f"{source} row {number} has no string column {text_field!r} (it has {columns})")  # noqa: TRY004
+            raise ValueError(f"{source} row {number} has no string column {text_field!r} (it has {columns})")
         yield row[text_field]
 
 
@@ -91,7 +91,7 @@ def read_documents(patterns: Sequence[str], text_field: str = "text", split: str
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{number} is not valid JSON ({e})") from None
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{path}:{number} has no string field {text_field!r}")  # noqa: TRY004
+                        raise ValueError(f"{path}:{number} has no string field {text_field!r}")
                     yield record[text_field]
         else:
             yield path.read_text()

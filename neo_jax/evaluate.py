@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from neo_jax import validate
 from neo_jax.generate import bucket
 from neo_jax.model import GPTNeo
 from neo_jax.sharding import model_mesh, place_batch, use_mesh
@@ -36,9 +37,11 @@ def score(
     lengths (nothing after a position changes its logits), so a whole task compiles a handful of programs.
     """
     limit = model.config.max_position_embeddings
+    batch_size = validate.integer("batch_size", batch_size, least=1)
     for s in sequences:
         if not 2 <= len(s) <= limit + 1:
             raise ValueError(f"a scored sequence needs 2 to {limit + 1} tokens, got {len(s)}")
+        validate.token_ids(s, model.config.vocab_size)
     mesh = model_mesh(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     results: list = [None] * len(sequences)
@@ -76,13 +79,7 @@ def perplexity(
     the first is scored once, with up to ``seq_len - 1`` tokens of context (disjoint windows, ``stride ==
     seq_len``, cannot score the first token of each window). Returns ``{"perplexity", "nll", "tokens"}``, where
     ``nll`` is the mean negative log-likelihood per scored token (nats)."""
-    limit = model.config.max_position_embeddings
-    seq_len = seq_len or limit
-    stride = stride or min(512, seq_len)
-    if not 2 <= seq_len <= limit:
-        raise ValueError(f"seq_len must be in [2, {limit}] (the model's positions), got {seq_len}")
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    seq_len, stride = windows_of(seq_len, stride, model.config.max_position_embeddings)
     token_ids = list(token_ids)
     if len(token_ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
@@ -90,6 +87,8 @@ def perplexity(
     previous_end = 0
     for begin in range(0, len(token_ids), stride):
         end = min(begin + seq_len, len(token_ids))
+        if end - begin < 2:  # a last window of one token has nothing to score
+            break
         windows.append(token_ids[begin:end])
         scored.append(min(end - previous_end, end - begin - 1))
         previous_end = end
@@ -101,6 +100,18 @@ def perplexity(
         count += n
     nll = total / count
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
+
+
+def windows_of(seq_len: int | None, stride: int | None, limit: int) -> tuple[int, int]:
+    """``perplexity``'s window length and stride, defaults filled in, checked for a model of ``limit``
+    positions."""
+    seq_len = limit if seq_len is None else validate.integer("seq_len", seq_len)
+    stride = min(512, seq_len) if stride is None else validate.integer("stride", stride)
+    if not 2 <= seq_len <= limit:
+        raise ValueError(f"seq_len must be in [2, {limit}] (the model's positions), got {seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    return seq_len, stride
 
 
 def corpus_tokens(patterns: Sequence[str], tokenizer, *, text_field: str = "text", split: str = "train") -> list[int]:

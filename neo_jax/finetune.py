@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from neo_jax import distributed
+from neo_jax import distributed, validate
 from neo_jax.attention import check_implementation, choose
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
 from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
@@ -43,7 +44,7 @@ REMAT = ("none", "full", "dots")
 CHECKPOINTS, METRICS, RUN_FILE = "checkpoints", "metrics.jsonl", "run.yaml"
 # Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
 # by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
-RESUME_KEYS = ("seq_len", "batch_size", "seed", "validation_fraction")
+RESUME_KEYS = ("model", "seq_len", "batch_size", "seed", "validation_fraction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,9 @@ class FinetuneConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> FinetuneConfig:
-        """Settings from a YAML file (optional), then ``overrides`` that are not None."""
+        """Settings from a YAML file (optional), then ``overrides`` that are not None. A null in the file
+        means the default; a mistake in a value is a ValueError naming the file (when it came from there),
+        the setting and what it must be."""
         values = {}
         if path is not None:
             import yaml
@@ -92,33 +95,51 @@ class FinetuneConfig:
             path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"no config file {path}")
-            values = yaml.safe_load(path.read_text()) or {}
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(values, dict):
                 raise ValueError(f"{path} must hold a mapping of settings, not {type(values).__name__}")
-        values |= {key: value for key, value in overrides.items() if value is not None}
-        unknown = sorted(set(values) - set(cls.fields()))
+        given = {key: value for key, value in overrides.items() if value is not None}
+        from_file = set(values) - set(given)
+        values = {key: value for key, value in (values | given).items() if value is not None}
+        unknown = sorted(set(values) - set(cls.fields()), key=str)
         if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(cls.fields())}")
+            where = f"{path}: " if path else ""
+            raise ValueError(f"{where}unknown setting(s) {unknown}; known: {', '.join(cls.fields())}")
+
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"{f'{path}: ' if name in from_file else ''}{name} must be {what}, got {values[name]!r}")
+
         for field in dataclasses.fields(cls):  # YAML reads 1e-4 as a string: numbers are converted here
             kind = {"int": int, "float": float, "bool": bool}.get(field.type)
             value = values.get(field.name)
-            if kind is None or value is None or type(value) is kind:
+            if kind is None or value is None:
                 continue
-            if kind is bool or isinstance(value, bool) or (kind is int and isinstance(value, float)):
-                raise ValueError(f"{field.name} must be {field.type}, got {value!r}")
+            scalar = isinstance(value, str | int | float) and not isinstance(value, bool)
+            if type(value) is not kind and (kind is bool or not scalar or (kind is int and isinstance(value, float))):
+                raise bad(field.name, field.type)
             try:
                 values[field.name] = kind(value)
             except ValueError:
-                raise ValueError(f"{field.name} must be {field.type}, got {value!r}") from None
+                raise bad(field.name, field.type) from None
+            if kind is float and not math.isfinite(values[field.name]):
+                raise bad(field.name, "a finite number")
         missing = [key for key in ("model", "data", "output") if not values.get(key)]
         if missing:
             raise ValueError(f"missing setting(s) {missing}: pass --{' --'.join(missing)} or put them in the config")
         if isinstance(values["data"], str):
             values["data"] = [values["data"]]
-        values["data"] = tuple(str(d) for d in values["data"])
-        for key in ("model", "output", "export_hf", "mesh", "topology", "attention"):
-            if values.get(key) is not None:
-                values[key] = str(values[key])
+        if not isinstance(values["data"], list | tuple) or not all(isinstance(d, str) and d for d in values["data"]):
+            raise bad("data", "a file pattern or a list of them")
+        values["data"] = tuple(values["data"])
+        for field in dataclasses.fields(cls):
+            value = values.get(field.name)
+            if field.type in ("str", "str | None") and value is not None:
+                if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
+                    raise bad(field.name, "a non-empty string")
+                values[field.name] = str(value)
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -146,6 +167,9 @@ def check(config: FinetuneConfig) -> Mesh:
     for key, least in positive.items():
         if getattr(config, key) < least:
             raise ValueError(f"{key} must be >= {least}, got {getattr(config, key)}")
+    for field in dataclasses.fields(config):
+        if field.type == "float":
+            validate.real(field.name, getattr(config, field.name))
     for key in ("warmup", "eval_every", "weight_decay", "max_grad_norm", "final_lr"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(config, key)}")
@@ -184,17 +208,31 @@ def check(config: FinetuneConfig) -> Mesh:
         if export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
     expand_paths(config.data)
-    _check_output(config)
+    _check_output(config, model_config)
     return mesh
 
 
-def _check_output(config: FinetuneConfig) -> None:
-    """An existing run in ``output`` may only be resumed with the settings that fix its batches."""
-    run_file = Path(config.output).expanduser() / RUN_FILE
+def _check_output(config: FinetuneConfig, model_config) -> None:
+    """An existing run in ``output`` may only be resumed with its model and the settings that fix its batches
+    (the data itself is checked against the checkpoint's fingerprint once it is read, before any write)."""
+    from neo_jax.config import GPTNeoConfig
+
+    output = Path(config.output).expanduser().absolute()
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output {output} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {output} cannot be written: {existing} is not writable by this user")
+    run_file = output / RUN_FILE
     if not run_file.exists():
         return
     import yaml
 
+    if (output / "config.json").exists() and GPTNeoConfig.from_json_file(output / "config.json") != model_config:
+        raise ValueError(
+            f"{output} holds a run of a model with another architecture than {config.model}; resume it with its "
+            "own model, or choose a new --output"
+        )
     before = yaml.safe_load(run_file.read_text())
     changed = [key for key in RESUME_KEYS if before.get(key) != config.to_dict()[key]]
     if before.get("steps") != config.steps and not changed:
@@ -211,22 +249,35 @@ def _check_output(config: FinetuneConfig) -> None:
 
 
 @contextmanager
-def _sigterm_flag():
-    """A one-element list that becomes [True] on SIGTERM (TPU preemption), for the loop to stop cleanly."""
-    flag = [False]
+def _stop_signals():
+    """A one-element list that becomes ``["SIGTERM"]`` on SIGTERM (TPU preemption) or ``["Ctrl-C"]`` on the
+    first SIGINT, for the loop to save and stop cleanly. A second Ctrl-C ends the process at once with status
+    130, as kill -9 would (a save in flight is left incomplete, and the next run resumes from the last
+    complete checkpoint): raising KeyboardInterrupt wherever the main thread happens to be could leave an
+    asynchronous checkpoint write waiting forever."""
+    flag = [None]
+    names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+    previous = {}
 
     def handler(signum, frame):
-        flag[0] = True
+        if signum == signal.SIGINT and flag[0] == "Ctrl-C":
+            distributed.log("\nCtrl-C again: stopped at once, without saving; run the same command to resume")
+            os._exit(130)
+        flag[0] = flag[0] or names[signum]
+        if signum == signal.SIGINT:
+            distributed.log("\nCtrl-C: saving at the end of this step (press Ctrl-C again to stop at once)")
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for signum in names:
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: no handler can be installed
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class Metrics:
@@ -300,6 +351,23 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def _check_resumed_data(output: Path, fingerprint: str) -> None:
+    """The data of a resumed run must be the data its latest checkpoint was trained on (read only: nothing in
+    ``output`` is written or created)."""
+    if not (output / CHECKPOINTS).is_dir():
+        return
+    saved = Checkpoints(output / CHECKPOINTS, read_only=True)
+    try:
+        step = saved.latest_step()
+        if step and saved.metadata(step).get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"the data differs from the data checkpoint {step} in {output / CHECKPOINTS} was trained on; "
+                "resume with the same files, or choose a new --output"
+            )
+    finally:
+        saved.close()
+
+
 def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
     """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0)."""
     from neo_jax.config import GPTNeoConfig
@@ -320,14 +388,14 @@ def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
 
 def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
-    "done", or "sigterm" when a SIGTERM cut it short after saving. A non-finite loss raises
+    "done", or "sigterm" / "sigint" when a SIGTERM / Ctrl-C cut it short after saving. A non-finite loss raises
     ``FloatingPointError`` naming the step, after the checkpoints in flight are complete."""
     mesh = check(config)
-    with _sigterm_flag() as sigterm:  # from here on a SIGTERM (TPU preemption) stops the run cleanly
-        return _train(config, mesh if mesh.size > 1 else None, sigterm, progress)
+    with _stop_signals() as stop:  # from here on SIGTERM (TPU preemption) or Ctrl-C stop the run cleanly
+        return _train(config, mesh if mesh.size > 1 else None, stop, progress)
 
 
-def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progress: bool) -> dict:
+def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
     from neo_jax.convert import from_pretrained, load_tokenizer, resolve
     from neo_jax.data import load
 
@@ -347,6 +415,8 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
         f"data: {len(data.train)} training and {len(data.validation)} validation blocks of {config.seq_len} "
         f"tokens ({data.steps_per_epoch} steps per epoch)"
     )
+    data_state = {"fingerprint": data.fingerprint(), "seq_len": config.seq_len, "batch_size": config.batch_size}
+    _check_resumed_data(Path(config.output).expanduser().absolute(), data_state["fingerprint"])
     output = _prepare_output(config, source)
     model = from_pretrained(
         source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, attention=config.attention, progress=progress
@@ -359,16 +429,9 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
     schedule = learning_rate_schedule(config.optimizer())
     checkpoints = Checkpoints(output / CHECKPOINTS, save_every=config.save_every, keep=config.keep)
     metrics = Metrics(output, config.tensorboard)
-    data_state = {"fingerprint": data.fingerprint(), "seq_len": config.seq_len, "batch_size": config.batch_size}
 
     start = checkpoints.latest_step() or 0
     if start:
-        saved = checkpoints.metadata(start)
-        if saved.get("fingerprint") != data_state["fingerprint"]:
-            raise ValueError(
-                f"the data differs from the data checkpoint {start} in {output / CHECKPOINTS} was trained on; "
-                "resume with the same files, or choose a new --output"
-            )
         checkpoints.restore(model, optimizer, start)
         distributed.log(f"resuming from step {start} (checkpoint in {output / CHECKPOINTS})")
     metrics.keep_until(start)
@@ -384,7 +447,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
         unit="step",
         disable=not (progress and distributed.is_main_process()),
     )
-    interrupted = distributed.any_process(sigterm[0])  # a SIGTERM while loading: stop before training
+    interrupted = distributed.any_process(bool(stop[0]))  # a signal while loading: stop before training
     step = start
     try:
         while step < config.steps and not interrupted:
@@ -417,12 +480,14 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, sigterm: list[bool], progr
             metrics.write(record)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update()
-            interrupted = distributed.any_process(sigterm[0])
+            interrupted = distributed.any_process(bool(stop[0]))
             metadata = data_state | {"step": step}
             checkpoints.save(step, model, optimizer, metadata=metadata, force=interrupted or step == config.steps)
         if interrupted:
-            stopped = "sigterm"
-            distributed.log(f"\nSIGTERM: stopped at step {step}, saved; run the same command again to resume")
+            stopped = "sigint" if stop[0] == "Ctrl-C" else "sigterm"
+            distributed.log(
+                f"\n{stop[0] or 'SIGTERM'}: stopped at step {step}, saved; run the same command again to resume"
+            )
     finally:
         bar.close()
         checkpoints.close()

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neo_jax import sharding
+from neo_jax import sharding, validate
 from neo_jax.attention import dense, self_attention
 from neo_jax.config import GPTNeoConfig
 from neo_jax.model import GPTNeo
@@ -356,22 +356,19 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
         input_ids = input_ids[None]
     if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError(f"the prompt is empty or not [batch, seq]: input_ids has shape {input_ids.shape}")
+    input_ids = validate.token_ids(input_ids, model.config.vocab_size)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {input_ids.shape}")
-    if not mask.any(axis=1).all():
-        raise ValueError("a prompt row is empty: its attention_mask is all zeros")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    mask = validate.attention_mask(mask[None] if mask.ndim == 1 else mask, input_ids.shape)
+    max_new_tokens = validate.integer("max_new_tokens", max_new_tokens, least=0)
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None:
+            validate.integer(name, value)
     limit = model.config.max_position_embeddings
     if input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
             f"max_position_embeddings ({limit}); shorten the prompt or ask for fewer tokens"
         )
-    vocab = model.config.vocab_size
-    if input_ids.min() < 0 or input_ids.max() >= vocab:
-        raise ValueError(f"input_ids must be in [0, {vocab}), got values in [{input_ids.min()}, {input_ids.max()}]")
     pad = _pad_id(eos_token_id, pad_token_id)
     eos = -1 if eos_token_id is None else eos_token_id
     width = bucket(input_ids.shape[1])
@@ -385,6 +382,11 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
 
 
 def check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams):
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+        validate.real(name, value)
+    validate.real("repetition_penalty", repetition_penalty)
+    validate.integer("top_k", top_k)
+    validate.integer("num_beams", num_beams)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
@@ -425,6 +427,9 @@ def stream(
     Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
     """
     check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, 1)
+    validate.integer("seed", seed)
+    if chunk_size is not None:
+        validate.integer("chunk_size", chunk_size, least=1)
     request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return
@@ -712,6 +717,7 @@ def beam_search(
     """transformers' beam search (``num_return_sequences=1``): the new tokens ``[batch, max_new_tokens]`` of
     the best hypothesis per row. ``early_stopping``: True stops a row once ``num_beams`` hypotheses are
     finished; False (default) and "never" use transformers' heuristics for whether a live beam can still win."""
+    validate.real("length_penalty", length_penalty)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
@@ -789,6 +795,7 @@ class TextGenerator:
         """Continuations of ``prompts`` (without the prompt), cut before any of the ``stop`` strings.
         ``sampling``: the keyword arguments of ``generate``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_stop(stop)
         input_ids, mask = self.encode(prompts)
         out = generate(self.model, input_ids, mask, max_new_tokens=max_new_tokens, **self._ids(**sampling))
         return [self.decode(row[input_ids.shape[1] :], stop) for row in out]
@@ -798,6 +805,7 @@ class TextGenerator:
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as tokens are produced; ``new_tokens`` then
         counts the tokens this call generated."""
+        check_stop(stop)
         input_ids, mask = self.encode([prompt])
         tokens, shown = [], ""
         self.new_tokens = 0
@@ -815,6 +823,11 @@ class TextGenerator:
                 shown = text
             if stop and any(s in self.tokenizer.decode(tokens) for s in stop):
                 return
+
+
+def check_stop(stop: list[str] | None) -> None:
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop or ()):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
 
 
 def _cut(text: str, stop: list[str] | None) -> str:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neo_jax import attention as attention_impls
+from neo_jax import validate
 from neo_jax.config import GPTNeoConfig
 from neo_jax.sharding import constrain
 
@@ -66,6 +67,11 @@ class Dense(nnx.Module):
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def _known(x) -> bool:
+    """Whether ``x``'s values can be read here: not a tracer, not partly on other hosts."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def _layer_norm(config, dtype, param_dtype, rngs):
@@ -184,16 +190,25 @@ class GPTNeo(nnx.Module):
         """Logits ``[batch, seq, vocab]`` in float32.
 
         Without ``position_ids`` positions are ``0..seq-1`` for every row, as in the reference forward.
-        ``attention_mask`` ([batch, seq], 1 = token, 0 = padding) hides padded keys.
+        ``attention_mask`` ([batch, seq], 1 = token, 0 = padding, left padding only) hides padded keys.
+
+        Called with concrete arrays, ids outside ``[0, vocab_size)`` and a mask that is not 0/1 or not
+        left-padded are a ``ValueError``. Inside ``jit`` the values are not known, so nothing is checked: an
+        out-of-range id reads a NaN embedding (JAX's gather fills out-of-bounds rows with NaN) and its
+        row's logits are NaN from that position on.
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
         """The final hidden states ``[batch, seq, embed]`` (after ``ln_f``), before the LM head: the loss
         takes the head of only the positions that predict a token."""
+        if _known(input_ids):  # on the host; inside jit see __call__
+            validate.token_ids(input_ids, self.config.vocab_size)
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        if attention_mask is not None and _known(attention_mask):
+            validate.attention_mask(attention_mask, input_ids.shape)
         seq_len = input_ids.shape[1]
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(

@@ -6,6 +6,7 @@ The fine-tuning loop, data pipeline and checkpoints build on these.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -165,14 +166,20 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = Path(directory).expanduser().absolute()
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
-            max_to_keep=keep,
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        quiet = logging.getLogger("absl")  # read_only: Orbax warns that it overrides the save options it ignores
+        level = quiet.level
+        quiet.setLevel(logging.ERROR if read_only else level)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                save_interval_steps=save_every,
+                max_to_keep=keep,
+                cleanup_tmp_directories=not read_only,
+                create=not read_only,
+                read_only=read_only,
+            )
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            quiet.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -145,6 +145,34 @@ def test_sigterm_saves_exits_0_and_the_same_command_resumes_exactly(model_dir, s
     assert_same_run(output, straight)
 
 
+def test_ctrl_c_saves_says_how_to_resume_and_exits_130(model_dir, tmp_path):
+    """The first Ctrl-C stops after the step in flight and saves, as SIGTERM does; a second stops at once.
+    Neither prints a traceback."""
+    output = tmp_path / "run"
+    process = launch(flags(model_dir, output))
+    assert wait_for(lambda: (output / "metrics.jsonl").exists() and len(metrics(output)) >= 2, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["stopped"] == "sigint" and f"Ctrl-C: stopped at step {result['step']}, saved" in err
+    assert Checkpoints(output / "checkpoints", read_only=True).latest_step() == result["step"]
+
+    log = tmp_path / "stderr.txt"  # resume; a second Ctrl-C, once the first is taken, stops it at once
+    with log.open("w") as stderr:
+        env = os.environ | {"JAX_PLATFORMS": "cpu"}
+        command = [sys.executable, "-m", "neo_jax.cli", *flags(model_dir, output)]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        assert wait_for(lambda: len(metrics(output)) > result["step"], process)
+        process.send_signal(signal.SIGINT)
+        assert wait_for(lambda: "press Ctrl-C again" in log.read_text(), process)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=300)
+    err = log.read_text()
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "Ctrl-C again: stopped at once" in err and "Ctrl-C: stopped at step" not in err
+
+
 def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(model_dir, straight, tmp_path):
     output = tmp_path / "run"
     args = flags(model_dir, output, save_every=1)
