@@ -22,6 +22,7 @@ import torch
 from common import median_seconds, same_weights
 
 import neo_jax
+from neo_jax.config import DTYPES
 
 
 def memory_bandwidth() -> float:
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--skip-transformers", action="store_true", help="neo_jax only (e.g. on a GPU)")
     args = parser.parse_args()
 

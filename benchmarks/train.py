@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from common import median_seconds, same_weights
 
+from neo_jax.config import DTYPES, REMAT
 from neo_jax.train import make_optimizer, train_step
 
 
@@ -39,21 +40,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--remat", choices=REMAT, default="none")
     parser.add_argument("--attention", default="auto", help="neo_jax.attention implementation")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
     reference, model = same_weights(args.config, dtype=args.dtype, attention=args.attention)
     config = reference.config
-    model.remat = args.remat
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     jax_ids = jnp.asarray(ids, jnp.int32)
     optimizer = make_optimizer(model, learning_rate=1e-5)
 
     def ours():
-        jax.block_until_ready(train_step(model, optimizer, jax_ids))
+        jax.block_until_ready(train_step(model, optimizer, jax_ids, remat=args.remat))
 
     start = time.perf_counter()
     ours()

@@ -2,7 +2,7 @@
 
 from neo_jax.config import GPTNeoConfig
 from neo_jax.convert import from_pretrained, save_pretrained
-from neo_jax.generate import TextGenerator, generate
+from neo_jax.generation import TextGenerator, generate
 from neo_jax.model import GPTNeo, init_model
 from neo_jax.sharding import make_mesh
 

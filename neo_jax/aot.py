@@ -192,10 +192,9 @@ def train_program(
 
     with attention_impls.compiling_for(_platform(mesh)):  # which attention implementations may run
         model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
-    model.remat = remat
     ids = _input((batch, seq), jnp.int32, mesh)
     with jax.set_mesh(mesh):
-        return compiled_train_step.lower(model, opt, ids, ids, grad_accum=grad_accum)
+        return compiled_train_step.lower(model, opt, ids, ids, grad_accum=grad_accum, remat=remat)
 
 
 def generation_lengths(config: GPTNeoConfig, batch: int, max_len: int | None, prompt_len: int | None):
@@ -227,7 +226,10 @@ def generate_programs(
     ``prompt_len`` tokens, default half of ``max_len``, into a new KV cache, and the first token) and
     ``decode`` (the jitted loop of single-token steps over that cache, up to ``max_len`` positions in all).
     Weights are stored in ``param_dtype`` (default: ``dtype``, as ``neo-jax generate --dtype`` loads them)."""
-    from neo_jax.generate import Sampling, _continue, _start, bucket, cache_bucket
+    from neo_jax.generation.cache import cache_bucket
+    from neo_jax.generation.loop import _continue, _start
+    from neo_jax.generation.sampling import Sampling
+    from neo_jax.shapes import bucket
 
     max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
     model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)

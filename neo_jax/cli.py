@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16")
+from neo_jax.config import DTYPES, REMAT  # no JAX here: the parser is built quickly
+
 ATTENTION_HELP = "attention implementation: auto, dense, blockwise, splash (TPU) or cudnn (GPU); see neo_jax.attention"
 
 
 def convert(args: argparse.Namespace) -> None:
-    from neo_jax.convert import check_destination, from_pretrained, resolve, save_pretrained
+    from neo_jax.checkpoints import check_destination
+    from neo_jax.convert import from_pretrained, save_pretrained
+    from neo_jax.hf import resolve
 
     start = time.perf_counter()
     source = resolve(args.src, args.revision)
@@ -41,7 +44,7 @@ def enable_compilation_cache(directory: str | None) -> None:
 
 def sampling_options(args: argparse.Namespace) -> dict:
     """Greedy unless a sampling knob is given; validated before anything loads or compiles."""
-    from neo_jax.generate import check_sampling
+    from neo_jax.generation import check_sampling
 
     do_sample = args.num_beams == 1 and any(
         value is not None for value in (args.temperature, args.top_k, args.top_p, args.min_p)
@@ -72,13 +75,13 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     options = sampling_options(args)
     from neo_jax.attention import check_implementation
-    from neo_jax.generate import check_stop
+    from neo_jax.generation import check_stop
 
     check_stop(args.stop)
     check_implementation(args.attention)
     enable_compilation_cache(args.compilation_cache)
 
-    from neo_jax.generate import TextGenerator
+    from neo_jax.generation import TextGenerator
 
     generator = TextGenerator(args.model, dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
     beams = options.pop("num_beams")
@@ -88,12 +91,13 @@ def generate(args: argparse.Namespace) -> None:
         pieces = generator(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, num_beams=beams, **options)
         tokens = len(generator.tokenizer(pieces[0])["input_ids"])
     else:
-        for piece in generator.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **options):
+        continuation = generator.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **options)
+        for piece in continuation:
             first = first or time.perf_counter() - start
             pieces.append(piece)
             if not args.json:
                 print(piece, end="", flush=True)
-        tokens = generator.new_tokens
+        tokens = continuation.new_tokens
     elapsed = time.perf_counter() - start
     first = first or elapsed
     completion = "".join(pieces)
@@ -193,7 +197,7 @@ def plan(args: argparse.Namespace) -> None:
 def _config(model: str):
     """A preset by size (125M) or by the released model's hub id, without the network; else the model's own."""
     from neo_jax.config import PRESETS, GPTNeoConfig
-    from neo_jax.convert import resolve_config
+    from neo_jax.hf import resolve_config
 
     size = model.removeprefix("EleutherAI/gpt-neo-")
     return GPTNeoConfig.preset(size) if size in PRESETS else resolve_config(model)
@@ -210,6 +214,27 @@ def _describe(args, result) -> str:
         f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "
         f"{args.dtype} compute, float32 weights + AdamW, {attention} attention"
     )
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``FinetuneConfig`` setting, with its type, choices and help (the default shown is the
+    setting's; the flag's own default is None, so a YAML file's value is kept unless the flag is given)."""
+    import dataclasses
+
+    from neo_jax.settings import FinetuneConfig
+
+    types = FinetuneConfig.types()
+    for field in dataclasses.fields(FinetuneConfig):
+        kind, meta = types[field.name], field.metadata
+        default = "" if field.default is None else f" (default {field.default})"
+        options = {"help": meta["help"] + default, "choices": meta["choices"]}
+        if kind is bool:
+            options |= {"action": argparse.BooleanOptionalAction}
+        elif field.name == "data":
+            options |= {"nargs": "+"}
+        else:
+            options |= {"type": kind if kind in (int, float) else str}
+        parser.add_argument("--" + field.name.replace("_", "-"), **options)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -229,8 +254,9 @@ def eval_perplexity(args: argparse.Namespace) -> None:
 
     from neo_jax import validate
     from neo_jax.config import GPTNeoConfig
-    from neo_jax.convert import from_pretrained, load_tokenizer, resolve
+    from neo_jax.convert import from_pretrained
     from neo_jax.evaluate import corpus_tokens, perplexity, windows_of
+    from neo_jax.hf import load_tokenizer, resolve
 
     directory = resolve(args.model, args.revision)
     windows_of(
@@ -339,9 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="global batch size (sequences)")
     p.add_argument("--seq", type=int, help="train: sequence length")
     p.add_argument("--grad-accum", type=int, help="train: micro-batches per step (default 1)")
-    p.add_argument(
-        "--remat", nargs="?", const="full", choices=("none", "full", "dots"), help="train: recompute activations"
-    )
+    p.add_argument("--remat", choices=REMAT, help="train: recompute activations (default none)")
     p.add_argument("--max-len", type=int, help="generate: positions in all (default: the model's maximum)")
     p.add_argument("--prompt-len", type=int, help="generate: prompt tokens (default: half of --max-len)")
     p.add_argument("--dtype", choices=DTYPES, help="train: compute dtype (weights float32); generate: weights")
@@ -359,29 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "step's metrics as JSON.",
     )
     p.add_argument("--config", help="YAML file of settings (the flags override it)")
-    p.add_argument("--model", help="hub id, Hugging Face directory, Orbax directory or earlier train output")
-    p.add_argument("--data", nargs="+", help="text files, globs, .jsonl, saved datasets, or hf:NAME[:CONFIG]")
-    p.add_argument("--output", help="run directory: checkpoints, metrics, loss.png")
-    p.add_argument("--steps", type=int, help="optimizer steps in all (default 1000)")
-    p.add_argument("--batch-size", type=int, help="global batch, in sequences (default 8)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps, then cosine decay (default 100)")
-    p.add_argument("--weight-decay", type=float, help="AdamW decay of weight matrices (default 0.01)")
-    p.add_argument("--save-every", type=int, help="checkpoint every K steps (default 500)")
-    p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
-    p.add_argument("--eval-every", type=int, help="validation loss every E steps; 0: at the end (default)")
-    p.add_argument("--validation-fraction", type=float, help="share of blocks held out (default 0.01)")
-    p.add_argument("--seed", type=int, help="data order seed (default 0)")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype; weights stay float32 (default bfloat16)")
-    p.add_argument("--remat", choices=("none", "full", "dots"), help="recompute activations (default none)")
-    p.add_argument("--attention", help=ATTENTION_HELP + " (default auto)")
-    p.add_argument("--mesh", help="D,F,T data, fsdp and tensor sizes (default: every device on fsdp)")
-    p.add_argument("--text-field", help="JSONL/dataset field holding the text (default text)")
-    p.add_argument("--split", help="dataset split (default train)")
-    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard events")
-    p.add_argument("--export-hf", help="at the end, write the model for transformers to this directory")
+    add_settings(p)
     p.set_defaults(run=train)
 
     p = commands.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks")

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 ATTENTION_KINDS = ("global", "local")
+DTYPES = ("float32", "bfloat16")  # compute and storage dtypes of the command line and fine-tuning settings
+REMAT = ("none", "full", "dots")  # activation recomputation in training (the policies: model.REMAT_POLICIES)
 # EleutherAI's released sizes; configs/gpt-neo-*.json are these, written out (a test keeps them equal).
 PRESETS = {
     "125M": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]]},

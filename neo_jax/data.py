@@ -110,9 +110,10 @@ def tokenized_documents(
 def pack(documents: Iterable[Sequence[int]], seq_len: int, eos: int) -> np.ndarray:
     """Join documents, each followed by ``eos``, and cut the stream into ``[n, seq_len]`` blocks (the
     tail shorter than a block is dropped)."""
-    stream = [token for doc in documents for token in (*doc, eos)]
+    pieces = [piece for doc in documents for piece in (np.asarray(doc, np.int32), np.int32([eos]))]
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     n = len(stream) // seq_len
-    return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+    return stream[: n * seq_len].reshape(n, seq_len)
 
 
 class PackedData:

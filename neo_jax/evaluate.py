@@ -14,16 +14,22 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from neo_jax import validate
-from neo_jax.generate import bucket
 from neo_jax.model import GPTNeo
+from neo_jax.shapes import bucket
 from neo_jax.sharding import model_mesh, place_batch, use_mesh
+
+
+def token_logprobs(logits, targets):
+    """``log p(target)`` per position, in float32, from logits ``[..., vocab]``: the one place the next-token
+    log-likelihood is computed (the training loss is its negative). ``log_softmax`` is never materialised
+    next to the logits."""
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
 @nnx.jit
 def _token_scores(model: GPTNeo, input_ids, targets):
-    logits = model(input_ids)  # float32; log_softmax is never materialised next to it
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-    return picked, jnp.argmax(logits, axis=-1) == targets
+    logits = model(input_ids)  # float32
+    return token_logprobs(logits, targets), jnp.argmax(logits, axis=-1) == targets
 
 
 def score(

@@ -20,7 +20,6 @@ saves and exits 0), by kill -9 or by a crash continues on exactly the batch it w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,140 +35,31 @@ from tqdm.auto import tqdm
 
 from neo_jax import distributed, validate
 from neo_jax.attention import check_implementation, choose
+from neo_jax.checkpoints import Checkpoints
+from neo_jax.config import DTYPES, REMAT
+from neo_jax.settings import FinetuneConfig
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
-from neo_jax.train import Checkpoints, OptimizerConfig, evaluate, learning_rate_schedule, make_optimizer, train_step
+from neo_jax.train import learning_rate_schedule, make_optimizer, mean_loss, train_step
 
-DTYPES = ("float32", "bfloat16")
-REMAT = ("none", "full", "dots")
 CHECKPOINTS, METRICS, RUN_FILE = "checkpoints", "metrics.jsonl", "run.yaml"
 # Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
 # by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
 RESUME_KEYS = ("model", "seq_len", "batch_size", "seed", "validation_fraction")
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything a fine-tuning run needs; the YAML files in ``configs/`` use these names."""
-
-    model: str
-    data: tuple[str, ...]
-    output: str
-    steps: int = 1000
-    batch_size: int = 8  # global, over every device and host; split into grad_accum micro-batches
-    seq_len: int = 2048
-    grad_accum: int = 1
-    lr: float = 5e-5
-    warmup: int = 100
-    final_lr: float = 5e-6  # the cosine decays from lr to this over the steps after the warmup
-    weight_decay: float = 0.01
-    decay_embeddings: bool = False
-    max_grad_norm: float = 1.0  # 0: no clipping
-    save_every: int = 500
-    keep: int = 3
-    eval_every: int = 0  # 0: evaluate at the end only
-    validation_fraction: float = 0.01
-    seed: int = 0
-    dtype: str = "bfloat16"  # compute; the parameters and optimizer state stay float32
-    remat: str = "none"
-    attention: str = "auto"  # neo_jax.attention: auto, dense, blockwise, splash, cudnn
-    mesh: str | None = None  # "D,F,T"; default: every device on the fsdp axis
-    text_field: str = "text"
-    split: str = "train"
-    tensorboard: bool = False
-    export_hf: str | None = None
-    topology: str | None = None  # the TPU slice these settings are sized for: `neo-jax plan --config` compiles for it
-
-    @classmethod
-    def fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, **overrides) -> FinetuneConfig:
-        """Settings from a YAML file (optional), then ``overrides`` that are not None. A null in the file
-        means the default; a mistake in a value is a ValueError naming the file (when it came from there),
-        the setting and what it must be."""
-        values = {}
-        if path is not None:
-            import yaml
-
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"no config file {path}")
-            try:
-                values = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"{path} must hold a mapping of settings, not {type(values).__name__}")
-        given = {key: value for key, value in overrides.items() if value is not None}
-        from_file = set(values) - set(given)
-        values = {key: value for key, value in (values | given).items() if value is not None}
-        unknown = sorted(set(values) - set(cls.fields()), key=str)
-        if unknown:
-            where = f"{path}: " if path else ""
-            raise ValueError(f"{where}unknown setting(s) {unknown}; known: {', '.join(cls.fields())}")
-
-        def bad(name: str, what: str) -> ValueError:
-            return ValueError(f"{f'{path}: ' if name in from_file else ''}{name} must be {what}, got {values[name]!r}")
-
-        for field in dataclasses.fields(cls):  # YAML reads 1e-4 as a string: numbers are converted here
-            kind = {"int": int, "float": float, "bool": bool}.get(field.type)
-            value = values.get(field.name)
-            if kind is None or value is None:
-                continue
-            scalar = isinstance(value, str | int | float) and not isinstance(value, bool)
-            if type(value) is not kind and (kind is bool or not scalar or (kind is int and isinstance(value, float))):
-                raise bad(field.name, field.type)
-            try:
-                values[field.name] = kind(value)
-            except ValueError:
-                raise bad(field.name, field.type) from None
-            if kind is float and not math.isfinite(values[field.name]):
-                raise bad(field.name, "a finite number")
-        missing = [key for key in ("model", "data", "output") if not values.get(key)]
-        if missing:
-            raise ValueError(f"missing setting(s) {missing}: pass --{' --'.join(missing)} or put them in the config")
-        if isinstance(values["data"], str):
-            values["data"] = [values["data"]]
-        if not isinstance(values["data"], list | tuple) or not all(isinstance(d, str) and d for d in values["data"]):
-            raise bad("data", "a file pattern or a list of them")
-        values["data"] = tuple(values["data"])
-        for field in dataclasses.fields(cls):
-            value = values.get(field.name)
-            if field.type in ("str", "str | None") and value is not None:
-                if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
-                    raise bad(field.name, "a non-empty string")
-                values[field.name] = str(value)
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"data": list(self.data)}
-
-    def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(
-            learning_rate=self.lr,
-            warmup_steps=self.warmup,
-            total_steps=self.steps,
-            final_learning_rate=self.final_lr,
-            weight_decay=self.weight_decay,
-            decay_embeddings=self.decay_embeddings,
-            max_grad_norm=self.max_grad_norm,
-        )
-
-
 def check(config: FinetuneConfig) -> Mesh:
     """Every setting that can be checked without reading data or loading weights; returns the device mesh
     (``mesh``, by default every device on the fsdp axis)."""
-    from neo_jax.convert import resolve_config
     from neo_jax.data import expand_paths
+    from neo_jax.hf import resolve_config
 
     positive = {"steps": 1, "batch_size": 1, "seq_len": 2, "grad_accum": 1, "save_every": 1, "keep": 1}
     for key, least in positive.items():
         if getattr(config, key) < least:
             raise ValueError(f"{key} must be >= {least}, got {getattr(config, key)}")
-    for field in dataclasses.fields(config):
-        if field.type == "float":
-            validate.real(field.name, getattr(config, field.name))
+    for name, kind in FinetuneConfig.types().items():
+        if kind is float:
+            validate.real(name, getattr(config, name))
     for key in ("warmup", "eval_every", "weight_decay", "max_grad_norm", "final_lr"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(config, key)}")
@@ -194,6 +84,13 @@ def check(config: FinetuneConfig) -> Mesh:
             f"{replicas} data-parallel devices (mesh data x fsdp): make it a multiple of {replicas}"
         )
     model_config = resolve_config(config.model)
+    dropouts = {name: getattr(model_config, name) for name in ("embed_dropout", "resid_dropout", "attention_dropout")}
+    if any(dropouts.values()):
+        raise ValueError(
+            f"the model's config sets dropout ({', '.join(f'{k}={v}' for k, v in dropouts.items() if v)}), which "
+            "neo_jax does not apply: it trains without dropout. Set them to 0 in a copy of the model's config.json "
+            "to fine-tune without it"
+        )
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(
             f"seq_len {config.seq_len} is beyond the model's {model_config.max_position_embeddings} positions "
@@ -330,8 +227,13 @@ def _records(path: Path) -> list[tuple[str, dict]]:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Training loss per step and evaluation loss where measured, from ``metrics.jsonl``."""
-    import matplotlib
+    """Training loss per step and evaluation loss where measured, from ``metrics.jsonl``. Without matplotlib
+    (the ``train`` extra) the picture is skipped with a message; the metrics are all in the JSONL file."""
+    try:
+        import matplotlib
+    except ImportError:
+        distributed.log(f"{png_path.name} not drawn: it needs matplotlib (pip install 'neo_jax[train]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -371,7 +273,7 @@ def _check_resumed_data(output: Path, fingerprint: str) -> None:
 def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
     """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0)."""
     from neo_jax.config import GPTNeoConfig
-    from neo_jax.convert import copy_companion_files
+    from neo_jax.hf import copy_companion_files
 
     output = Path(config.output).expanduser().absolute()
     if distributed.is_main_process():
@@ -396,8 +298,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
 
 
 def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
-    from neo_jax.convert import from_pretrained, load_tokenizer, resolve
+    from neo_jax.convert import from_pretrained
     from neo_jax.data import load
+    from neo_jax.hf import load_tokenizer, resolve
 
     source = resolve(config.model)
     tokenizer = load_tokenizer(source)
@@ -421,7 +324,6 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     model = from_pretrained(
         source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, attention=config.attention, progress=progress
     )
-    model.remat = config.remat
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
@@ -453,7 +355,13 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         while step < config.steps and not interrupted:
             step += 1
             began = time.perf_counter()
-            out = train_step(model, optimizer, place_batch(data.batch(step - 1), mesh), grad_accum=config.grad_accum)
+            out = train_step(
+                model,
+                optimizer,
+                place_batch(data.batch(step - 1), mesh),
+                grad_accum=config.grad_accum,
+                remat=config.remat,
+            )
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             seconds = time.perf_counter() - began
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -475,7 +383,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
                 "seconds": round(seconds, 4),
             }
             if data.validation.size and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                eval_loss = evaluate(model, (place_batch(rows, mesh) for rows in data.validation_batches()))
+                eval_loss = mean_loss(model, (place_batch(rows, mesh) for rows in data.validation_batches()))
                 record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
             metrics.write(record)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
+from neo_jax.config import DTYPES
 from neo_jax.evaluate import score
 
 
@@ -42,7 +43,8 @@ class NeoJaxLM(TemplateLM):
         **unused,
     ):
         super().__init__()
-        from neo_jax.convert import from_pretrained, load_tokenizer, resolve
+        from neo_jax.convert import from_pretrained
+        from neo_jax.hf import load_tokenizer, resolve
         from neo_jax.sharding import make_mesh, parse_mesh
 
         if unused:
@@ -52,8 +54,8 @@ class NeoJaxLM(TemplateLM):
                 sorted(unused),
             )
         dtype = {"auto": "float32", "float": "float32", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.batch_size = _batch_size(batch_size)
         placement = None
         if mesh is not None:
@@ -108,7 +110,7 @@ class NeoJaxLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations (greedy unless the task asks to sample), cut before the first ``until`` string or
         EOS, at most ``max_gen_toks`` tokens."""
-        from neo_jax.generate import generate
+        from neo_jax.generation import generate
 
         eos = self.tokenizer.decode([self.eot_token_id])
         groups: dict[str, list[int]] = {}  # requests sharing generation settings run in batches together

@@ -21,6 +21,7 @@ no mesh both are inert.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,21 @@ from neo_jax import attention as attention_impls
 from neo_jax import validate
 from neo_jax.config import GPTNeoConfig
 from neo_jax.sharding import constrain
+
+
+class LayerAttention(Protocol):
+    """What ``GPTNeo.transform`` calls once per layer to mix the heads: ``layer`` is the layer's index (traced
+    inside the layer scan), ``kind`` "global" or "local", q, k, v ``[batch, heads, T, head_dim]``; ``state``
+    (a KV cache in generation, None in a forward pass) is threaded through the layers in order."""
+
+    def __call__(self, layer, kind: str, q, k, v, state: Any) -> tuple[jax.Array, Any]: ...
+
+
+class BlockAttention(Protocol):
+    """``LayerAttention`` with its layer bound: what a ``Block`` (and its ``Attention``) calls."""
+
+    def __call__(self, kind: str, q, k, v, state: Any) -> tuple[jax.Array, Any]: ...
+
 
 # Rematerialisation: what the backward pass keeps of each layer period ("none": everything).
 REMAT_POLICIES = {
@@ -104,7 +120,7 @@ class Attention(nnx.Module):
         """[b, t, h*d] -> [b, h, t, d]: heads-major, so attention's matmuls need no transposes."""
         return constrain(x.reshape(*x.shape[:-1], self.num_heads, -1).swapaxes(1, 2), "batch", "heads", None, None)
 
-    def __call__(self, x, attention, state):
+    def __call__(self, x, attention: BlockAttention, state):
         """``attention(kind, q, k, v, state) -> (out, state)`` mixes the heads: plain masked attention
         in a forward pass, or cache reads and writes during generation (see ``GPTNeo.transform``)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -134,7 +150,7 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(config, dtype, param_dtype, rngs)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, attention, state=None):
+    def __call__(self, x, attention: BlockAttention, state=None):
         h, state = self.attn(self.ln_1(x), attention, state)
         x = constrain(x + h, "batch", None, None)
         return constrain(x + self.mlp(self.ln_2(x)), "batch", None, None), state
@@ -160,8 +176,6 @@ class GPTNeo(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.attention = attention_impls.check_implementation(attention)  # see neo_jax.attention
-        self.source_dir: str | None = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
-        self.remat = "none"  # training: "full" or "dots" trade compute for activation memory (REMAT_POLICIES)
         embed = partial(
             nnx.Embed,
             dtype=dtype,
@@ -199,9 +213,10 @@ class GPTNeo(nnx.Module):
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, remat: str = "none"):
         """The final hidden states ``[batch, seq, embed]`` (after ``ln_f``), before the LM head: the loss
-        takes the head of only the positions that predict a token."""
+        takes the head of only the positions that predict a token. ``remat`` (training: "full" or "dots",
+        ``REMAT_POLICIES``) recomputes each layer period's activations in the backward pass."""
         if _known(input_ids):  # on the host; inside jit see __call__
             validate.token_ids(input_ids, self.config.vocab_size)
         input_ids = jnp.asarray(input_ids)
@@ -223,10 +238,12 @@ class GPTNeo(nnx.Module):
             window = self.config.window_size
             return attention_impls.self_attention(q, k, v, kind, window, mask, self.attention), state
 
-        hidden, _ = self.transform(input_ids, position_ids, attention)
+        hidden, _ = self.transform(input_ids, position_ids, attention, remat=remat)
         return hidden
 
-    def transform(self, input_ids, position_ids, attention, state=None, periods=None):
+    def transform(
+        self, input_ids, position_ids, attention: LayerAttention, state=None, periods=None, *, remat: str = "none"
+    ):
         """Embeddings, every block, final LayerNorm: ``(hidden [batch, seq, embed], state)``.
 
         ``attention(layer, kind, q, k, v, state) -> (out, state)`` is called once per layer, where
@@ -252,8 +269,8 @@ class GPTNeo(nnx.Module):
                 x, state, index = carry
                 return *run(x, state, index, period), index + 1
 
-            if self.remat != "none":  # recompute a period's activations in the backward pass
-                run_period = nnx.remat(run_period, policy=REMAT_POLICIES[self.remat])
+            if remat != "none":  # recompute a period's activations in the backward pass
+                run_period = nnx.remat(run_period, policy=REMAT_POLICIES[remat])
             run_period = nnx.scan(run_period, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
             x, state, _ = run_period((x, state, jnp.int32(0)), self.periods)
         else:

@@ -27,8 +27,9 @@ from flax import nnx
 from neo_jax.aot import check_train
 from neo_jax.attention import BLOCK, choose
 from neo_jax.config import GPTNeoConfig
-from neo_jax.generate import bucket, cache_bytes
+from neo_jax.generation.cache import cache_bytes
 from neo_jax.model import GPTNeo
+from neo_jax.shapes import bucket
 from neo_jax.sharding import AXES, shard_shape, spec
 
 GIB = 2**30

@@ -6,15 +6,14 @@ The fine-tuning loop, data pipeline and checkpoints build on these.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from neo_jax.evaluate import token_logprobs
 from neo_jax.model import GPTNeo
 from neo_jax.sharding import model_mesh, use_mesh
 
@@ -76,44 +75,50 @@ def make_optimizer(model: GPTNeo, config: OptimizerConfig | None = None, **optio
     return nnx.Optimizer(model, optax.chain(clip, adamw), wrt=nnx.Param)
 
 
-def token_losses(model: GPTNeo, input_ids, loss_mask=None):
+def token_losses(model: GPTNeo, input_ids, loss_mask=None, *, remat: str = "none"):
     """(sum of next-token cross entropies in float32, number of target tokens) for one batch.
 
-    ``loss_mask`` ([batch, seq], 1 = a real token) leaves padding out as a target.
+    ``loss_mask`` ([batch, seq], 1 = a real token) leaves padding out as a target; ``remat`` as in
+    ``GPTNeo.hidden_states``.
     """
-    logits = model.logits(model.hidden_states(input_ids)[:, :-1])  # no logits for the last position
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, input_ids[:, 1:])
+    logits = model.logits(model.hidden_states(input_ids, remat=remat)[:, :-1])  # no logits for the last position
+    losses = -token_logprobs(logits, input_ids[:, 1:])
     weights = jnp.ones_like(losses) if loss_mask is None else loss_mask[:, 1:].astype(jnp.float32)
     return (losses * weights).sum(), weights.sum()
 
 
-def next_token_loss(model: GPTNeo, input_ids, loss_mask=None):
+def next_token_loss(model: GPTNeo, input_ids, loss_mask=None, *, remat: str = "none"):
     """Mean next-token cross entropy over the batch's target tokens."""
-    total, count = token_losses(model, input_ids, loss_mask)
+    total, count = token_losses(model, input_ids, loss_mask, remat=remat)
     return total / jnp.maximum(count, 1.0)
 
 
-def train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=None, *, grad_accum: int = 1):
+def train_step(
+    model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=None, *, grad_accum: int = 1, remat: str = "none"
+):
     """One optimizer step on a batch, in place; returns ``{"loss", "grad_norm"}``.
 
     With ``grad_accum > 1`` the batch is cut into that many micro-batches whose gradients are summed in a
     scan before the single update: the same step as the whole batch at once, in less activation memory.
-    The loss is the mean over every target token of the batch either way. On a mesh the activations are
-    split like the batch (see ``neo_jax.sharding``).
+    The loss is the mean over every target token of the batch either way. ``remat`` ("none", "full",
+    "dots") trades compute for activation memory (``neo_jax.model.REMAT_POLICIES``). On a mesh the activations
+    are split like the batch (see ``neo_jax.sharding``).
     """
     if loss_mask is None:
         loss_mask = jnp.ones_like(input_ids)
     with use_mesh(model_mesh(model)):
-        return compiled_train_step(model, optimizer, input_ids, loss_mask, grad_accum=grad_accum)
+        return compiled_train_step(model, optimizer, input_ids, loss_mask, grad_accum=grad_accum, remat=remat)
 
 
-@partial(nnx.jit, static_argnames=("grad_accum",), donate_argnames=("model", "optimizer"))
-def compiled_train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, *, grad_accum: int):
+@partial(nnx.jit, static_argnames=("grad_accum", "remat"), donate_argnames=("model", "optimizer"))
+def compiled_train_step(
+    model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, *, grad_accum: int, remat: str = "none"
+):
     """``train_step``'s program; the caller enters the model's mesh (``neo_jax.aot`` lowers it for a TPU)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def summed(params, ids, mask):
-        return token_losses(nnx.merge(graphdef, params, rest), ids, mask)
+        return token_losses(nnx.merge(graphdef, params, rest), ids, mask, remat=remat)
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
     if grad_accum == 1:
@@ -138,7 +143,7 @@ def compiled_train_step(model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss
 _batch_losses = nnx.jit(token_losses)
 
 
-def evaluate(model: GPTNeo, batches) -> float:
+def mean_loss(model: GPTNeo, batches) -> float:
     """Mean next-token cross entropy over every target token of ``batches`` (``[batch, seq]`` arrays)."""
     total = count = 0.0
     for input_ids in batches:
@@ -148,90 +153,3 @@ def evaluate(model: GPTNeo, batches) -> float:
     if not count:
         raise ValueError("nothing to evaluate: no batch with a target token")
     return total / count
-
-
-class Checkpoints:
-    """Fine-tuning checkpoints with Orbax's ``CheckpointManager``: the model's parameters, the optimizer
-    state and the step (which also fixes the data position, see ``neo_jax.data``).
-
-    Saves are asynchronous and happen every ``save_every`` steps (or when forced); the last ``keep`` are
-    kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so one cut
-    off mid-write (a killed process) is never listed: ``latest_step`` and ``restore`` see the previous one.
-    Leftover temporary directories are removed when the manager opens. Every process of a multi-host run
-    creates its own ``Checkpoints`` on the same directory; Orbax coordinates the writes.
-    """
-
-    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, read_only: bool = False):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.directory = Path(directory).expanduser().absolute()
-        quiet = logging.getLogger("absl")  # read_only: Orbax warns that it overrides the save options it ignores
-        level = quiet.level
-        quiet.setLevel(logging.ERROR if read_only else level)
-        try:
-            options = ocp.CheckpointManagerOptions(
-                save_interval_steps=save_every,
-                max_to_keep=keep,
-                cleanup_tmp_directories=not read_only,
-                create=not read_only,
-                read_only=read_only,
-            )
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
-        finally:
-            quiet.setLevel(level)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
-    def save(
-        self, step: int, model: GPTNeo, optimizer: nnx.Optimizer, *, metadata: dict | None = None, force: bool = False
-    ) -> bool:
-        """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started.
-        ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there."""
-        args = self._ocp.args.Composite(
-            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
-            optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
-            metadata=self._ocp.args.JsonSave(metadata or {}),
-        )
-        return self.manager.save(step, args=args, force=force)
-
-    def metadata(self, step: int) -> dict:
-        """The ``metadata`` saved with checkpoint ``step``."""
-        restored = self.manager.restore(step, args=self._ocp.args.Composite(metadata=self._ocp.args.JsonRestore()))
-        return dict(restored["metadata"])
-
-    def params_directory(self, step: int) -> Path:
-        """Where checkpoint ``step`` keeps the parameters (an Orbax PyTree, as ``from_pretrained`` reads)."""
-        return self.directory / str(step) / "params"
-
-    def restore(self, model: GPTNeo, optimizer: nnx.Optimizer, step: int | None = None) -> int:
-        """Load checkpoint ``step`` (default: the latest complete one) into ``model`` and ``optimizer`` in
-        place, keeping their dtypes and shardings; returns the step."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.manager.directory}")
-        states = {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
-        restore = {}
-        for name, state in states.items():
-            target = nnx.to_pure_dict(state)
-            restore[name] = self._ocp.args.PyTreeRestore(
-                target, restore_args=self._ocp.checkpoint_utils.construct_restore_args(target)
-            )
-        restored = self.manager.restore(step, args=self._ocp.args.Composite(**restore))
-        for name, state in states.items():
-            nnx.replace_by_pure_dict(state, restored[name])
-        nnx.update(model, states["params"])
-        nnx.update(optimizer, states["optimizer"])
-        return step
-
-    def wait(self) -> None:
-        """Block until every save in flight is complete."""
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import neo_jax
 from neo_jax import convert
+from neo_jax.hf import write_safetensors
 from tests.conftest import SMALL, TOKENIZER_DIR, hf_logits, make_hf_model, random_ids
 
 TOL = 1e-4
@@ -96,7 +97,7 @@ def test_hub_id_resolves_through_huggingface_hub_cache(tmp_path, monkeypatch, sa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     ours = neo_jax.from_pretrained("EleutherAI/gpt-neo-test", progress=False)
-    assert ours.source_dir == str(snapshot)
+    assert convert.source_of(ours) == snapshot
     ids = random_ids(1, 30, SMALL["vocab_size"])
     assert np.abs(logits(ours, ids) - hf_logits(model, ids)).max() <= TOL
 
@@ -198,7 +199,7 @@ def test_streamed_safetensors_match_the_library_reader(tmp_path):
         "b": np.array([1.5, -2, 3], dtype=jnp.bfloat16),
         "c": np.zeros((0,), np.float32),
     }
-    convert.write_safetensors(tmp_path / "x.safetensors", specs, {k: (lambda v=v: v) for k, v in data.items()})
+    write_safetensors(tmp_path / "x.safetensors", specs, {k: (lambda v=v: v) for k, v in data.items()})
     with safe_open(tmp_path / "x.safetensors", "numpy") as f:
         assert set(f.keys()) == set(data)
         for key, value in data.items():
@@ -305,7 +306,7 @@ def test_failed_export_leaves_nothing_half_written(hf, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "write_safetensors", fail)
+    monkeypatch.setattr(neo_jax.hf, "write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         neo_jax.save_pretrained(ours, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -23,8 +23,8 @@ from flax import nnx
 
 import neo_jax
 from neo_jax import cli
+from neo_jax.checkpoints import Checkpoints
 from neo_jax.finetune import FinetuneConfig, finetune
-from neo_jax.train import Checkpoints
 
 ROOT = Path(__file__).parent.parent
 ENGLISH = sorted(str(p) for p in (ROOT / "tests" / "fixtures" / "english").glob("*.txt"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +13,9 @@ import torch
 import transformers
 
 import neo_jax
+from neo_jax import generation as gen
 from tests.conftest import SMALL, TOKENIZER_DIR
 
-# The module, not the function of the same name that neo_jax exports.
-gen = importlib.import_module("neo_jax.generate")
 PAD = 5  # non-zero: transformers' beam search fills with EOS when pad_token_id is 0 ("0 or eos")
 
 
@@ -101,7 +101,7 @@ def test_ring_buffer_gives_the_same_tokens_as_a_full_cache(small, monkeypatch):
     ids, mask = left_padded([4, 10], SMALL["vocab_size"], seed=2)
     ring = gen.generate(model, ids, mask, max_new_tokens=40)
     assert min(gen.cache_lengths(model.config, 64)) == 8  # local layers really keep only the window
-    monkeypatch.setattr(gen, "cache_lengths", lambda config, max_len: (max_len,) * config.num_layers)
+    monkeypatch.setattr(gen.cache, "cache_lengths", lambda config, max_len: (max_len,) * config.num_layers)
     jax.clear_caches()
     full = gen.generate(model, ids, mask, max_new_tokens=40)
     jax.clear_caches()
@@ -119,10 +119,42 @@ def test_cache_size_for_125m_at_2048_tokens():
 def test_nearby_prompt_lengths_share_one_compiled_program(small):
     _, model = small
     gen.generate(model, np.ones((2, 9), np.int64), max_new_tokens=5)
-    compiled = gen._start._cache_size()
+    compiled = gen.compiled_programs()["prefill"]
     gen.generate(model, np.ones((2, 13), np.int64), max_new_tokens=5)
     gen.generate(model, np.ones((2, 16), np.int64), max_new_tokens=5)
-    assert gen._start._cache_size() == compiled
+    assert gen.compiled_programs()["prefill"] == compiled
+
+
+def test_one_architecture_from_two_directories_compiles_once(tmp_path):
+    """Where a model came from is kept beside it, not in its graph definition (a static jit argument): a second
+    model of the same shape reuses every compiled program, which XLA's compile events show."""
+    for name in "ab":
+        transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**SMALL)).save_pretrained(tmp_path / name)
+    first, second = (neo_jax.from_pretrained(tmp_path / name, progress=False) for name in "ab")
+    ids = np.ones((1, 5), np.int64)
+    neo_jax.generate(first, ids, max_new_tokens=3)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        neo_jax.generate(second, ids, max_new_tokens=3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_loading_a_model_does_not_import_training(tmp_path):
+    code = (
+        "import sys, neo_jax; neo_jax.from_pretrained(sys.argv[1], progress=False); "
+        "print(sorted(m for m in ('neo_jax.train', 'neo_jax.finetune', 'neo_jax.checkpoints') if m in sys.modules))"
+    )
+    transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**SMALL)).save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['neo_jax.checkpoints']"  # Orbax helpers, not the training code
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -258,8 +290,8 @@ def test_bad_input_fails_before_compiling(small, monkeypatch, kwargs, message):
     def compiled(*args, **kw):
         raise AssertionError("compiled before validating")
 
-    monkeypatch.setattr(gen, "_start", compiled)
-    monkeypatch.setattr(gen, "_beam_search", compiled)
+    monkeypatch.setattr(gen.loop, "_start", compiled)
+    monkeypatch.setattr(gen.beam, "_beam_search", compiled)
     call = {"input_ids": np.ones((1, 4), np.int64), "max_new_tokens": 10, **kwargs}
     with pytest.raises(ValueError, match=message):
         gen.generate(model, **call)
@@ -294,9 +326,15 @@ def test_text_generator_equals_transformers_tokens(text_model):
     assert texts == expected
     assert generator("EleutherAI has", max_new_tokens=20) == texts[:1]
     # streaming yields the same text, in pieces
-    pieces = list(generator.stream("EleutherAI has", max_new_tokens=20, chunk_size=4))
+    continuation = generator.stream("EleutherAI has", max_new_tokens=20, chunk_size=4)
+    pieces = list(continuation)
     assert len(pieces) > 1 and "".join(pieces) == texts[0]
-    assert generator.new_tokens == 20
+    assert continuation.new_tokens == 20
+    # the caller's tokenizer is used as given, not reconfigured
+    own = transformers.AutoTokenizer.from_pretrained(directory)
+    before = (own.padding_side, own.pad_token)
+    neo_jax.TextGenerator(generator.model, tokenizer=own)(prompts, max_new_tokens=2)
+    assert (own.padding_side, own.pad_token) == before
 
 
 def test_stop_strings(text_model):

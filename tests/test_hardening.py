@@ -81,6 +81,8 @@ def workspace(tmp_path_factory, gpt2_model_dir):
         directory.mkdir(parents=True)
         (directory / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
         shutil.copy(tiny / "model.safetensors", directory)
+    shutil.copytree(tiny, root / "dropout")  # dropout is not applied, so training it is refused
+    (root / "dropout" / "config.json").write_text(json.dumps(config | {"resid_dropout": 0.1}))
     # an Orbax model whose config.json describes other shapes than its parameters
     neo_jax.save_pretrained(neo_jax.from_pretrained(tiny, progress=False), root / "orbax-mismatch", format="orbax")
     (root / "orbax-mismatch" / "config.json").write_text(json.dumps(config | {"hidden_size": 32}))
@@ -117,6 +119,7 @@ def bad_inputs(root: Path) -> list[tuple[list[str], str]]:
         # the data's fingerprint needs the data read: its progress line comes first
         (train_args(root, data=tuple(reversed(ENGLISH[:2]))), "the data differs"),
         (train_args(root, output="x.txt/run"), "is a file, not a directory"),
+        (train_args(root, model="dropout", output="new"), "resid_dropout=0.1), which neo_jax does not apply"),
     ]
     for name in sorted(os.listdir(root / "broken")):
         cases.append((["convert", f"broken/{name}", f"out-{name}"], f"broken/{name}/config.json"))

@@ -124,9 +124,8 @@ def test_remat_policies_give_the_same_gradients(save_hf):
     ids, mask = (jnp.asarray(x) for x in batches(n=1)[0])
     grads, jaxprs = {}, {}
     for policy in ("none", "full", "dots"):
-        model.remat = policy
         graphdef, state = nnx.split(model)
-        loss = lambda s, g=graphdef: next_token_loss(nnx.merge(g, s), ids.astype(jnp.int32), mask)
+        loss = lambda s, g=graphdef, p=policy: next_token_loss(nnx.merge(g, s), ids.astype(jnp.int32), mask, remat=p)
         grads[policy] = jax.tree.leaves(jax.grad(loss)(state))
         jaxprs[policy] = str(jax.make_jaxpr(jax.grad(loss))(state))
     for policy in ("full", "dots"):
@@ -153,8 +152,8 @@ def run(directory, data, steps, *, start=0, checkpoints=None):
 
 
 def test_exact_resume(save_hf, tmp_path):
+    from neo_jax.checkpoints import Checkpoints
     from neo_jax.data import PackedData
-    from neo_jax.train import Checkpoints
 
     directory = save_hf(make_hf_model())
     data = PackedData(
@@ -180,7 +179,7 @@ def test_exact_resume(save_hf, tmp_path):
 
 
 def test_restore_without_checkpoint_is_a_clear_error(save_hf, tmp_path):
-    from neo_jax.train import Checkpoints
+    from neo_jax.checkpoints import Checkpoints
 
     model = neo_jax.from_pretrained(save_hf(make_hf_model()), progress=False)
     checkpoints = Checkpoints(tmp_path / "empty")

@@ -1,0 +1,247 @@
+"""neo_jax's own formats on disk, all Orbax: a model's parameters (``save_pretrained(format="orbax")``),
+fine-tuning checkpoints (``Checkpoints``: parameters, optimizer state, data position), and the atomic
+directory every model write goes through (a temporary directory renamed into place at the end, so a failure
+never leaves a half-written model)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from neo_jax.distributed import barrier
+from neo_jax.model import GPTNeo
+
+ORBAX_DIR = "params"
+TRAINING_DIR = "checkpoints"  # a neo-jax train output directory: its latest checkpoint's parameters
+
+
+def latest_trained_params(directory: Path) -> Path:
+    checkpoints = Checkpoints(directory / TRAINING_DIR, read_only=True)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory / TRAINING_DIR} holds no complete checkpoint yet")
+    return checkpoints.params_directory(step)
+
+
+def _orbax_checkpointer(**options):
+    import orbax.checkpoint as ocp
+
+    # Compression buys little on float weights and holds compressed copies of every array in memory.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, **options))
+
+
+def load_orbax(directory: Path, state, placement):
+    import orbax.checkpoint as ocp
+
+    if placement is not None:  # restore each array straight into its shards
+        for _, variable in nnx.to_flat_state(state):
+            value = variable.get_value()
+            variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=placement(variable)))
+    target = nnx.to_pure_dict(state)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    # A 1 GB in-flight limit keeps the transient read buffers well below a copy of a large model.
+    with _orbax_checkpointer(restore_concurrent_gb=1) as checkpointer:
+        _check_orbax_shapes(directory, checkpointer.metadata(directory.absolute()).item_metadata.tree, target)
+        restored = checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(target, restore_args))
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def _check_orbax_shapes(directory: Path, saved, target) -> None:
+    """Every array the config needs is in the checkpoint with the config's shape, and nothing else is: a
+    ``config.json`` that does not describe its parameters is an error naming the first array that differs."""
+    flat = lambda tree: {
+        ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    saved, target = flat(saved), flat(target)
+    problem = None
+    if missing := sorted(target.keys() - saved.keys()):
+        problem = f"{missing[0]} is missing from the checkpoint"
+    elif unexpected := sorted(saved.keys() - target.keys()):
+        problem = f"the checkpoint holds {unexpected[0]}, which the config has no place for"
+    else:
+        for name, array in target.items():
+            if tuple(saved[name].shape) != tuple(array.shape):
+                problem = (
+                    f"{name} is {tuple(saved[name].shape)} in the checkpoint, the config needs {tuple(array.shape)}"
+                )
+                break
+    if problem:
+        raise ValueError(
+            f"{directory.parent / 'config.json'} does not match the parameters in {directory}: {problem}; "
+            "restore the config.json that was saved with them"
+        )
+
+
+# ------------------------------------------------------------------------------------------- writing
+@contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success.
+
+    With several processes (a multi-host run) they all write into one temporary directory, collectively
+    for Orbax, and process 0 alone prepares and renames it, between barriers.
+    """
+    main, multi = jax.process_index() == 0, jax.process_count() > 1
+    if main:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if multi:
+        tmp = out_dir.parent / f".{out_dir.name}.partial"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier(f"prepare {out_dir}")
+    else:
+        _remove_stale_temporaries(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
+    try:
+        yield tmp
+        barrier(f"written {out_dir}")
+        if main:
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                out_dir.rename(old / out_dir.name)
+                tmp.rename(out_dir)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out_dir)
+        barrier(f"renamed {out_dir}")
+    finally:
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def check_destination(out_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """``out_dir`` (absolute) if a model may be written there: new, empty, or replaced with ``overwrite``,
+    and never a directory that holds ``source`` (replacing it would delete the source). Writing over the
+    source itself (converting in place) is allowed."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    if source is not None:
+        src, dst = Path(source).expanduser().resolve(), out_dir.resolve()
+        if dst in src.parents:
+            raise ValueError(
+                f"{out_dir} holds the source {source}: replacing it would delete the source; write elsewhere"
+            )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+    return out_dir
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary directories of ``out_dir`` that an interrupted write (a killed process) left behind."""
+    for stale in (*out_dir.parent.glob(f".{out_dir.name}.tmp-*"), *out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed {stale}, left by an interrupted write to {out_dir}", file=sys.stderr)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_orbax(model: GPTNeo, directory: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    with _orbax_checkpointer() as checkpointer:
+        checkpointer.save(directory, args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+
+class Checkpoints:
+    """Fine-tuning checkpoints with Orbax's ``CheckpointManager``: the model's parameters, the optimizer
+    state and the step (which also fixes the data position, see ``neo_jax.data``).
+
+    Saves are asynchronous and happen every ``save_every`` steps (or when forced); the last ``keep`` are
+    kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so one cut
+    off mid-write (a killed process) is never listed: ``latest_step`` and ``restore`` see the previous one.
+    Leftover temporary directories are removed when the manager opens. Every process of a multi-host run
+    creates its own ``Checkpoints`` on the same directory; Orbax coordinates the writes.
+    """
+
+    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).expanduser().absolute()
+        quiet = logging.getLogger("absl")  # read_only: Orbax warns that it overrides the save options it ignores
+        level = quiet.level
+        quiet.setLevel(logging.ERROR if read_only else level)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                save_interval_steps=save_every,
+                max_to_keep=keep,
+                cleanup_tmp_directories=not read_only,
+                create=not read_only,
+                read_only=read_only,
+            )
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            quiet.setLevel(level)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self, step: int, model: GPTNeo, optimizer: nnx.Optimizer, *, metadata: dict | None = None, force: bool = False
+    ) -> bool:
+        """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started.
+        ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there."""
+        args = self._ocp.args.Composite(
+            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
+            metadata=self._ocp.args.JsonSave(metadata or {}),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def metadata(self, step: int) -> dict:
+        """The ``metadata`` saved with checkpoint ``step``."""
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(metadata=self._ocp.args.JsonRestore()))
+        return dict(restored["metadata"])
+
+    def params_directory(self, step: int) -> Path:
+        """Where checkpoint ``step`` keeps the parameters (an Orbax PyTree, as ``from_pretrained`` reads)."""
+        return self.directory / str(step) / "params"
+
+    def restore(self, model: GPTNeo, optimizer: nnx.Optimizer, step: int | None = None) -> int:
+        """Load checkpoint ``step`` (default: the latest complete one) into ``model`` and ``optimizer`` in
+        place, keeping their dtypes and shardings; returns the step."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.manager.directory}")
+        states = {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+        restore = {}
+        for name, state in states.items():
+            target = nnx.to_pure_dict(state)
+            restore[name] = self._ocp.args.PyTreeRestore(
+                target, restore_args=self._ocp.checkpoint_utils.construct_restore_args(target)
+            )
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(**restore))
+        for name, state in states.items():
+            nnx.replace_by_pure_dict(state, restored[name])
+        nnx.update(model, states["params"])
+        nnx.update(optimizer, states["optimizer"])
+        return step
+
+    def wait(self) -> None:
+        """Block until every save in flight is complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,135 @@
+"""The KV cache, the prefill that fills it and the single-token decode step that reads and extends it.
+
+The cache holds keys and values per layer in ring buffers indexed by ``slot % length``: global layers keep
+every slot (length = the whole sequence), local layers only their last ``window_size`` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from neo_jax import sharding
+from neo_jax.attention import dense, self_attention
+from neo_jax.config import GPTNeoConfig
+from neo_jax.model import GPTNeo
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer.
+
+    ``keys[i]`` / ``values[i]`` are layer ``i``'s ``[batch, heads, length, head_dim]`` ring buffers, with
+    ``length = max_len`` for global layers and ``min(window_size, max_len)`` for local ones; sequence slot
+    ``s`` lives at ``s % length``. ``valid[b, s]`` says whether slot ``s`` holds a real token (not left
+    padding); ``index`` is the slot of the next token.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+
+def cache_lengths(config: GPTNeoConfig, max_len: int) -> tuple[int, ...]:
+    """Ring-buffer length of each layer."""
+    return tuple(max_len if kind == "global" else min(config.window_size, max_len) for kind in config.attention_layers)
+
+
+def cache_bytes(config: GPTNeoConfig, batch: int, max_len: int, dtype=jnp.float32) -> int:
+    """Bytes of the KV cache for ``batch`` sequences of ``max_len`` slots."""
+    return 2 * batch * config.hidden_size * jnp.dtype(dtype).itemsize * sum(cache_lengths(config, max_len))
+
+
+def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype) -> KVCache:
+    """An empty cache; under a mesh (``sharding.use_mesh``) it is split by batch and heads, like the
+    activations that fill it."""
+
+    def zeros(shape, names, dtype):
+        return sharding.constrain(jnp.zeros(shape, dtype), *names)
+
+    def layer(length):
+        return zeros((batch, config.num_heads, length, config.head_dim), ("batch", "heads", None, None), dtype)
+
+    lengths = cache_lengths(config, max_len)
+    return KVCache(
+        keys=tuple(layer(n) for n in lengths),
+        values=tuple(layer(n) for n in lengths),
+        valid=zeros((batch, max_len), ("batch", None), bool),
+        index=jnp.int32(0),
+    )
+
+
+def _set(items: tuple, i: int, value) -> tuple:
+    return (*items[:i], value, *items[i + 1 :])
+
+
+def _write_prompt(cache: KVCache, layer: int, k, v) -> KVCache:
+    """Store the keys/values of slots ``0..t-1`` (the whole prompt); a ring keeps only its last ``length``."""
+    length, t = cache.keys[layer].shape[2], k.shape[2]
+    ring = jnp.arange(max(t - length, 0), t) % length
+    keys = cache.keys[layer].at[:, :, ring].set(k[:, :, t - len(ring) :].astype(cache.keys[layer].dtype))
+    values = cache.values[layer].at[:, :, ring].set(v[:, :, t - len(ring) :].astype(cache.values[layer].dtype))
+    return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+
+
+def _write_token(cache: KVCache, layer: int, k, v) -> KVCache:
+    """Store one token's key/value at slot ``cache.index``, in place."""
+    at = (0, 0, cache.index % cache.keys[layer].shape[2], 0)
+    keys = jax.lax.dynamic_update_slice(cache.keys[layer], k.astype(cache.keys[layer].dtype), at)
+    values = jax.lax.dynamic_update_slice(cache.values[layer], v.astype(cache.values[layer].dtype), at)
+    return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+
+
+def _visible(cache: KVCache, length: int, window: int | None):
+    """``[batch, 1, 1, length]``: the ring entries the token at slot ``cache.index`` may attend to — real
+    tokens, and for a local layer only the last ``window`` slots (a ring of ``window`` entries holds
+    nothing older anyway). Ring entry r holds the latest slot s <= index with s % length == r."""
+    slots = cache.index - (cache.index - jnp.arange(length)) % length
+    visible = slots >= 0 if window is None else (slots >= 0) & (slots > cache.index - window)
+    return (visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1))[:, None, None, :]
+
+
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
+    """Run the whole (left-padded) prompt into a new cache of ``max_len`` slots; return the last position's
+    logits [batch, vocab] and the cache. Positions count real tokens only (padding gets 0), as transformers'
+    ``generate`` derives them from the attention mask."""
+    seq_len = input_ids.shape[1]
+    position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype)
+    window = model.config.window_size
+
+    def attention(layer, kind, q, k, v, cache):
+        out = self_attention(q, k, v, kind, window, attention_mask, model.attention)
+        return out, _write_prompt(cache, layer, k, v)
+
+    cache = dataclasses.replace(cache, valid=cache.valid.at[:, :seq_len].set(attention_mask.astype(bool)))
+    hidden, cache = model.transform(input_ids, position_ids, attention, cache, periods)
+    cache = dataclasses.replace(cache, index=jnp.int32(seq_len))
+    return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
+    """One token per row at slot ``cache.index``: logits [batch, vocab] and the updated cache."""
+    cache = dataclasses.replace(cache, valid=cache.valid.at[:, cache.index].set(True))
+    lengths = dict(zip(model.config.attention_layers, (key.shape[2] for key in cache.keys)))
+    windows = {"global": None, "local": model.config.window_size}
+    masks = {kind: _visible(cache, length, windows[kind]) for kind, length in lengths.items()}  # once per step
+
+    def attention(layer, kind, q, k, v, cache):
+        cache = _write_token(cache, layer, k, v)
+        return dense(q, cache.keys[layer], cache.values[layer], masks[kind]), cache
+
+    hidden, cache = model.transform(tokens[:, None], positions[:, None], attention, cache, periods)
+    cache = dataclasses.replace(cache, index=cache.index + 1)
+    return model.logits(hidden)[:, 0], cache
+
+
+def cache_bucket(n: int) -> int:
+    """Round a cache length up to a multiple of 64: decode steps read the whole global cache, so a finer
+    rounding than ``bucket`` pays for the rare extra compilation."""
+    return 64 * math.ceil(n / 64)
