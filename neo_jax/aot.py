@@ -228,7 +228,7 @@ def generate_programs(
     Weights are stored in ``param_dtype`` (default: ``dtype``, as ``neo-jax generate --dtype`` loads them)."""
     from neo_jax.generation.cache import cache_bucket
     from neo_jax.generation.loop import _continue, _start
-    from neo_jax.generation.sampling import Sampling
+    from neo_jax.generation.sampling import SamplingParams
     from neo_jax.shapes import bucket
 
     max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
@@ -237,13 +237,12 @@ def generate_programs(
     arrays = (nnx.state(model), None)  # on an accelerator the layers are sliced inside the program
     width, new = bucket(prompt_len), max_len - prompt_len
     scalar = lambda dtype: _input((), dtype, mesh, ())
-    values = {name: scalar(jnp.float32) for name in ("temperature", "top_p", "min_p", "repetition_penalty")}
+    params = jax.tree.map(lambda _: scalar(jnp.float32), SamplingParams.of())  # greedy; values abstract
     key = jax.ShapeDtypeStruct(
         (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(mesh, PartitionSpec())
     )
     ids = _input((batch, width), jnp.int32, mesh)
     seen = _input((batch, 1), jnp.bool_, mesh)
-    static = {"sampling": Sampling()}
     with jax.set_mesh(mesh):
         prefill = _start.lower(
             graphdefs,
@@ -251,13 +250,12 @@ def generate_programs(
             ids,
             ids,
             seen,
-            values,
+            params,
             key,
             scalar(jnp.int32),
             scalar(jnp.int32),
             max_len=cache_bucket(width + new),
             max_new=cache_bucket(new),
-            **static,
         )
         state = jax.tree.map(
             lambda info, placed: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=placed),
@@ -265,7 +263,7 @@ def generate_programs(
             prefill.compile().output_shardings,
         )
         decode = _continue.lower(
-            graphdefs, arrays, state, scalar(jnp.int32), values, scalar(jnp.int32), scalar(jnp.int32), **static
+            graphdefs, arrays, state, scalar(jnp.int32), params, scalar(jnp.int32), scalar(jnp.int32)
         )
     return {"prefill": prefill, "decode": decode}
 

@@ -43,28 +43,19 @@ def enable_compilation_cache(directory: str | None) -> None:
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """Greedy unless a sampling knob is given; validated before anything loads or compiles."""
-    from neo_jax.generation import check_sampling
+    """Greedy unless a sampling knob is given; validated (``SamplingParams.of``) before anything loads or
+    compiles. The flags carry ``SamplingParams.of``'s keyword names."""
+    from neo_jax.generation import SamplingParams, check_beams
 
-    do_sample = args.num_beams == 1 and any(
-        value is not None for value in (args.temperature, args.top_k, args.top_p, args.min_p)
-    )
-    options = {
-        "do_sample": do_sample,
-        "temperature": 1.0 if args.temperature is None else args.temperature,
-        "top_k": args.top_k or 0,
-        "top_p": 1.0 if args.top_p is None else args.top_p,
-        "min_p": args.min_p or 0.0,
-        "repetition_penalty": args.repetition_penalty,
-        "num_beams": args.num_beams,
-        "seed": args.seed,
-    }
+    knobs = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p")}
+    knobs = {name: value for name, value in knobs.items() if value is not None}
     if args.top_k is not None and args.top_k <= 0:
         raise ValueError(f"--top-k must be a positive number of tokens, got {args.top_k}")
-    if args.num_beams > 1 and any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.min_p)):
+    if args.num_beams > 1 and knobs:
         raise ValueError("--num-beams is beam search: it cannot be combined with --temperature/--top-k/--top-p/--min-p")
-    check_sampling(**{k: v for k, v in options.items() if k != "seed"})
-    return options
+    options = {"do_sample": bool(knobs), **knobs, "repetition_penalty": args.repetition_penalty}
+    check_beams(SamplingParams.of(**options), args.num_beams)
+    return options | {"num_beams": args.num_beams, "seed": args.seed}
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -15,18 +15,18 @@ One concern per module: ``cache`` (KV cache, prefill, decode step), ``sampling``
 from neo_jax.generation.beam import beam_search
 from neo_jax.generation.cache import KVCache, cache_bucket, cache_bytes, cache_lengths, decode_step, init_cache, prefill
 from neo_jax.generation.loop import compiled_programs, generate, stream
-from neo_jax.generation.sampling import Sampling, check_sampling, min_p, repetition_penalty, top_k, top_p
+from neo_jax.generation.sampling import SamplingParams, check_beams, min_p, repetition_penalty, top_k, top_p
 from neo_jax.generation.text import TextGenerator, check_stop
 
 __all__ = [
     "KVCache",
-    "Sampling",
+    "SamplingParams",
     "TextGenerator",
     "beam_search",
     "cache_bucket",
     "cache_bytes",
     "cache_lengths",
-    "check_sampling",
+    "check_beams",
     "check_stop",
     "compiled_programs",
     "decode_step",

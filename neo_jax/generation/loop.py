@@ -16,7 +16,7 @@ from flax import nnx
 
 from neo_jax import sharding, validate
 from neo_jax.generation.cache import KVCache, cache_bucket, decode_step, prefill
-from neo_jax.generation.sampling import Sampling, check_sampling, choose, process_logits
+from neo_jax.generation.sampling import SamplingParams, check_beams
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
 
@@ -83,12 +83,11 @@ class LoopState:
     key: jax.Array
 
 
-def _emit(state: LoopState, logits, values, sampling: Sampling, eos, pad) -> LoopState:
+def _emit(state: LoopState, logits, params: SamplingParams, eos, pad) -> LoopState:
     """Pick the next token of every row from ``logits`` and record it."""
-    logits = process_logits(logits, state.seen, values, sampling)
-    token = choose(logits, jax.random.fold_in(state.key, state.step), sampling)
+    token = params.choose(params.process(logits, state.seen), jax.random.fold_in(state.key, state.step))
     token = jnp.where(state.finished, pad, token)
-    seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True) if sampling.repetition_penalty else state.seen
+    seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True) if params.use_repetition_penalty else state.seen
     return dataclasses.replace(
         state,
         tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
@@ -99,8 +98,10 @@ def _emit(state: LoopState, logits, values, sampling: Sampling, eos, pad) -> Loo
     )
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new", "sampling"))
-def _start(graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos, pad, *, max_len, max_new, sampling):
+@partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new"))
+def _start(
+    graphdefs, arrays, input_ids, attention_mask, seen, params: SamplingParams, key, eos, pad, *, max_len, max_new
+):
     """Prefill and pick the first new token."""
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0]
@@ -115,11 +116,11 @@ def _start(graphdefs, arrays, input_ids, attention_mask, seen, values, key, eos,
         step=jnp.int32(0),
         key=key,
     )
-    return _emit(state, logits, values, sampling, eos, pad)
+    return _emit(state, logits, params, eos, pad)
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "sampling"), donate_argnames=("state",))
-def _continue(graphdefs, arrays, state: LoopState, stop, values, eos, pad, *, sampling):
+@partial(jax.jit, static_argnames=("graphdefs",), donate_argnames=("state",))
+def _continue(graphdefs, arrays, state: LoopState, stop, params: SamplingParams, eos, pad):
     """Decode until ``stop`` tokens exist or every row has finished."""
 
     def cond(carry):
@@ -131,7 +132,7 @@ def _continue(graphdefs, arrays, state: LoopState, stop, values, eos, pad, *, sa
         state, arrays = carry
         model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
         logits, cache = decode_step(model, periods, state.last, state.positions, state.cache)
-        state = _emit(dataclasses.replace(state, cache=cache), logits, values, sampling, eos, pad)
+        state = _emit(dataclasses.replace(state, cache=cache), logits, params, eos, pad)
         return dataclasses.replace(state, positions=state.positions + 1), arrays
 
     return jax.lax.while_loop(cond, body, (state, arrays))[0]
@@ -199,45 +200,25 @@ def stream(
     attention_mask=None,
     *,
     max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
+    **sampling,
 ) -> Iterator[np.ndarray]:
     """Yield the new tokens ``[batch, n]`` chunk by chunk (``chunk_size`` tokens, or all at once).
 
     Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
     """
-    check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, 1)
+    params = SamplingParams.of(**sampling, vocab_size=model.config.vocab_size)
     validate.integer("seed", seed)
     if chunk_size is not None:
         validate.integer("chunk_size", chunk_size, least=1)
     request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return
-    if do_sample and temperature == 0:
-        do_sample = False  # the limit of temperature -> 0 is greedy
     vocab = model.config.vocab_size
-    sampling = Sampling(
-        do_sample=do_sample,
-        repetition_penalty=repetition_penalty != 1.0,
-        top_k=min(top_k, vocab) if do_sample else 0,
-        top_p=do_sample and top_p < 1.0,
-        min_p=do_sample and min_p > 0.0,
-    )
-    values = {
-        "temperature": jnp.float32(temperature or 1.0),
-        "top_p": jnp.float32(top_p),
-        "min_p": jnp.float32(min_p),
-        "repetition_penalty": jnp.float32(repetition_penalty),
-    }
-    if sampling.repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
+    if params.use_repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
         caller_ids = np.asarray(input_ids).reshape(request.input_ids.shape[0], -1)
         seen = np.zeros((caller_ids.shape[0], vocab), bool)
         seen[np.arange(caller_ids.shape[0])[:, None], caller_ids] = True
@@ -255,13 +236,12 @@ def stream(
             jnp.asarray(request.input_ids),
             jnp.asarray(request.attention_mask),
             jnp.asarray(seen),
-            values,
+            params,
             jax.random.key(seed),
             eos,
             pad,
             max_len=max_len,
             max_new=cache_bucket(max_new_tokens),
-            sampling=sampling,
         )
     yield _to_host(state.tokens[:, :1])  # right after prefill: time to first token
     done = 1
@@ -269,7 +249,7 @@ def stream(
     while done < max_new_tokens and not bool(state.finished.all()):
         stop = min(done + chunk, max_new_tokens)
         with sharding.use_mesh(mesh):
-            state = _continue(graphdefs, arrays, state, jnp.int32(stop), values, eos, pad, sampling=sampling)
+            state = _continue(graphdefs, arrays, state, jnp.int32(stop), params, eos, pad)
         step = int(state.step)
         yield _to_host(state.tokens[:, done:step])
         done = step
@@ -281,28 +261,24 @@ def generate(
     attention_mask=None,
     *,
     max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     seed: int = 0,
+    **sampling,
 ) -> np.ndarray:
     """Continue ``input_ids`` ([batch, seq], left-padded with ``attention_mask`` when rows differ in length).
 
     Returns ``[batch, seq + max_new_tokens]``: the prompt, then the new tokens; after a row emits
     ``eos_token_id`` the rest of it is ``pad_token_id`` (default: the EOS id). ``eos_token_id=None`` never
-    stops early. Greedy by default; ``do_sample`` samples with ``temperature``, ``top_k``, ``top_p`` and
-    ``min_p``; ``num_beams > 1`` is beam search with ``length_penalty`` and ``early_stopping`` as in
-    transformers. The same ``seed`` gives the same samples.
+    stops early. Greedy by default; ``sampling`` takes transformers' keywords (``do_sample``, ``temperature``,
+    ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``: ``SamplingParams.of``); ``num_beams > 1`` is
+    beam search with ``length_penalty`` and ``early_stopping`` as in transformers. The same ``seed`` gives
+    the same samples.
     """
-    check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams)
+    check_beams(SamplingParams.of(**sampling), num_beams)
     prompt = np.asarray(input_ids)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if num_beams > 1:
@@ -326,15 +302,10 @@ def generate(
                 prompt,
                 attention_mask,
                 max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
                 seed=seed,
+                **sampling,
             )
         )
         new = np.concatenate(chunks, axis=1) if chunks else np.zeros((prompt.shape[0], 0), np.int32)

@@ -41,56 +41,98 @@ def min_p(logits, p):
     return jnp.where(probs < p * probs.max(axis=-1, keepdims=True), NEG_INF, logits)
 
 
+STATIC = {"static": True}
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Which processors run (static: part of the compiled program); their values are traced arguments."""
+class SamplingParams:
+    """How each next token is chosen: the one place the sampling keywords are spelled.
 
-    do_sample: bool = False
-    repetition_penalty: bool = False
-    top_k: int = 0
-    top_p: bool = False
-    min_p: bool = False
+    Build it with ``SamplingParams.of(**keywords)`` (checked, normalised). Which processors run is static
+    (metadata fields: part of the compiled program); their values are data (traced), so settings that differ
+    only in values share one program.
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    do_sample: bool = dataclasses.field(default=False, metadata=STATIC)
+    top_k: int = dataclasses.field(default=0, metadata=STATIC)  # 0: off
+    use_top_p: bool = dataclasses.field(default=False, metadata=STATIC)
+    use_min_p: bool = dataclasses.field(default=False, metadata=STATIC)
+    use_repetition_penalty: bool = dataclasses.field(default=False, metadata=STATIC)
+
+    @classmethod
+    def of(
+        cls,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        *,
+        vocab_size: int | None = None,
+    ) -> SamplingParams:
+        """From transformers' ``generate`` keywords: greedy unless ``do_sample``; ``temperature`` 0 is greedy,
+        ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 are off, ``repetition_penalty`` 1 is none. Every value is
+        checked (a one-line ValueError names the first that is wrong)."""
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+            validate.real(name, value)
+        validate.real("repetition_penalty", repetition_penalty)
+        validate.integer("top_k", top_k)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        sample = bool(do_sample) and temperature != 0  # the limit of temperature -> 0 is greedy
+        return cls(
+            temperature=jnp.float32(temperature or 1.0),
+            top_p=jnp.float32(top_p),
+            min_p=jnp.float32(min_p),
+            repetition_penalty=jnp.float32(repetition_penalty),
+            do_sample=sample,
+            top_k=min(top_k, vocab_size or top_k) if sample else 0,
+            use_top_p=sample and top_p < 1.0,
+            use_min_p=sample and min_p > 0.0,
+            use_repetition_penalty=repetition_penalty != 1.0,
+        )
+
+    def process(self, logits, seen):
+        """The logits after the processors that are on, in transformers' order."""
+        if self.use_repetition_penalty:
+            logits = repetition_penalty(logits, seen, self.repetition_penalty)
+        if self.do_sample:
+            logits = logits / self.temperature
+            if self.top_k:
+                logits = top_k(logits, self.top_k)
+            if self.use_top_p:
+                logits = top_p(logits, self.top_p)
+            if self.use_min_p:
+                logits = min_p(logits, self.min_p)
+        return logits
+
+    def choose(self, logits, key):
+        """The next token of every row: a sample, or the most likely."""
+        if self.do_sample:
+            return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def process_logits(logits, seen, values: dict, sampling: Sampling):
-    if sampling.repetition_penalty:
-        logits = repetition_penalty(logits, seen, values["repetition_penalty"])
-    if sampling.do_sample:
-        logits = logits / values["temperature"]
-        if sampling.top_k:
-            logits = top_k(logits, sampling.top_k)
-        if sampling.top_p:
-            logits = top_p(logits, values["top_p"])
-        if sampling.min_p:
-            logits = min_p(logits, values["min_p"])
-    return logits
-
-
-def choose(logits, key, sampling: Sampling):
-    if sampling.do_sample:
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_beams):
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
-        validate.real(name, value)
-    validate.real("repetition_penalty", repetition_penalty)
-    validate.integer("top_k", top_k)
+def check_beams(params: SamplingParams, num_beams: int) -> None:
+    """Beam search is deterministic and takes no repetition penalty."""
     validate.integer("num_beams", num_beams)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if num_beams > 1 and do_sample:
+    if num_beams > 1 and params.do_sample:
         raise ValueError("num_beams > 1 is beam search, which is deterministic: drop do_sample (or use num_beams=1)")
-    if num_beams > 1 and repetition_penalty != 1.0:
+    if num_beams > 1 and params.use_repetition_penalty:
         raise ValueError("repetition_penalty is not supported with beam search; use num_beams=1 to combine them")
