@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from neo_jax.config import DTYPES, REMAT  # no JAX here: the parser is built quickly
+from neo_jax.config import DTYPES, REMAT
 
 ATTENTION_HELP = "attention implementation: auto, dense, blockwise, splash (TPU) or cudnn (GPU); see neo_jax.attention"
 

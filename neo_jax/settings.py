@@ -1,6 +1,6 @@
 """Fine-tuning settings (``FinetuneConfig``): the one place their names, types, defaults, help and checks of
 form live. ``neo-jax train``'s flags are generated from it, and the YAML files in ``configs/`` use its
-names. It imports no JAX, so the command line stays quick."""
+names."""
 
 from __future__ import annotations
 
