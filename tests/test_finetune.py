@@ -170,7 +170,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_exits_130(model_dir, tmp_path):
         process.wait(timeout=300)
     err = log.read_text()
     assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert "Ctrl-C again: stopped at once" in err and "Ctrl-C: stopped at step" not in err
+    assert "Ctrl-C again: stopped at once" in err  # wherever the run was: mid-step, or saving on its way out
 
 
 def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(model_dir, straight, tmp_path):

@@ -51,7 +51,7 @@ def test_bad_input(kwargs, message):
 
 
 def test_cli(capsys, tmp_path):
-    assert main(["plan", "--model", "2.7B", "--mesh", "1,8,1", "--batch", "8", "--seq", "2048", "--remat"]) == 0
+    assert main(["plan", "--model", "2.7B", "--mesh", "1,8,1", "--batch", "8", "--seq", "2048", "--remat", "full"]) == 0
     out = capsys.readouterr().out
     assert "optimizer state" in out and "TPU v4 (32 GiB): yes" in out
     assert main(["plan", "--model", "125M", "--mesh", "1,1,1", "--batch", "2", "--seq", "512", "--json"]) == 0
