@@ -244,15 +244,12 @@ def eval_perplexity(args: argparse.Namespace) -> None:
     expand_paths(args.data)  # missing files fail before the model loads
 
     from neo_jax import validate
-    from neo_jax.config import GPTNeoConfig
     from neo_jax.convert import from_pretrained
     from neo_jax.evaluate import corpus_tokens, perplexity, windows_of
-    from neo_jax.hf import load_tokenizer, resolve
+    from neo_jax.hf import load_tokenizer, resolve, resolve_config
 
     directory = resolve(args.model, args.revision)
-    windows_of(
-        args.seq_len, args.stride, GPTNeoConfig.from_json_file(directory / "config.json").max_position_embeddings
-    )
+    windows_of(args.seq_len, args.stride, resolve_config(directory).max_position_embeddings)
     validate.integer("--batch-size", args.batch_size, least=1)
     tokens = corpus_tokens(args.data, load_tokenizer(directory), text_field=args.text_field, split=args.split)
     model = from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype)

@@ -52,8 +52,9 @@ def attention_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
         return mask
     if not np.isin(mask, (0, 1)).all():
         raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got values {np.unique(mask)[:5]}")
-    if (np.diff(mask.astype(np.int8), axis=-1) < 0).any():
-        row = int(np.nonzero((np.diff(mask.astype(np.int8), axis=-1) < 0).any(axis=-1))[0][0])
+    right_padded = (np.diff(mask.astype(np.int8), axis=-1) < 0).any(axis=-1)
+    if right_padded.any():
+        row = int(np.nonzero(right_padded)[0][0])
         raise ValueError(
             f"attention_mask row {row} has padding after a token: neo_jax takes left padding only (pad on the left, "
             "as generation needs; tokenizer.padding_side = 'left')"
