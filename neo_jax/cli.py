@@ -113,6 +113,45 @@ def generate(args: argparse.Namespace) -> None:
     )
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Checked here, before anything loads: the serve extra, the numbers, the mesh."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ImportError("neo-jax serve needs FastAPI and uvicorn: pip install 'neo_jax[serve]'") from None
+    from neo_jax import sharding, validate
+
+    validate.integer("--port", args.port, least=0, most=65535)
+    validate.integer("--max-batch", args.max_batch, least=1)
+    validate.integer("--max-queue", args.max_queue, least=1)
+    if args.max_len is not None:
+        validate.integer("--max-len", args.max_len, least=2)
+    validate.real("--drain-timeout", args.drain_timeout)
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
+    if args.mesh:
+        sharding.parse_mesh(args.mesh)
+    enable_compilation_cache(args.compilation_cache)
+    from neo_jax.serve.server import serve as run
+
+    return run(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        max_queue=args.max_queue,
+        dtype=args.dtype,
+        mesh=args.mesh,
+        api_key=args.api_key or os.environ.get("NEO_JAX_API_KEY"),
+        drain_timeout=args.drain_timeout,
+        served_model_name=args.served_model_name,
+    )
+
+
 def plan(args: argparse.Namespace) -> None:
     from neo_jax import plan as planning
     from neo_jax.attention import check_implementation, compiling_for
@@ -336,6 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
     p.set_defaults(run=generate)
+
+    p = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible completions server with continuous batching",
+        description="Serve /v1/completions (OpenAI's API), /v1/models, /health, /metrics and a playground at /.",
+    )
+    p.add_argument("--model", required=True, help="hub id, Hugging Face directory or neo_jax Orbax directory")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="slots: sequences generated at once")
+    p.add_argument("--max-len", type=int, help="tokens per slot, prompt + completion (default: the model's maximum)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
+    p.add_argument("--mesh", help="D,F,T: shard the model and the slots over a device mesh")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (or set NEO_JAX_API_KEY)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests in flight")
+    p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
+    p.set_defaults(run=serve)
 
     p = commands.add_parser(
         "plan",

@@ -26,7 +26,8 @@ class KVCache:
     ``keys[i]`` / ``values[i]`` are layer ``i``'s ``[batch, heads, length, head_dim]`` ring buffers, with
     ``length = max_len`` for global layers and ``min(window_size, max_len)`` for local ones; sequence slot
     ``s`` lives at ``s % length``. ``valid[b, s]`` says whether slot ``s`` holds a real token (not left
-    padding); ``index`` is the slot of the next token.
+    padding); ``index`` is the slot of the next token: one for every row, or ``[batch]`` (one per row) in the
+    server's slots.
     """
 
     keys: tuple[jax.Array, ...]
@@ -78,10 +79,15 @@ def _write_prompt(cache: KVCache, layer: int, k, v) -> KVCache:
 
 
 def _write_token(cache: KVCache, layer: int, k, v) -> KVCache:
-    """Store one token's key/value at slot ``cache.index``, in place."""
-    at = (0, 0, cache.index % cache.keys[layer].shape[2], 0)
-    keys = jax.lax.dynamic_update_slice(cache.keys[layer], k.astype(cache.keys[layer].dtype), at)
-    values = jax.lax.dynamic_update_slice(cache.values[layer], v.astype(cache.values[layer].dtype), at)
+    """Store one token's key/value per row at slot ``cache.index`` (one slot for all rows, or one per row)."""
+    length = cache.keys[layer].shape[2]
+    if cache.index.ndim == 0:  # every row at the same slot: an in-place slice update
+        at = (0, 0, cache.index % length, 0)
+        write = lambda buffer, new: jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), at)
+    else:  # each row at its own slot (the server's slots)
+        rows, ring = jnp.arange(k.shape[0]), cache.index % length
+        write = lambda buffer, new: buffer.at[rows, :, ring].set(new[:, :, 0].astype(buffer.dtype))
+    keys, values = write(cache.keys[layer], k), write(cache.values[layer], v)
     return dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
 
 
@@ -89,9 +95,11 @@ def _visible(cache: KVCache, length: int, window: int | None):
     """``[batch, 1, 1, length]``: the ring entries the token at slot ``cache.index`` may attend to — real
     tokens, and for a local layer only the last ``window`` slots (a ring of ``window`` entries holds
     nothing older anyway). Ring entry r holds the latest slot s <= index with s % length == r."""
-    slots = cache.index - (cache.index - jnp.arange(length)) % length
-    visible = slots >= 0 if window is None else (slots >= 0) & (slots > cache.index - window)
-    return (visible[None] & jnp.take(cache.valid, jnp.maximum(slots, 0), axis=1))[:, None, None, :]
+    index = jnp.reshape(cache.index, (-1, 1))  # [1, 1], or [batch, 1] when each row has its own slot
+    slots = index - (index - jnp.arange(length)) % length
+    visible = slots >= 0 if window is None else (slots >= 0) & (slots > index - window)
+    slots = jnp.broadcast_to(jnp.maximum(slots, 0), (cache.valid.shape[0], length))
+    return (visible & jnp.take_along_axis(cache.valid, slots, axis=1))[:, None, None, :]
 
 
 def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
@@ -114,8 +122,10 @@ def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
 
 
 def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
-    """One token per row at slot ``cache.index``: logits [batch, vocab] and the updated cache."""
-    cache = dataclasses.replace(cache, valid=cache.valid.at[:, cache.index].set(True))
+    """One token per row at slot ``cache.index`` (a scalar, or one slot per row): logits [batch, vocab] and
+    the updated cache."""
+    rows = jnp.arange(tokens.shape[0])
+    cache = dataclasses.replace(cache, valid=cache.valid.at[rows, cache.index].set(True))
     lengths = dict(zip(model.config.attention_layers, (key.shape[2] for key in cache.keys)))
     windows = {"global": None, "local": model.config.window_size}
     masks = {kind: _visible(cache, length, windows[kind]) for kind, length in lengths.items()}  # once per step

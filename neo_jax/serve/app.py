@@ -1,0 +1,489 @@
+"""The OpenAI-compatible HTTP layer over ``Engine``: ``/v1/completions`` (streamed as server-sent events or
+not), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus) and the playground page at ``/``.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request,
+401 for a missing or wrong API key, 404 for an unknown model or path, 413 for an oversized body, 429 when
+the queue is full, 503 while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from neo_jax.serve.engine import TOP_LOGPROBS, Engine, EngineStopped, Finished, QueueFull, sampling_settings
+from neo_jax.serve.engine import Request as EngineRequest
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+MAX_STOP = 4
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_body(message: str, type: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status)
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's ``/v1/completions``, plus ``top_k``, ``min_p`` and ``repetition_penalty``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    min_p: float | None = 0.0
+    repetition_penalty: float | None = 1.0
+    n: int = Field(1, ge=1, le=16)
+    best_of: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    user: str | None = None
+
+
+class _Choice:
+    """One choice's text as its tokens arrive: incremental decoding, ``stop`` cuts (the stop string is not
+    returned), the text that is safe to send while streaming, and OpenAI's legacy ``logprobs`` object."""
+
+    def __init__(self, index: int, tokenizer, stop: list[str], logprobs: int | None, prefix: str = ""):
+        self.index, self.tokenizer, self.stop, self.logprobs = index, tokenizer, stop, logprobs
+        self.prefix = prefix  # the echoed prompt
+        self.ids: list[int] = []
+        self.text = prefix
+        self.sent = 0
+        self.finish_reason: str | None = None
+        self.generated = 0
+        self.request: EngineRequest | None = None
+        self.entries: list[dict] = []  # per token: text, logprob, top, offset
+        self.sent_entries = 0
+
+    def piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def entry(self, token_id: int, logprob, top, offset: int) -> dict:
+        top_dict = None
+        if top is not None and self.logprobs:
+            top_dict = {}
+            for tid, lp in top[: self.logprobs]:
+                top_dict.setdefault(self.piece(tid), lp)
+        return {"token": self.piece(token_id), "logprob": logprob, "top": top_dict, "offset": offset}
+
+    def echo_prompt(self, prompt: list[int], prompt_logprobs) -> None:
+        """Log-probability entries for the echoed prompt's tokens (the first has none)."""
+        offset = 0
+        for i, token_id in enumerate(prompt):
+            logprob, top = (None, None) if i == 0 else (prompt_logprobs[i - 1][0], prompt_logprobs[i - 1][1:])
+            pairs = None if top is None else list(zip(top[0], top[1], strict=True))
+            self.entries.append(self.entry(token_id, logprob, pairs, offset))
+            offset = len(self.tokenizer.decode(prompt[: i + 1]))
+
+    def add(self, token) -> bool:
+        """Take one generated token; True if a stop string has now appeared (the text is cut before it)."""
+        offset = len(self.text)
+        self.ids.append(token.id)
+        self.text = self.prefix + self.tokenizer.decode(self.ids)
+        if self.logprobs is not None:
+            self.entries.append(self.entry(token.id, token.logprob, token.top, offset))
+        completion = self.text[len(self.prefix) :]
+        cuts = [completion.find(s) for s in self.stop if s in completion]
+        if cuts:
+            self.text = self.prefix + completion[: min(cuts)]
+            self.entries = [e for e in self.entries if e["offset"] < len(self.text) or e["offset"] < len(self.prefix)]
+            return True
+        return False
+
+    def ready(self) -> str:
+        """Text not yet sent that can be sent now: all of it once finished; while running, not a trailing
+        unfinished character, nor a tail that could still grow into a stop string."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):
+                return ""
+            completion = self.text[len(self.prefix) :]
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(completion)), 0, -1):
+                    if completion.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        piece = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def logprobs_object(self, entries: list[dict]) -> dict | None:
+        if self.logprobs is None:
+            return None
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [e["top"] for e in entries],
+            "text_offset": [e["offset"] for e in entries],
+        }
+
+    def new_logprobs(self) -> dict | None:
+        entries = self.entries[self.sent_entries :]
+        self.sent_entries = len(self.entries)
+        return self.logprobs_object(entries)
+
+
+def _prompts(prompt, tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer(p)["input_ids"] for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise APIError(
+        400, "prompt must be a string, a list of strings, a list of token ids, or a list of those", param="prompt"
+    )
+
+
+def _param_of(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return first if first.isidentifier() else None
+
+
+def create_app(
+    engine: Engine,
+    tokenizer,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 4 << 20,
+) -> FastAPI:
+    """The FastAPI application serving ``engine`` (which the caller starts and stops)."""
+    app = FastAPI(title="neo_jax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draining = False
+    metrics = engine.metrics
+    created = int(time.time())
+    vocab = engine.model.config.vocab_size
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error_response(APIError(400, f"the body is not valid JSON: {first.get('msg')}"))
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        return _error_response(APIError(400, f"{where}: {first.get('msg')}", param=param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return _error_response(
+            APIError(error.status_code, f"{error.detail}: {request.method} {request.url.path}", type=kind)
+        )
+
+    app.add_middleware(_Guard, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    @app.get("/health")
+    async def health():
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "active_slots": engine.active, "queue_length": engine.waiting}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text())
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "neo_jax",
+            "max_model_len": engine.max_len,
+        }
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        raise APIError(
+            400,
+            "GPT-Neo is a base language model with no chat template, so /v1/chat/completions is not served; "
+            "send the text to continue to /v1/completions instead",
+            param="messages",
+            code="chat_not_supported",
+        )
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        if body.model != model_name:
+            raise APIError(
+                404,
+                f"the model '{body.model}' does not exist; this server serves '{model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP or not all(stop):
+            raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
+        prompts = _prompts(body.prompt, tokenizer)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        try:
+            for prompt in prompts:
+                engine.check(prompt, max_tokens)
+        except ValueError as error:
+            message = str(error)
+            if "maximum context length" in message:
+                raise APIError(400, message, param="prompt", code="context_length_exceeded") from None
+            raise APIError(400, message, param="max_tokens" if message.startswith("max_tokens") else "prompt") from None
+        values = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        values = {k: v for k, v in values.items() if v is not None}
+        try:
+            base = sampling_settings(**values, seed=body.seed, vocab_size=vocab)
+        except ValueError as error:
+            raise APIError(400, str(error), param=_param_of(str(error))) from None
+        echo_logprobs = body.echo and body.logprobs is not None
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        choices: list[_Choice] = []
+        for p, prompt in enumerate(prompts):
+            prefix = tokenizer.decode(prompt) if body.echo else ""
+            for j in range(body.n):
+                index = p * body.n + j
+                choice = _Choice(index, tokenizer, stop, body.logprobs, prefix)
+
+                def emit(event, index=index):
+                    try:
+                        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                    except RuntimeError:  # the event loop has closed: nobody is listening
+                        pass
+
+                settings = dict(base, seed=(base["seed"] + index) % 2**63)
+                choice.request = EngineRequest(prompt, max_tokens, settings, emit, echo_logprobs=echo_logprobs)
+                choices.append(choice)
+        submitted = []
+        try:
+            for choice in choices:
+                submitted.append(engine.submit(choice.request))
+        except QueueFull as error:
+            for request in submitted:
+                request.cancel()
+            raise APIError(
+                429, f"the server is busy: {error}; retry later", type="rate_limit_error", code="queue_full"
+            ) from None
+        except EngineStopped as error:
+            for request in submitted:
+                request.cancel()
+            raise APIError(503, str(error), type="server_error", code="draining") from None
+
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        usage = lambda: {
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "completion_tokens": sum(c.generated for c in choices),
+            "total_tokens": sum(len(p) for p in prompts) + sum(c.generated for c in choices),
+        }
+
+        def take(index: int, event) -> _Choice:
+            choice = choices[index]
+            if isinstance(event, Finished):
+                choice.generated = event.generated
+                if choice.finish_reason is None:
+                    choice.finish_reason = {"length": "length", "stop": "stop"}.get(event.reason, event.reason)
+                return choice
+            if choice.finish_reason is not None:  # cut by a stop string: later tokens are dropped
+                return choice
+            if echo_logprobs and not choice.entries:
+                choice.echo_prompt(choice.request.prompt, choice.request.prompt_logprobs)
+            if choice.add(event):
+                choice.finish_reason = "stop"
+                choice.generated = choice.request.generated
+                choice.request.cancel()
+            return choice
+
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _stream(choices, events, take, request_id, model_name, usage, include_usage, http),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+
+        remaining = {c.index for c in choices}
+        try:
+            while remaining:
+                try:
+                    index, event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                take(index, event)
+                if isinstance(event, Finished):
+                    remaining.discard(index)
+        finally:
+            for choice in choices:
+                choice.request.cancel()
+        if any(c.finish_reason == "error" for c in choices):
+            raise APIError(500, "generation failed on the server", type="server_error")
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": c.logprobs_object(c.entries),
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage(),
+        }
+
+    return app
+
+
+class _Guard:
+    """ASGI middleware in front of every route: 503 while draining, the API key on ``/v1/``, and POST bodies
+    read once with a size limit (413) and handed on to the route."""
+
+    def __init__(self, app, *, state, api_key: str | None, max_body_bytes: int):
+        self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error, path = None, scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.state.draining and path not in ("/health", "/metrics"):
+            error = APIError(503, "the server is shutting down", type="server_error", code="draining")
+        elif self.api_key is not None and path.startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                message = "missing or incorrect API key: send 'Authorization: Bearer <key>'"
+                error = APIError(401, message, code="invalid_api_key")
+        if error is None and scope["method"] == "POST":
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                error = _too_large(self.max_body_bytes)
+            else:
+                body, more = b"", True
+                while more and error is None:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > self.max_body_bytes:
+                        error = _too_large(self.max_body_bytes)
+                receive = _replay(body, receive)
+        if error is not None:
+            return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that gives ``body`` once, then whatever the client sends next (its disconnect)."""
+    given = False
+
+    async def replay():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def _stream(choices, events, take, request_id, model_name, usage, include_usage, http):
+    """Server-sent events as OpenAI sends them: one chunk per piece of text, a final chunk per choice with its
+    ``finish_reason``, the usage chunk if asked for, then ``data: [DONE]``."""
+
+    def chunk(choice_rows: list[dict], usage_value: Any = None, with_usage: bool = False) -> str:
+        body = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choice_rows,
+        }
+        if with_usage:
+            body["usage"] = usage_value
+        return f"data: {json.dumps(body)}\n\n"
+
+    remaining = {c.index for c in choices}
+    try:
+        for c in choices:  # the echoed prompt comes first
+            if c.prefix:
+                c.sent = len(c.prefix)
+                yield chunk(
+                    [{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}], None, include_usage
+                )
+        while remaining:
+            index, event = await events.get()
+            choice = take(index, event)
+            if isinstance(event, Finished):
+                remaining.discard(index)
+            done = index not in remaining
+            piece = choice.ready()
+            if piece:
+                row = {"index": index, "text": piece, "logprobs": choice.new_logprobs(), "finish_reason": None}
+                yield chunk([row], None, include_usage)
+            if done:
+                if choice.finish_reason == "error":
+                    yield f"data: {json.dumps(error_body('generation failed on the server', 'server_error'))}\n\n"
+                    return
+                row = {
+                    "index": index,
+                    "text": choice.ready(),
+                    "logprobs": choice.new_logprobs(),
+                    "finish_reason": choice.finish_reason,
+                }
+                yield chunk([row], None, include_usage)
+        if include_usage:
+            yield chunk([], usage(), True)
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client goes away mid-stream: the slots are freed before the next step
+        for choice in choices:
+            choice.request.cancel()

@@ -1,0 +1,479 @@
+"""The continuous-batching engine (in process) and `neo-jax serve` (a real server process, driven with the
+official ``openai`` client, raw HTTP and a headless browser)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+import openai
+import psutil
+import pytest
+import requests
+import transformers
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+import neo_jax
+from neo_jax.evaluate import token_logprobs
+from neo_jax.serve.app import _Choice
+from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings
+from neo_jax.serve.metrics import Metrics
+from tests.conftest import TOKENIZER_DIR
+
+KEY = "test-key-123"
+MAX_LEN = 256  # the fixture model's max_position_embeddings; its local window is 16
+
+
+# ---- the engine, in process -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(gpt2_model_dir):
+    return neo_jax.from_pretrained(gpt2_model_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, max_batch=4, max_len=MAX_LEN, eos_token_id=None, metrics=Metrics()).start()
+    yield engine
+    engine.stop()
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.choice([1, 2, 15, 16, 17, 40, 63, 64, 65, 130], count)
+    return [rng.integers(1, 50000, n).tolist() for n in lengths]
+
+
+def run_all(engine: Engine, jobs: list[tuple[list[int], int, dict]]) -> list[tuple[list[int], str]]:
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: engine.generate(job[0], job[1], **job[2]), jobs))
+
+
+def test_greedy_equals_generate_alone_whatever_shares_the_batch(engine, model):
+    # 10 requests on 4 slots: slots are refilled while others decode; lengths cross buckets and the window.
+    jobs = [(p, int(n), {"temperature": 0}) for p, n in zip(prompts(10), [30, 5, 40, 1, 22, 33, 17, 9, 40, 12])]
+    jobs.append(([7] * 200, MAX_LEN - 200, {"temperature": 0}))  # fills a slot to the last position
+    for (prompt, n, _), (tokens, reason) in zip(jobs, run_all(engine, jobs), strict=True):
+        alone = neo_jax.generate(model, np.array(prompt), max_new_tokens=n)[0, len(prompt) :]
+        assert reason == "length"
+        np.testing.assert_array_equal(tokens, alone)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_full_batch(engine):
+    prompt = prompts(1, seed=3)[0]
+    settings = dict(temperature=0.8, top_p=0.9, top_k=40, min_p=0.01, repetition_penalty=1.2, seed=1234)
+    alone, _ = engine.generate(prompt, 24, **settings)
+    others = [(p, 30, dict(temperature=0.5 + 0.2 * i, seed=i)) for i, p in enumerate(prompts(6, seed=4))]
+    jobs = [others[0], (prompt, 24, settings), *others[1:3], (prompt, 24, settings), *others[3:]]
+    results = run_all(engine, jobs)
+    assert results[1][0] == alone and results[4][0] == alone
+    assert engine.generate(prompt, 24, **{**settings, "seed": 99})[0] != alone  # the seed matters
+    assert len({tuple(r[0]) for r in results}) > 3  # and the others did sample
+
+
+def test_no_request_shape_compiles_after_warm_up(engine):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = np.random.default_rng(5)
+        jobs = []
+        for i, n in enumerate([1, 3, 16, 17, 31, 33, 64, 65, 100, 128, 129, 200, 255]):
+            options = [
+                {"temperature": 0},
+                {"temperature": 0.7, "seed": i},
+                {"temperature": 1.3, "top_k": 5, "seed": i},
+                {"temperature": 1.0, "top_p": 0.5, "min_p": 0.05, "repetition_penalty": 1.3, "seed": i},
+            ][i % 4]
+            jobs.append((rng.integers(1, 50000, n).tolist(), min(MAX_LEN - n, 1 + i), options))
+        run_all(engine, jobs)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_logprobs_match_evaluate(engine, model):
+    prompt = prompts(1, seed=7)[0][:20]
+    events = []
+    done = threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if isinstance(event, Finished):
+            done.set()
+
+    settings = sampling_settings(temperature=0.9, seed=5, vocab_size=50257)
+    request = engine.submit(Request(prompt, 12, settings, emit, echo_logprobs=True))
+    assert done.wait(60)
+    tokens = [e for e in events if isinstance(e, Token)]
+    sequence = np.array([prompt + [t.id for t in tokens]])
+    logits = np.asarray(model(sequence))
+    expected = np.asarray(token_logprobs(logits[:, :-1], sequence[:, 1:]))[0]
+    ours = [lp for lp, *_ in request.prompt_logprobs] + [t.logprob for t in tokens]
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    log_softmax = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1 : -1], axis=-1))
+    for token, row in zip(tokens, log_softmax, strict=True):
+        top = np.argsort(-row)[:5]
+        np.testing.assert_array_equal([i for i, _ in token.top], top)
+        np.testing.assert_allclose([lp for _, lp in token.top], row[top], atol=1e-4)
+
+
+def test_stop_strings_cut_as_openai_documents():
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
+    ids = tokenizer("Hello world. The end\n\nmore text")["input_ids"]
+    choice = _Choice(0, tokenizer, ["\n\n", "zzz"], None)
+    streamed = []
+    for i in ids:
+        stopped = choice.add(Token(i, 0.0, []))
+        streamed.append(choice.ready())
+        if stopped:
+            choice.finish_reason = "stop"
+            break
+    streamed.append(choice.ready())
+    assert choice.text == "Hello world. The end"  # the stop string itself is not returned
+    assert "".join(streamed) == "Hello world. The end"  # and no piece of it was ever streamed
+    choice = _Choice(0, tokenizer, ["world", "Hello"], None)
+    choice.add(Token(ids[0], 0.0, []))
+    assert choice.text == ""  # the earliest stop wins, even at the very start
+
+
+# ---- the server -------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, *extra) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "neo_jax.cli", "serve", "--model", str(model_dir), "--port", str(port), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {process.stdout.read()}")
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("the server did not start within 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(gpt2_model_dir):
+    process, url = start_server(
+        gpt2_model_dir, "--max-batch", "4", "--max-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", "neo"
+    )
+    yield url, process
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def metric(url: str, name: str) -> float:
+    for line in requests.get(url + "/metrics").text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_models_health_and_metrics(server, client):
+    url, _ = server
+    assert [m.id for m in client.models.list()] == ["neo"]
+    assert requests.get(url + "/health").json()["status"] == "ok"
+    for name in ("neo_jax_queue_length", "neo_jax_active_slots", "neo_jax_generated_tokens_total"):
+        metric(url, name)
+    text = requests.get(url + "/metrics").text
+    assert "neo_jax_time_to_first_token_seconds_bucket" in text and "neo_jax_inter_token_latency_seconds_bucket" in text
+
+
+def test_greedy_through_the_server_equals_generate(server, client, model, gpt2_model_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_model_dir)
+    texts = ["The quick brown fox", "In a distant land, long ago,", "1 2 3"]
+    response = client.completions.create(model="neo", prompt=texts, max_tokens=20, temperature=0)
+    assert response.usage.completion_tokens == 60 and response.usage.prompt_tokens == sum(
+        len(tokenizer(t)["input_ids"]) for t in texts
+    )
+    for text, choice in zip(texts, sorted(response.choices, key=lambda c: c.index), strict=True):
+        ids = tokenizer(text)["input_ids"]
+        expected = neo_jax.generate(model, np.array(ids), max_new_tokens=20)[0, len(ids) :]
+        assert choice.text == tokenizer.decode(expected)
+        assert choice.finish_reason == "length"
+    streamed = client.completions.create(model="neo", prompt=texts[0], max_tokens=20, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == response.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    ids = tokenizer(texts[1])["input_ids"]  # token ids in, echo: the prompt's text comes back first
+    echoed = client.completions.create(model="neo", prompt=ids, max_tokens=20, temperature=0, echo=True)
+    assert echoed.choices[0].text == texts[1] + sorted(response.choices, key=lambda c: c.index)[1].text
+
+
+def test_async_clients_stream_concurrently(server):
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0) as client:
+
+            async def one(i: int):
+                prompt = f"Story number {i}:"
+                plain = await client.completions.create(model="neo", prompt=prompt, max_tokens=12, temperature=0)
+                stream = await client.completions.create(
+                    model="neo",
+                    prompt=prompt,
+                    max_tokens=12,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                chunks = [c async for c in stream]
+                assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+                return plain.choices[0].text, "".join(c.choices[0].text for c in chunks if c.choices)
+
+            return await asyncio.gather(*(one(i) for i in range(8)))
+
+    for plain, streamed in asyncio.run(main()):
+        assert plain == streamed and plain
+
+
+def test_sampled_requests_are_reproducible_with_a_seed(client):
+    options = dict(model="neo", prompt="Once upon a time", max_tokens=16, temperature=0.9, top_p=0.95, seed=42)
+    first = client.completions.create(**options, extra_body={"top_k": 50, "min_p": 0.01})
+    again = client.completions.create(**options, extra_body={"top_k": 50, "min_p": 0.01})
+    assert first.choices[0].text == again.choices[0].text
+    two = client.completions.create(**options, n=2)
+    assert two.choices[0].text != two.choices[1].text  # n choices are different samples
+
+
+def test_stop_and_logprobs_through_the_server(client):
+    plain = client.completions.create(model="neo", prompt="A B C", max_tokens=20, temperature=0, logprobs=3)
+    text = plain.choices[0].text
+    assert len(plain.choices[0].logprobs.tokens) == 20 and all(
+        len(t) <= 3 for t in plain.choices[0].logprobs.top_logprobs
+    )
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.completions.create(model="neo", prompt="A B C", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="neo", prompt="A B C", max_tokens=20, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+BAD_BODIES = [  # (body or raw text, status, param)
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    ({"prompt": "hi " * 300, "max_tokens": 10}, 400, "prompt"),
+    ({"prompt": [5] * 250, "max_tokens": 6}, 200, None),  # exactly the context
+    ({"prompt": [5] * 250, "max_tokens": 7}, 400, "prompt"),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "min_p": 2}, 400, "min_p"),
+    ({"prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "hi", "logprobs": 9}, 400, "logprobs"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "hi", "seed": -1}, 400, "seed"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [1, 2, 99999999]}, 400, "prompt"),
+    ({"prompt": [[1, 2], "x"]}, 400, "prompt"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ('{"model": "neo", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ('{"model": "neo", "prompt": "hi", "top_p": Infinity}', 400, "top_p"),
+    ('{"model": "neo", "prompt": ', 400, None),
+    ("[1, 2]", 400, None),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):
+    url, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body, status, param in BAD_BODIES:
+        data = body if isinstance(body, str) else json.dumps({"model": "neo", **body})
+        r = requests.post(url + "/v1/completions", data=data, headers=headers)
+        assert r.status_code == status, (body, r.text)
+        if status != 200:
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], (body, error)
+            assert error["param"] == param, (body, error)
+    big = json.dumps({"model": "neo", "prompt": "x" * (5 << 20)})
+    assert requests.post(url + "/v1/completions", data=big, headers=headers).status_code == 413
+    r = requests.post(url + "/v1/chat/completions", json={"model": "neo", "messages": []}, headers=headers, timeout=10)
+    assert r.status_code == 400 and "base language model" in r.json()["error"]["message"]
+    for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+        r = requests.post(url + "/v1/completions", json={"model": "neo", "prompt": "hi"}, headers=wrong)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(url + "/v1/models").status_code == 401
+    r = requests.get(url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert client.completions.create(model="neo", prompt="still", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    url, _ = server
+    before = (
+        metric(url, 'neo_jax_requests_total{finish_reason="cancelled"}')
+        if "cancelled" in requests.get(url + "/metrics").text
+        else 0
+    )
+    body = {"model": "neo", "prompt": "Go on and on", "max_tokens": 240, "stream": True}
+    r = requests.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True)
+    lines = r.iter_lines()
+    for _ in range(6):
+        next(lines)
+    assert metric(url, "neo_jax_active_slots") == 1
+    r.close()
+    deadline = time.time() + 5
+    while metric(url, "neo_jax_active_slots") != 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert metric(url, "neo_jax_active_slots") == 0
+    assert metric(url, 'neo_jax_requests_total{finish_reason="cancelled"}') == before + 1
+
+
+def test_soak_with_cancellations(server):
+    url, process = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    rss = lambda: psutil.Process(process.pid).memory_info().rss
+    for _ in range(16):  # warm-up: every allocator pool in use once
+        requests.post(
+            url + "/v1/completions", json={"model": "neo", "prompt": "warm", "max_tokens": 8}, headers=headers
+        )
+    baseline = rss()
+    statuses, malformed = [], []
+
+    def one(i: int):
+        rng = random.Random(i)
+        body = {
+            "model": "neo",
+            "prompt": " ".join(["word"] * rng.randint(1, 60)),
+            "max_tokens": rng.randint(1, 24),
+            "temperature": rng.choice([0, 0.8]),
+            "stream": rng.random() < 0.5,
+        }
+        try:
+            r = requests.post(url + "/v1/completions", json=body, headers=headers, stream=body["stream"], timeout=60)
+            statuses.append(r.status_code)
+            if body["stream"]:
+                lines = [line for line in r.iter_lines() if line]
+                if rng.random() < 0.3:  # cancel partway
+                    r.close()
+                    return
+                assert lines[-1] == b"data: [DONE]"
+                chunks = [json.loads(line[6:]) for line in lines[:-1]]
+                assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            else:
+                choice = r.json()["choices"][0]
+                assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+        except AssertionError as error:
+            malformed.append((i, error))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(300)))
+    assert len(statuses) == 300 and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert malformed == []
+    assert rss() < 1.10 * baseline
+    assert requests.get(url + "/health").json()["active_slots"] == 0
+
+
+def test_playground_streams_the_greedy_completion_in_a_browser(server, client):
+    url, _ = server
+    expected = client.completions.create(model="neo", prompt="The playground", max_tokens=24, temperature=0)
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.binary_location = "/usr/bin/chromium"
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "api_key").send_keys(KEY)
+        box = driver.find_element(By.ID, "prompt")
+        box.clear()
+        box.send_keys("The playground")
+        for name, value in (("max_tokens", "24"), ("temperature", "0")):
+            field = driver.find_element(By.ID, name)
+            field.clear()
+            field.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").get_attribute("data-done") == "1")
+        assert driver.find_element(By.ID, "error").text == ""
+        assert (
+            driver.execute_script("return document.getElementById('completion').textContent")
+            == expected.choices[0].text
+        )
+        assert "tokens/s" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+
+
+def test_full_queue_is_429_and_sigterm_drains(gpt2_model_dir):
+    process, url = start_server(gpt2_model_dir, "--max-batch", "1", "--max-queue", "2", "--max-len", "256")
+    try:
+        body = {"model": str(gpt2_model_dir), "prompt": "long", "max_tokens": 200, "temperature": 0}
+        with ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(requests.post, url + "/v1/completions", json=body) for _ in range(3)]
+            deadline = time.time() + 30
+            while metric(url, "neo_jax_queue_length") < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            r = requests.post(url + "/v1/completions", json=body)
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            r = requests.post(url + "/v1/completions", json=body)
+            assert r.status_code == 503
+            results = [f.result(timeout=120) for f in busy]
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in results)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_serve_flags_are_checked_before_loading(tmp_path):
+    cases = [
+        (["--max-batch", "0"], "--max-batch"),
+        (["--port", "70000"], "--port"),
+        (["--drain-timeout", "nan"], "--drain-timeout"),
+        (["--api-key", ""], "--api-key"),
+        (["--mesh", "2,x,1"], "mesh"),
+    ]
+    code = (
+        "import sys, contextlib, io\n"
+        "from neo_jax.cli import main\n"
+        "for extra in __import__('json').loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        status = main(['serve', '--model', sys.argv[2], *extra])\n"
+        "    print(status, err.getvalue().strip().replace('\\n', ' | '))\n"
+    )
+    args = json.dumps([extra for extra, _ in cases])
+    command = [sys.executable, "-c", code, args, str(tmp_path / "missing")]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(cases), out.stderr
+    for line, (_, name) in zip(lines, cases, strict=True):
+        assert line.startswith("2 neo-jax serve: error:") and name in line and "|" not in line, line
+    assert not os.listdir(tmp_path)
