@@ -65,6 +65,21 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
     user: str | None = None
+    # OpenAI fields this server does not implement: refused unless left at their neutral value.
+    suffix: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict | None = None
+
+    def unsupported(self) -> str | None:
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        if self.suffix:
+            return "suffix"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name
+        return "logit_bias" if self.logit_bias else None
 
 
 class _Choice:
@@ -254,8 +269,10 @@ def create_app(
                 param="model",
                 code="model_not_found",
             )
-        if body.best_of is not None and body.best_of != body.n:
-            raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
+        unsupported = body.unsupported()
+        if unsupported:
+            message = f"{unsupported} is not supported by this server; leave it out (repetition_penalty is available)"
+            raise APIError(400, message, param=unsupported)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or not all(stop):
             raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")

@@ -360,8 +360,12 @@ class Engine:
                     fn = partial(_admit, self._graphdefs, echo=name == "echo")
                     sampling = sampling_settings(seed=0, vocab_size=self.model.config.vocab_size)
                     args = (self._arrays, self._slots, *self._admit_inputs(0, [0] * width, sampling))
-                donate = 0 if name == "release" else 1
-                self._programs[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                donate, out_shardings = (0 if name == "release" else 1), None
+                if self.mesh is not None:  # the slots keep their layout from step to step
+                    layout = jax.tree.map(lambda x: x.sharding, self._slots)
+                    out_shardings = layout if name == "release" else (layout, NamedSharding(self.mesh, PartitionSpec()))
+                jitted = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings)
+                self._programs[key] = jitted.lower(*args).compile()
         return self._programs[key]
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> float:

@@ -294,3 +294,28 @@ def test_train_step_activations_are_split_by_batch(shape):
     one = temporaries(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), rows)
     assert sharded <= 1.25 * one, (shape, sharded / 2**20, one / 2**20)
     assert one > 16 * 2**20  # activations, not parameters, are what is measured (the parameters are < 2 MiB)
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
+def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, shape):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from neo_jax.serve.engine import Engine
+
+    model = neo_jax.from_pretrained(checkpoint, mesh=sharding.make_mesh(*shape), progress=False)
+    engine = Engine(model, max_batch=4, max_len=64, eos_token_id=None).start()
+    try:
+        rng = np.random.default_rng(2)
+        prompts = [rng.integers(1, SMALL["vocab_size"], n).tolist() for n in (3, 12, 20, 7, 30, 1)]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(lambda p: engine.generate(p, 16, temperature=0), prompts))
+        for prompt, (tokens, _) in zip(prompts, results, strict=True):
+            alone = neo_jax.generate(single, np.array(prompt), max_new_tokens=16)[0, len(prompt) :]
+            np.testing.assert_array_equal(tokens, alone)
+        # Memory: each device holds only its slots' rows and its heads of the cache.
+        keys = engine._slots.cache.keys[0]
+        data, fsdp, tensor = shape
+        expected = (4 // (data * fsdp), SMALL["num_heads"] // tensor, *keys.shape[2:])
+        assert keys.sharding.shard_shape(keys.shape) == expected
+    finally:
+        engine.stop()
