@@ -28,8 +28,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import neo_jax
 from neo_jax.evaluate import token_logprobs
+from neo_jax.generation import top_k, top_p
 from neo_jax.serve.app import _Choice
-from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings
+from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings, top_k_rows, top_p_rows
 from neo_jax.serve.metrics import Metrics
 from tests.conftest import TOKENIZER_DIR
 
@@ -106,6 +107,20 @@ def test_no_request_shape_compiles_after_warm_up(engine):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_per_row_filters_equal_the_generate_processors():
+    # The engine's per-row top-k / top-p (bisection, no sort) keep exactly the tokens that generate's
+    # processors (checked against transformers in test_generate) keep, row by row with each row's own value.
+    logits = jax.numpy.asarray(np.random.default_rng(0).normal(0, 3, (6, 5000)).astype(np.float32))
+    ks, ps = [1, 2, 7, 50, 4999, 0], [0.05, 0.3, 0.5, 0.9, 0.999, 1.0]
+    ours_k = np.asarray(top_k_rows(logits, jax.numpy.array(ks)))
+    ours_p = np.asarray(top_p_rows(logits, jax.numpy.array(ps)))
+    for row, (k, p) in enumerate(zip(ks, ps, strict=True)):
+        expected_k = np.asarray(top_k(logits[row : row + 1], k))[0] if k else np.asarray(logits[row])
+        np.testing.assert_array_equal(np.isfinite(ours_k[row]), np.isfinite(expected_k))
+        expected_p = np.asarray(top_p(logits[row : row + 1], p))[0]
+        np.testing.assert_array_equal(np.isfinite(ours_p[row]), np.isfinite(expected_p))
 
 
 def test_logprobs_match_evaluate(engine, model):

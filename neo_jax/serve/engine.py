@@ -34,7 +34,7 @@ from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, init_cache, prefill
 from neo_jax.generation.cache import decode_step as model_step
 from neo_jax.generation.loop import Weights, _build
-from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty, top_p
+from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
 
@@ -79,27 +79,66 @@ class RowSampling:
         )
 
 
-def _top_k_rows(logits, k):
+def _threshold(values, enough, low, high, steps: int = 32):
+    """Per row, the largest ``t`` in [low, high] with ``enough(t)`` (monotone: true at ``low``), by bisection:
+    a few masked reductions over the vocabulary, where a sort of it costs XLA:CPU ~200 ms per step."""
+
+    def body(_, bounds):
+        low, high = bounds
+        middle = (low + high) / 2
+        ok = enough(middle[:, None])
+        return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
+
+    return jax.lax.fori_loop(0, steps, body, (low, high))[0][:, None]
+
+
+def top_k_rows(logits, k):
     """Each row keeps its own ``k`` largest logits (0: all); ties at the k-th value are kept."""
-    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), jnp.maximum(k - 1, 0)[:, None], axis=-1)
+    kth = _threshold(logits, lambda t: (logits >= t).sum(-1) >= k, logits.min(-1), logits.max(-1), steps=48)
     return jnp.where((k[:, None] > 0) & (logits < kth), NEG_INF, logits)
+
+
+def top_p_rows(logits, p):
+    """Each row keeps its smallest set of most likely tokens whose probability reaches its own ``p``."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    mass = lambda t: jnp.where(probs >= t, probs, 0).sum(-1) >= p
+    cut = _threshold(probs, mass, jnp.zeros(probs.shape[:1]), probs.max(-1))
+    return jnp.where((p[:, None] < 1) & (probs < cut), NEG_INF, logits)
+
+
+def _sample(logits, keys):
+    """One draw per row from softmax(logits), by inverting the cumulative distribution at a uniform number
+    from the row's own key (one random number per row instead of a Gumbel draw per vocabulary entry)."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), minval=jnp.finfo(jnp.float32).tiny))(keys)
+    return jnp.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
 
 
 def _choose(logits, seen, settings: RowSampling, steps):
     """The next token of every row under its own settings, and the raw model's log-probabilities of it and
-    of its ``TOP_LOGPROBS`` most likely alternatives."""
+    of its ``TOP_LOGPROBS`` most likely alternatives. Each processor runs only when some row uses it, so an
+    all-greedy batch costs an argmax."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-    x = repetition_penalty(logits, seen, settings.repetition_penalty[:, None])
-    x = x / settings.temperature[:, None]
-    # Each processor runs only when some row uses it, so an all-greedy batch skips the sorts.
-    sampled = settings.sample
-    x = jax.lax.cond(jnp.any(sampled & (settings.top_k > 0)), _top_k_rows, lambda x, k: x, x, settings.top_k)
-    x = jax.lax.cond(jnp.any(sampled & (settings.top_p < 1)), top_p, lambda x, p: x, x, settings.top_p[:, None])
-    x = jax.lax.cond(jnp.any(sampled & (settings.min_p > 0)), min_p, lambda x, p: x, x, settings.min_p[:, None])
-    keys = jax.vmap(jax.random.fold_in)(settings.key, steps)
-    drawn = jax.vmap(jax.random.categorical)(keys, x)
-    token = jnp.where(sampled, drawn, jnp.argmax(x, axis=-1)).astype(jnp.int32)
+    s = settings
+    sampled = s.sample
+    keep = lambda x, _: x
+    x = jax.lax.cond(
+        jnp.any(s.repetition_penalty != 1),
+        repetition_penalty,
+        lambda x, *_: x,
+        logits,
+        seen,
+        s.repetition_penalty[:, None],
+    )
+    x = x / s.temperature[:, None]
+    x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
+    x = jax.lax.cond(jnp.any(sampled & (s.top_p < 1)), top_p_rows, keep, x, s.top_p)
+    x = jax.lax.cond(jnp.any(sampled & (s.min_p > 0)), min_p, keep, x, s.min_p[:, None])
+    greedy = jnp.argmax(x, axis=-1)
+    keys = jax.vmap(jax.random.fold_in)(s.key, steps)
+    draw = lambda: jnp.where(sampled, _sample(x, keys), greedy)
+    token = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy).astype(jnp.int32)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     return token, (token, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
