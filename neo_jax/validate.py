@@ -29,14 +29,14 @@ def real(name: str, value) -> float:
     return float(value)
 
 
-def token_ids(ids, vocab_size: int) -> np.ndarray:
+def token_ids(ids, vocab_size: int, name: str = "input_ids") -> np.ndarray:
     """``ids`` as an integer array whose values are all token ids of a ``vocab_size`` vocabulary."""
     ids = np.asarray(ids)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(
-            f"input_ids must be in [0, {vocab_size}) (the model's vocab_size), got values in [{ids.min()}, {ids.max()}]"
+            f"{name} must be in [0, {vocab_size}) (the model's vocab_size), got values in [{ids.min()}, {ids.max()}]"
         )
     return ids
 

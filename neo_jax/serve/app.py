@@ -129,7 +129,7 @@ class _Choice:
         cuts = [completion.find(s) for s in self.stop if s in completion]
         if cuts:
             self.text = self.prefix + completion[: min(cuts)]
-            self.entries = [e for e in self.entries if e["offset"] < len(self.text) or e["offset"] < len(self.prefix)]
+            self.entries = [e for e in self.entries if e["offset"] < len(self.text)]
             return True
         return False
 
@@ -229,6 +229,8 @@ def create_app(
     async def health():
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
         return {"status": "ok", "active_slots": engine.active, "queue_length": engine.waiting}
 
     @app.get("/metrics")
@@ -365,8 +367,8 @@ def create_app(
                 try:
                     index, event = await asyncio.wait_for(events.get(), timeout=0.25)
                 except TimeoutError:
-                    if await http.is_disconnected():
-                        raise asyncio.CancelledError from None
+                    if await http.is_disconnected():  # nobody to answer: the finally frees the slots
+                        return Response(status_code=499)
                     continue
                 take(index, event)
                 if isinstance(event, Finished):

@@ -363,6 +363,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.accepting = True
+        self.error: Exception | None = None  # set if the loop failed; the engine then takes no requests
 
     # ---- compiled programs -------------------------------------------------------------------------------
     def _replicated(self, array):
@@ -430,9 +431,11 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------------------
     def check(self, prompt: list[int], max_tokens: int) -> None:
         """Raise ValueError if the request cannot be served: bad token ids, or more tokens than a slot holds."""
-        validate.token_ids(np.asarray(prompt, np.int64).reshape(1, -1), self.model.config.vocab_size)
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt token ids must be integers")
+        validate.token_ids(np.asarray(prompt, np.int64), self.model.config.vocab_size, name="prompt token ids")
         validate.integer("max_tokens", max_tokens, least=1)
         if len(prompt) + max_tokens > self.max_len:
             raise ValueError(
@@ -456,6 +459,8 @@ class Engine:
 
     def generate(self, prompt: list[int], max_tokens: int, **sampling) -> tuple[list[int], str]:
         """Blocking: the generated tokens (EOS excluded) and why generation stopped. Needs ``start()``."""
+        if not self._running:
+            raise RuntimeError("the engine is not running: call engine.start() first")
         done = threading.Event()
         tokens, finished = [], []
 

@@ -317,5 +317,11 @@ def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, shape):
         data, fsdp, tensor = shape
         expected = (4 // (data * fsdp), SMALL["num_heads"] // tensor, *keys.shape[2:])
         assert keys.sharding.shard_shape(keys.shape) == expected
+        # ... and the compiled step's inputs (weights, cache) per device are well under one device's whole.
+        ours = engine._program("step").memory_analysis()
+        alone = Engine(single, max_batch=4, max_len=64)._program("step").memory_analysis()
+        assert ours.argument_size_in_bytes < 0.5 * alone.argument_size_in_bytes
+        if fsdp == 1:  # (fsdp gathers each layer's weights for the step, as in any FSDP forward)
+            assert ours.temp_size_in_bytes <= alone.temp_size_in_bytes
     finally:
         engine.stop()
