@@ -104,6 +104,12 @@ def test_no_request_shape_compiles_after_warm_up(engine):
             ][i % 4]
             jobs.append((rng.integers(1, 50000, n).tolist(), min(MAX_LEN - n, 1 + i), options))
         run_all(engine, jobs)
+        for n in (2, 40, 129):  # the prompt's own log-probabilities too
+            done = threading.Event()
+            emit = lambda event, done=done: isinstance(event, Finished) and done.set()
+            settings = sampling_settings(temperature=0, vocab_size=50257)
+            engine.submit(Request(rng.integers(1, 50000, n).tolist(), 2, settings, emit, echo_logprobs=True))
+            assert done.wait(60)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
@@ -286,6 +292,12 @@ def test_stop_and_logprobs_through_the_server(client):
     assert len(plain.choices[0].logprobs.tokens) == 20 and all(
         len(t) <= 3 for t in plain.choices[0].logprobs.top_logprobs
     )
+    echoed = client.completions.create(model="neo", prompt="A B C", max_tokens=20, temperature=0, logprobs=3, echo=True)
+    logprobs = echoed.choices[0].logprobs
+    assert echoed.choices[0].text == "A B C" + text and len(logprobs.tokens) == 3 + 20
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[3:] == plain.choices[0].logprobs.token_logprobs
+    assert "".join(logprobs.tokens) == echoed.choices[0].text and logprobs.text_offset[3] == len("A B C")
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = client.completions.create(model="neo", prompt="A B C", max_tokens=20, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"

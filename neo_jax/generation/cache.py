@@ -102,10 +102,11 @@ def _visible(cache: KVCache, length: int, window: int | None):
     return (visible & jnp.take_along_axis(cache.valid, slots, axis=1))[:, None, None, :]
 
 
-def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int, *, return_hidden: bool = False):
     """Run the whole (left-padded) prompt into a new cache of ``max_len`` slots; return the last position's
-    logits [batch, vocab] and the cache. Positions count real tokens only (padding gets 0), as transformers'
-    ``generate`` derives them from the attention mask."""
+    logits [batch, vocab] and the cache (and, with ``return_hidden``, every position's final hidden state).
+    Positions count real tokens only (padding gets 0), as transformers' ``generate`` derives them from the
+    attention mask."""
     seq_len = input_ids.shape[1]
     position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
     cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype)
@@ -118,7 +119,8 @@ def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, :seq_len].set(attention_mask.astype(bool)))
     hidden, cache = model.transform(input_ids, position_ids, attention, cache, periods)
     cache = dataclasses.replace(cache, index=jnp.int32(seq_len))
-    return model.logits(hidden[:, -1:])[:, 0], cache
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
 def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):

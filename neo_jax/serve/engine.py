@@ -9,8 +9,8 @@ request takes it. Sampling settings are per-row arrays and every row draws from 
 request gives the same tokens whatever else is in the batch.
 
 Every program is compiled ahead of time by ``Engine.warm_up`` (one prefill per prompt bucket, one step), so
-no request shape compiles afterwards. Only ``echo`` with ``logprobs`` (log-probabilities of the prompt's
-own tokens) needs a second prefill variant, compiled the first time a bucket asks for it.
+no request shape compiles afterwards. The log-probabilities of the prompt's own tokens (``echo`` with
+``logprobs``) are a branch of the same prefill program, taken only when a request asks for them.
 """
 
 from __future__ import annotations
@@ -174,14 +174,16 @@ def _empty_slots(config, count: int, max_len: int, dtype) -> Slots:
     )
 
 
-def _admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen, settings: RowSampling, *, echo):
+def _admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen, settings: RowSampling, echo):
     """Prefill one left-padded prompt [1, T], shift its cache row so that its n real tokens take slots
-    0..n-1, write it into row ``slot``, and choose its first token. With ``echo`` also return the
-    log-probabilities of the prompt's own tokens."""
+    0..n-1, write it into row ``slot``, and choose its first token. If ``echo`` (a traced bool) also compute
+    the log-probabilities of the prompt's tokens 1..T-1 and their alternatives (else zeros: the branch is
+    skipped, so requests that do not ask pay nothing)."""
     model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     width = input_ids.shape[1]
     n = attention_mask.sum().astype(jnp.int32)
-    logits, cache = prefill(model, periods, input_ids, attention_mask, slots.cache.valid.shape[1])
+    max_len = slots.cache.valid.shape[1]
+    logits, cache, hidden = prefill(model, periods, input_ids, attention_mask, max_len, return_hidden=True)
     shift = width - n  # the left padding: roll it out of the way (ring entry r holds slot r mod length)
     put = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(rows, jnp.roll(row, -shift, axis=2), slot, axis=0)
     valid = jax.lax.dynamic_update_slice_in_dim(slots.cache.valid, jnp.roll(cache.valid, -shift, axis=1), slot, 0)
@@ -202,15 +204,15 @@ def _admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, see
         settings=jax.tree.map(lambda rows, row: rows.at[slot].set(row[0]), slots.settings, settings),
         active=at(slots.active, True),
     )
-    out = jax.tree.map(lambda x: x[0], out)
-    if echo:  # log-probabilities of prompt tokens 1..T-1 and their alternatives, from one more forward pass
-        position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        all_logits = model(input_ids, attention_mask, position_ids)[0, :-1]
-        logprobs = jax.nn.log_softmax(all_logits.astype(jnp.float32), axis=-1)
+
+    def prompt_logprobs():
+        all_logits = model.logits(hidden[:, :-1])[0]
+        logprobs = jax.nn.log_softmax(all_logits, axis=-1)
         top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-        chosen = token_logprobs(all_logits[None], input_ids[:, 1:])[0]
-        out = (*out, (chosen, top_ids.astype(jnp.int32), top_logprobs))
-    return slots, out
+        return token_logprobs(all_logits, input_ids[0, 1:]), top_ids.astype(jnp.int32), top_logprobs
+
+    skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(prompt_logprobs))
+    return slots, (*jax.tree.map(lambda x: x[0], out), jax.lax.cond(echo, prompt_logprobs, skip))
 
 
 def _step(graphdefs, arrays, slots: Slots):
@@ -371,7 +373,7 @@ class Engine:
         array = array if isinstance(array, jax.Array) else jnp.asarray(array)
         return array if self.mesh is None else jax.device_put(array, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _admit_inputs(self, slot: int, prompt: list[int], sampling: dict):
+    def _admit_inputs(self, slot: int, prompt: list[int], sampling: dict, echo: bool):
         width = min(bucket(len(prompt)), self.max_len)
         ids = np.zeros((1, width), np.int32)
         mask = np.zeros((1, width), np.int32)
@@ -385,11 +387,12 @@ class Engine:
             self._replicated(mask),
             self._replicated(seen),
             jax.tree.map(self._replicated, RowSampling.of([sampling])),
+            self._replicated(np.bool_(echo)),
         )
 
     def _program(self, name: str, width: int = 0):
-        """The compiled program ``name`` ("step", "release" or "admit"/"echo" for a prompt bucket), compiled
-        ahead of time on first use."""
+        """The compiled program ``name`` ("step", "release", or "admit" for a prompt bucket), compiled ahead
+        of time on first use."""
         key = (name, width)
         if key not in self._programs:
             with sharding.use_mesh(self.mesh):
@@ -398,9 +401,9 @@ class Engine:
                 elif name == "release":
                     fn, args = _release, (self._slots, self._replicated(np.zeros(self.max_batch, bool)))
                 else:
-                    fn = partial(_admit, self._graphdefs, echo=name == "echo")
+                    fn = partial(_admit, self._graphdefs)
                     sampling = sampling_settings(seed=0, vocab_size=self.model.config.vocab_size)
-                    args = (self._arrays, self._slots, *self._admit_inputs(0, [0] * width, sampling))
+                    args = (self._arrays, self._slots, *self._admit_inputs(0, [0] * width, sampling, False))
                 donate, out_shardings = (0 if name == "release" else 1), None
                 if self.mesh is not None:  # the slots keep their layout from step to step
                     layout = jax.tree.map(lambda x: x.sharding, self._slots)
@@ -557,9 +560,8 @@ class Engine:
             request.slot, self._requests[slot] = slot, request
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(request.prompt))
-            name = "echo" if request.echo_logprobs else "admit"
-            program = self._program(name, min(bucket(len(request.prompt)), self.max_len))
-            inputs = self._admit_inputs(slot, request.prompt, request.sampling)
+            program = self._program("admit", min(bucket(len(request.prompt)), self.max_len))
+            inputs = self._admit_inputs(slot, request.prompt, request.sampling, request.echo_logprobs)
             self._slots, out = program(self._arrays, self._slots, *inputs)
             out = jax.device_get(out)
             if request.echo_logprobs:  # the prompt's tokens 1..n-1 are the last n-1 of the bucket
