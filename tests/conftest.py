@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,6 +56,24 @@ def hf_logits(model, input_ids, attention_mask=None, position_ids=None) -> np.nd
     with torch.no_grad():
         out = model(as_torch(input_ids), attention_mask=as_torch(attention_mask), position_ids=as_torch(position_ids))
     return out.logits.float().numpy()
+
+
+@contextlib.contextmanager
+def backend_compiles():
+    """Collects one entry per XLA backend compilation that happens inside the block."""
+    import jax
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def random_ids(batch: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:

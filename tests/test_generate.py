@@ -14,7 +14,7 @@ import transformers
 
 import neo_jax
 from neo_jax import generation as gen
-from tests.conftest import SMALL, TOKENIZER_DIR
+from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles
 
 PAD = 5  # non-zero: transformers' beam search fills with EOS when pad_token_id is 0 ("0 or eos")
 
@@ -133,17 +133,8 @@ def test_one_architecture_from_two_directories_compiles_once(tmp_path):
     first, second = (neo_jax.from_pretrained(tmp_path / name, progress=False) for name in "ab")
     ids = np.ones((1, 5), np.int64)
     neo_jax.generate(first, ids, max_new_tokens=3)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         neo_jax.generate(second, ids, max_new_tokens=3)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

@@ -32,7 +32,7 @@ from neo_jax.generation import top_k, top_p
 from neo_jax.serve.app import _Choice
 from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings, top_k_rows, top_p_rows
 from neo_jax.serve.metrics import Metrics
-from tests.conftest import TOKENIZER_DIR
+from tests.conftest import TOKENIZER_DIR, backend_compiles
 
 KEY = "test-key-123"
 MAX_LEN = 256  # the fixture model's max_position_embeddings; its local window is 16
@@ -85,14 +85,7 @@ def test_a_seeded_sample_is_the_same_alone_and_in_a_full_batch(engine):
 
 
 def test_no_request_shape_compiles_after_warm_up(engine):
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         rng = np.random.default_rng(5)
         jobs = []
         for i, n in enumerate([1, 3, 16, 17, 31, 33, 64, 65, 100, 128, 129, 200, 255]):
@@ -110,8 +103,6 @@ def test_no_request_shape_compiles_after_warm_up(engine):
             settings = sampling_settings(temperature=0, vocab_size=50257)
             engine.submit(Request(rng.integers(1, 50000, n).tolist(), 2, settings, emit, echo_logprobs=True))
             assert done.wait(60)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

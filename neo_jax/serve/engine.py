@@ -35,7 +35,7 @@ from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, init_cache, prefill
 from neo_jax.generation.cache import decode_step as model_step
 from neo_jax.generation.loop import Weights, _build
-from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty
+from neo_jax.generation.sampling import NEG_INF, SamplingParams, min_p, repetition_penalty
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
 
@@ -288,34 +288,31 @@ def sampling_settings(
     seed: int | None = None,
     vocab_size: int,
 ) -> dict:
-    """Checked per-request settings. ``temperature`` 0 is greedy; without a ``seed`` a random one is drawn."""
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
-        validate.real(name, value)
-    validate.real("repetition_penalty", repetition_penalty)
-    validate.integer("top_k", top_k)
-    if not 0 <= temperature <= 100:
-        raise ValueError(f"temperature must be in [0, 100] (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 and top_k != -1:
-        raise ValueError(f"top_k must be >= 0, or -1 for off, got {top_k}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if not 0 < repetition_penalty <= 100:
-        raise ValueError(f"repetition_penalty must be in (0, 100], got {repetition_penalty}")
+    """One request's settings, checked as ``generate`` checks them (``SamplingParams.of``): ``temperature`` 0
+    is greedy, ``top_k`` 0 (or -1, vLLM's spelling) is off; without a ``seed`` a random one is drawn."""
+    if top_k == -1 and not isinstance(top_k, bool):
+        top_k = 0
+    params = SamplingParams.of(
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        vocab_size=vocab_size,
+    )
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     validate.integer("seed", seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    sample = temperature > 0
-    return dict(
-        temperature=float(temperature) if sample else 1.0,
-        top_k=min(max(top_k, 0), vocab_size) if sample else 0,
-        top_p=float(top_p) if sample else 1.0,
-        min_p=float(min_p) if sample else 0.0,
-        repetition_penalty=float(repetition_penalty),
-        sample=sample,
+    return dict(  # greedy rows hold neutral values
+        temperature=float(params.temperature) if params.do_sample else 1.0,
+        top_k=params.top_k,
+        top_p=float(params.top_p) if params.use_top_p else 1.0,
+        min_p=float(params.min_p) if params.use_min_p else 0.0,
+        repetition_penalty=float(params.repetition_penalty),
+        sample=params.do_sample,
         seed=seed,
     )
 
