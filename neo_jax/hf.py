@@ -260,9 +260,12 @@ def load_tokenizer(directory: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
         raise ValueError(f"no usable tokenizer in {directory} ({e}); pass tokenizer=... explicitly") from None
+    if not tokenizer("hello")["input_ids"]:  # transformers builds an empty one from config.json without files
+        raise ValueError(f"no tokenizer files in {directory}: save the model's tokenizer there, or pass tokenizer=...")
+    return tokenizer
 
 
 def load_hf(config, checkpoint: HFCheckpoint, state, param_dtype, placement, progress: bool):

@@ -32,7 +32,7 @@ from neo_jax.generation import top_k, top_p
 from neo_jax.serve.app import _Choice
 from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings, top_k_rows, top_p_rows
 from neo_jax.serve.metrics import Metrics
-from tests.conftest import TOKENIZER_DIR, backend_compiles
+from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles
 
 KEY = "test-key-123"
 MAX_LEN = 256  # the fixture model's max_position_embeddings; its local window is 16
@@ -472,6 +472,14 @@ def test_full_queue_is_429_and_sigterm_drains(gpt2_model_dir):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_model_without_tokenizer_files_is_refused_before_loading(tmp_path):
+    from neo_jax.hf import load_tokenizer
+
+    transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**SMALL)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        load_tokenizer(tmp_path)
 
 
 def test_serve_flags_are_checked_before_loading(tmp_path):
