@@ -54,6 +54,7 @@ def from_pretrained(
     rules=None,
     attention: str = "auto",
     progress: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> GPTNeo:
     """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
 
@@ -61,10 +62,17 @@ def from_pretrained(
     (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
     ``rules`` of ``neo_jax.sharding`` (default ``DEFAULT_RULES``): no device holds a full replicated copy.
     ``attention`` picks the attention implementation (``neo_jax.attention``: auto, dense, blockwise, cudnn).
+    ``adapter``: a PEFT LoRA adapter directory (or hub id) to add, unmerged (``neo_jax.lora``); it is checked
+    against the base model's shapes before any weights load.
     """
     check_implementation(attention)  # before anything is downloaded or read
     directory = resolve(src, revision)
     config = GPTNeoConfig.from_json_file(directory / "config.json")
+    if adapter is not None:
+        from neo_jax import lora
+
+        adapter = resolve(adapter)
+        lora.check_adapter(adapter, config)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     graphdef, state = abstract_model(config, dtype, param_dtype, attention)
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
@@ -76,6 +84,8 @@ def from_pretrained(
         state = load_hf(config, HFCheckpoint(directory), state, param_dtype, placement, progress)
     model = nnx.merge(graphdef, state)
     _SOURCES[model] = directory
+    if adapter is not None:
+        lora.load(model, adapter)
     return model
 
 

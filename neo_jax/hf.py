@@ -251,7 +251,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
     if files is None:
         weights += ["pytorch_model*.bin", BIN_INDEX]
     return Path(
-        snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *COMPANION_FILES, *weights])
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["config.json", "adapter_config.json", *COMPANION_FILES, *weights],
+        )
     )
 
 

@@ -79,10 +79,12 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_out, d_in), param_dtype), **_axes(*names))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), **_axes(names[0])) if use_bias else None
         self.dtype = dtype
+        self.lora = nnx.data(None)  # a LoRA adapter (neo_jax.lora.add), if any
 
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        y = y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        return y if self.lora is None else y + self.lora(x, self.dtype)
 
 
 def _known(x) -> bool:

@@ -1,0 +1,160 @@
+"""LoRA adapters against Hugging Face PEFT on the same random weights: PEFT's adapters imported, ours
+exported and loaded by PEFT, merged exports, generation with an unmerged adapter, and bad adapters."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+
+import neo_jax
+from neo_jax import lora, sharding
+from tests.conftest import SMALL, hf_logits, make_hf_model
+
+ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
+
+
+def peft_adapter(directory, seed: int = 1, **settings):
+    """A PEFT adapter on make_hf_model()'s weights with every B non-zero (PEFT starts B at zero), saved."""
+    model = peft.get_peft_model(make_hf_model(), peft.LoraConfig(**{"r": 4, "lora_alpha": 16, **settings}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("base")
+    make_hf_model().save_pretrained(directory)
+    return directory
+
+
+IDS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, 40))  # crosses the window (16)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"target_modules": ALL, "use_rslora": True, "r": 3},
+        {"target_modules": "all-linear", "lora_alpha": 5},
+    ],
+)
+def test_a_peft_adapter_gives_peft_logits(base_dir, tmp_path, settings):
+    reference = peft_adapter(tmp_path / "adapter", **settings)
+    model = neo_jax.from_pretrained(base_dir, adapter=tmp_path / "adapter", progress=False)
+    np.testing.assert_allclose(np.asarray(model(IDS)), hf_logits(reference, IDS), atol=1e-4, rtol=0)
+
+
+def test_an_adapter_from_here_loads_in_peft_without_warnings_and_merges(base_dir, tmp_path):
+    model = neo_jax.from_pretrained(base_dir, progress=False)
+    lora.add(model, lora.LoRAConfig(r=4, alpha=12, targets=("k_proj", "out_proj", "c_fc", "c_proj")), seed=3)
+    for _, dense in lora._layers(model):  # train-like: B away from zero
+        if dense.lora is not None:
+            dense.lora.b.set_value(jax.random.normal(jax.random.key(7), dense.lora.b.shape) * 0.1)
+    ours = np.asarray(model(IDS))
+    lora.save(model, tmp_path / "out", base_model=str(base_dir))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 12 and config["base_model_name_or_path"] == str(base_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(make_hf_model(), tmp_path / "out").eval()
+    assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
+    np.testing.assert_allclose(hf_logits(theirs, IDS), ours, atol=1e-4, rtol=0)
+    # Round trip back, then merged into the weights: the same logits.
+    again = neo_jax.from_pretrained(base_dir, adapter=tmp_path / "out", progress=False)
+    np.testing.assert_allclose(np.asarray(again(IDS)), ours, atol=1e-6, rtol=0)
+    lora.merge(again)
+    assert not lora.has_lora(again)
+    np.testing.assert_allclose(np.asarray(again(IDS)), ours, atol=1e-5, rtol=0)
+
+
+def test_generation_with_an_unmerged_adapter_equals_the_merged_model(base_dir, tmp_path):
+    peft_adapter(tmp_path / "adapter", target_modules=ALL)
+    unmerged = neo_jax.from_pretrained(base_dir, adapter=tmp_path / "adapter", progress=False)
+    merged = lora.merge(neo_jax.from_pretrained(base_dir, adapter=tmp_path / "adapter", progress=False))
+    prompt = IDS[:, :12]
+    np.testing.assert_array_equal(
+        neo_jax.generate(unmerged, prompt, max_new_tokens=30), neo_jax.generate(merged, prompt, max_new_tokens=30)
+    )
+
+
+def test_new_adapters_start_as_peft_does_and_carry_logical_axes(base_dir):
+    model = neo_jax.from_pretrained(base_dir, progress=False)
+    before = np.asarray(model(IDS))
+    lora.add(model, lora.LoRAConfig(r=8, targets=("q_proj", "c_fc")))
+    np.testing.assert_array_equal(np.asarray(model(IDS)), before)  # B = 0: nothing changes
+    dense = model.periods[0].mlp.c_fc
+    a, b = dense.lora.a, dense.lora.b
+    assert isinstance(a, lora.LoRAParam) and isinstance(a, neo_jax.model.nnx.Param)
+    bound = 1 / np.sqrt(SMALL["hidden_size"])  # Kaiming-uniform with a = sqrt(5), as PEFT
+    assert np.abs(np.asarray(a[...])).max() <= bound and np.asarray(a[...]).std() > bound / 3
+    assert a.get_metadata()["out_sharding"] == ("layers", None, "embed")
+    assert b.get_metadata()["out_sharding"] == ("layers", "mlp", None)
+    sizes = {"data": 2, "fsdp": 2, "tensor": 2}  # B's rows split like c_fc's output, A's columns like its input
+    assert sharding.spec(("layers", "mlp", None), b.shape, sizes) == jax.sharding.PartitionSpec(None, "tensor", None)
+    assert sharding.spec(a.get_metadata()["out_sharding"], a.shape, sizes)[2] == "fsdp"
+
+
+def write_adapter(directory, config_changes=None, drop=None, reshape=None):
+    """A valid adapter from PEFT, then one thing broken."""
+    peft_adapter(directory, target_modules=["q_proj", "v_proj"])
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(config_changes or {})
+    path.write_text(json.dumps(config))
+    if drop or reshape:
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(directory / "adapter_model.safetensors")
+        for name in list(tensors):
+            if drop and drop in name:
+                del tensors[name]
+            elif reshape and reshape in name:
+                tensors[name] = np.zeros((tensors[name].shape[0], tensors[name].shape[1] + 1), np.float32)
+        save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(config_changes={"use_dora": True}), "use_dora"),
+        (dict(config_changes={"modules_to_save": ["lm_head"]}), "modules_to_save"),
+        (dict(config_changes={"layers_to_transform": [0]}), "layers_to_transform"),
+        (dict(config_changes={"peft_type": "IA3"}), "peft_type"),
+        (dict(config_changes={"target_modules": ".*proj"}), "pattern"),
+        (dict(config_changes={"target_modules": ["q_proj", "lm_head"]}), "lm_head"),
+        (dict(config_changes={"init_lora_weights": "pissa"}), "init_lora_weights"),
+        (dict(config_changes={"bias": "all"}), "bias"),
+        (dict(config_changes={"r": 0}), "rank"),
+        (dict(drop="h.1.attn.attention.v_proj.lora_B"), "missing"),
+        (dict(reshape="lora_A"), "another base model"),
+    ],
+)
+def test_bad_adapters_are_refused_before_weights_load(base_dir, tmp_path, change, message):
+    write_adapter(tmp_path / "adapter", **change)
+    with pytest.raises(ValueError, match=message) as error:
+        neo_jax.from_pretrained(base_dir, adapter=tmp_path / "adapter", progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_lora_settings():
+    for settings, message in [
+        (dict(r=0), "rank"),
+        (dict(r=2.5), "rank"),
+        (dict(r=4, targets=("q_proj", "wte")), "targets"),
+        (dict(r=4, targets=()), "targets"),
+        (dict(r=4, alpha=float("nan")), "alpha"),
+        (dict(r=4, dropout=1.0), "dropout"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            lora.LoRAConfig(**settings)
