@@ -50,18 +50,26 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
 
 
 def weight_decay_mask(params, decay_embeddings: bool = False):
-    """True for the parameters weight decay applies to: Linear kernels, and embeddings if asked."""
+    """True for the parameters weight decay applies to: Linear kernels and LoRA adapters, and embeddings if
+    asked."""
 
     def decays(path, _):
         names = [getattr(key, "key", getattr(key, "name", None)) for key in path]
-        return "kernel" in names or (decay_embeddings and "embedding" in names)
+        return "kernel" in names or "lora" in names or (decay_embeddings and "embedding" in names)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def trainable(model: GPTNeo):
+    """What trains: the LoRA adapters alone if the model has any (``neo_jax.lora``), else every parameter."""
+    from neo_jax.lora import LoRAParam, has_lora
+
+    return LoRAParam if has_lora(model) else nnx.Param
+
+
 def make_optimizer(model: GPTNeo, config: OptimizerConfig | None = None, **options) -> nnx.Optimizer:
-    """The optimizer for ``model``'s parameters; its state is created alongside them (so on a mesh it is
-    sharded like them). ``options`` override fields of ``config``."""
+    """The optimizer for ``model``'s trainable parameters (``trainable``); its state is created alongside them
+    (so on a mesh it is sharded like them). ``options`` override fields of ``config``."""
     config = dataclasses.replace(config or OptimizerConfig(), **options)
     adamw = optax.adamw(
         learning_rate_schedule(config),
@@ -72,7 +80,7 @@ def make_optimizer(model: GPTNeo, config: OptimizerConfig | None = None, **optio
         mask=partial(weight_decay_mask, decay_embeddings=config.decay_embeddings),
     )
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm > 0 else optax.identity()
-    return nnx.Optimizer(model, optax.chain(clip, adamw), wrt=nnx.Param)
+    return nnx.Optimizer(model, optax.chain(clip, adamw), wrt=trainable(model))
 
 
 def token_losses(model: GPTNeo, input_ids, loss_mask=None, *, remat: str = "none"):
@@ -115,21 +123,22 @@ def compiled_train_step(
     model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, *, grad_accum: int, remat: str = "none"
 ):
     """``train_step``'s program; the caller enters the model's mesh (``neo_jax.aot`` lowers it for a TPU)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, trainable(model), ...)  # gradients for what trains only
 
-    def summed(params, ids, mask):
-        return token_losses(nnx.merge(graphdef, params, rest), ids, mask, remat=remat)
+    def summed(params, rest, ids, mask):
+        # copy=True: fresh Variables at this trace level for what does not train (frozen LoRA bases) too
+        return token_losses(nnx.merge(graphdef, params, rest, copy=True), ids, mask, remat=remat)
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
     if grad_accum == 1:
-        (total, count), grads = grad_fn(params, input_ids, loss_mask)
+        (total, count), grads = grad_fn(params, rest, input_ids, loss_mask)
     else:
         if input_ids.shape[0] % grad_accum:
             raise ValueError(f"batch {input_ids.shape[0]} does not split into {grad_accum} micro-batches")
         micro = lambda x: x.reshape(grad_accum, -1, *x.shape[1:])
 
         def accumulate(carry, batch):
-            (total, count), grads = grad_fn(params, *batch)
+            (total, count), grads = grad_fn(params, rest, *batch)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
