@@ -19,10 +19,18 @@ def convert(args: argparse.Namespace) -> None:
     from neo_jax.convert import from_pretrained, save_pretrained
     from neo_jax.hf import resolve
 
+    if args.merge and not args.adapter:
+        raise ValueError("--merge folds an adapter into the weights: give it with --adapter PEFT_DIR")
+    if args.adapter and not args.merge:
+        raise ValueError("--adapter needs --merge: the hf and orbax formats hold plain weights")
     start = time.perf_counter()
     source = resolve(args.src, args.revision)
     check_destination(args.dst, args.overwrite, source)  # before the weights are read
-    model = from_pretrained(source, dtype=args.dtype, param_dtype=args.dtype)
+    model = from_pretrained(source, dtype=args.dtype, param_dtype=args.dtype, adapter=args.adapter)
+    if args.merge:
+        from neo_jax import lora
+
+        lora.merge(model)  # W + scale * B @ A in float32, stored in --dtype
     out = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(
         f"wrote {out} ({args.to}, {args.dtype}, {model.config.num_params() / 1e6:.1f}M parameters) "
@@ -74,7 +82,9 @@ def generate(args: argparse.Namespace) -> None:
 
     from neo_jax.generation import TextGenerator
 
-    generator = TextGenerator(args.model, dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
+    generator = TextGenerator(
+        args.model, dtype=args.dtype, param_dtype=args.dtype, attention=args.attention, adapter=args.adapter
+    )
     beams = options.pop("num_beams")
     start = time.perf_counter()
     first, pieces = None, []
@@ -149,6 +159,7 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("NEO_JAX_API_KEY"),
         drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name,
+        adapter=args.adapter,
     )
 
 
@@ -291,7 +302,7 @@ def eval_perplexity(args: argparse.Namespace) -> None:
     windows_of(args.seq_len, args.stride, resolve_config(directory).max_position_embeddings)
     validate.integer("--batch-size", args.batch_size, least=1)
     tokens = corpus_tokens(args.data, load_tokenizer(directory), text_field=args.text_field, split=args.split)
-    model = from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype)
+    model = from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype, adapter=args.adapter)
     result = perplexity(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, progress=True
     )
@@ -349,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="hf format: split safetensors above this size")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to fold into the weights (with --merge)")
+    p.add_argument("--merge", action="store_true", help="merge --adapter into the written weights")
     p.set_defaults(run=convert)
 
     p = commands.add_parser(
@@ -373,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
     p.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")
     p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
     p.set_defaults(run=generate)
 
@@ -392,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (or set NEO_JAX_API_KEY)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests in flight")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")
     p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
     p.set_defaults(run=serve)
 
@@ -450,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-field", default="text")
     e.add_argument("--split", default="train")
     e.add_argument("--revision", default=None)
+    e.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")
     e.set_defaults(run=eval_perplexity, command="eval perplexity")
     e = which.add_parser(
         "harness",

@@ -118,6 +118,13 @@ def save_pretrained(
     """
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+    from neo_jax import lora
+
+    if lora.has_lora(model):
+        raise ValueError(
+            "this model has LoRA adapters: fold them in first (neo_jax.lora.merge), or write the adapters alone "
+            "with neo_jax.lora.save"
+        )
     if format == "hf" and jax.process_count() > 1:
         raise ValueError(
             "format='hf' writes from one process: save with format='orbax' (collective), then convert on one "

@@ -220,3 +220,35 @@ def test_lora_optimizer_state_is_a_sliver_of_full_fine_tuning():
 
     full, adapters = state_bytes(False), state_bytes(True)
     assert adapters <= 0.01 * full, (adapters, full)
+
+
+def test_cli_merges_an_adapter_into_a_hugging_face_export(base_dir, tmp_path, capsys):
+    import transformers
+
+    from neo_jax.cli import main
+
+    reference = peft_adapter(tmp_path / "adapter", target_modules=ALL)
+    assert (
+        main(
+            [
+                "convert",
+                str(base_dir),
+                str(tmp_path / "merged"),
+                "--to",
+                "hf",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--merge",
+            ]
+        )
+        == 0
+    )
+    merged = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(hf_logits(merged, IDS), hf_logits(reference, IDS), atol=1e-4, rtol=0)
+    assert main(["convert", str(base_dir), str(tmp_path / "x"), "--adapter", str(tmp_path / "adapter")]) == 2
+    assert "--merge" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        neo_jax.save_pretrained(
+            neo_jax.from_pretrained(base_dir, adapter=tmp_path / "adapter", progress=False), tmp_path / "y"
+        )

@@ -14,20 +14,30 @@ from neo_jax.model import GPTNeo
 class TextGenerator:
     """Prompts in, continuations out, with the model's own Hugging Face tokenizer.
 
-    ``TextGenerator(model_or_src)`` takes a loaded ``GPTNeo`` or anything ``from_pretrained`` reads; the
+    ``TextGenerator(model_or_src)`` takes a loaded ``GPTNeo`` or anything ``from_pretrained`` reads (with a PEFT
+    ``adapter`` if given); the
     tokenizer comes from the same directory (``transformers.AutoTokenizer``) unless one is passed. Prompts
     are left-padded into one batch; generation stops at the model's EOS token.
     """
 
     def __init__(
-        self, model_or_src, *, tokenizer=None, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto"
+        self,
+        model_or_src,
+        *,
+        tokenizer=None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention: str = "auto",
+        adapter=None,
     ):
         if isinstance(model_or_src, GPTNeo):
             self.model = model_or_src
         else:
             from neo_jax.convert import from_pretrained
 
-            self.model = from_pretrained(model_or_src, dtype=dtype, param_dtype=param_dtype, attention=attention)
+            self.model = from_pretrained(
+                model_or_src, dtype=dtype, param_dtype=param_dtype, attention=attention, adapter=adapter
+            )
         if tokenizer is None:
             from neo_jax.convert import source_of
             from neo_jax.hf import load_tokenizer
