@@ -201,9 +201,12 @@ class Checkpoints:
         self, step: int, model: GPTNeo, optimizer: nnx.Optimizer, *, metadata: dict | None = None, force: bool = False
     ) -> bool:
         """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started.
-        ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there."""
+        ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there. What trains
+        is saved (``lora.trainable``): with LoRA adapters, the adapters alone."""
+        from neo_jax.lora import trainable  # (lora reads the name map in hf, which imports this module)
+
         args = self._ocp.args.Composite(
-            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, trainable(model)))),
             optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
             metadata=self._ocp.args.JsonSave(metadata or {}),
         )
@@ -224,7 +227,9 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.manager.directory}")
-        states = {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+        from neo_jax.lora import trainable
+
+        states = {"params": nnx.state(model, trainable(model)), "optimizer": nnx.state(optimizer)}
         restore = {}
         for name, state in states.items():
             target = nnx.to_pure_dict(state)

@@ -67,6 +67,19 @@ def from_pretrained(
     """
     check_implementation(attention)  # before anything is downloaded or read
     directory = resolve(src, revision)
+    trained_lora = _lora_run(directory)
+    if trained_lora is not None:  # a LoRA run: its base, plus the adapters of its latest checkpoint
+        from neo_jax import lora
+
+        settings, base = trained_lora
+        model = from_pretrained(
+            base, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, attention=attention, progress=progress
+        )
+        lora.add(model, settings)
+        placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
+        nnx.update(model, load_orbax(latest_trained_params(directory), nnx.state(model, lora.LoRAParam), placement))
+        _SOURCES[model] = directory
+        return model
     config = GPTNeoConfig.from_json_file(directory / "config.json")
     if adapter is not None:
         from neo_jax import lora
@@ -87,6 +100,22 @@ def from_pretrained(
     if adapter is not None:
         lora.load(model, adapter)
     return model
+
+
+def _lora_run(directory: Path):
+    """``(LoRAConfig, base model source)`` if ``directory`` is a `neo-jax train` run of LoRA adapters."""
+    run_file = directory / "run.yaml"
+    if not ((directory / TRAINING_DIR).is_dir() and run_file.is_file()):
+        return None
+    import yaml
+
+    from neo_jax.settings import FinetuneConfig
+
+    run = yaml.safe_load(run_file.read_text()) or {}
+    if not run.get("lora_rank"):
+        return None
+    known = {k: v for k, v in run.items() if k in FinetuneConfig.fields()}
+    return FinetuneConfig.load(**known).lora(), run["model"]
 
 
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the directory it was read from

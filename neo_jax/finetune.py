@@ -11,6 +11,8 @@ its output directory:
                              and eval_loss, eval_perplexity on evaluation steps
     OUTPUT/loss.png          the loss curves, drawn at the end
     OUTPUT/tensorboard/      TensorBoard events, with ``tensorboard: true``
+    OUTPUT/adapter/          with ``lora_rank``: the trained adapters in PEFT's format (at the end); the
+                             checkpoints then hold the adapters and their optimizer state only
 
 Running the same command again resumes from the latest complete checkpoint: a run cut off by SIGTERM (it
 saves and exits 0), by kill -9 or by a crash continues on exactly the batch it would have seen, and
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -41,10 +44,19 @@ from neo_jax.settings import FinetuneConfig
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
 from neo_jax.train import learning_rate_schedule, make_optimizer, mean_loss, train_step
 
-CHECKPOINTS, METRICS, RUN_FILE = "checkpoints", "metrics.jsonl", "run.yaml"
+CHECKPOINTS, METRICS, RUN_FILE, ADAPTER_DIR = "checkpoints", "metrics.jsonl", "run.yaml", "adapter"
 # Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
 # by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
-RESUME_KEYS = ("model", "seq_len", "batch_size", "seed", "validation_fraction")
+RESUME_KEYS = (
+    "model",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "validation_fraction",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+)
 
 
 def check(config: FinetuneConfig) -> Mesh:
@@ -72,6 +84,11 @@ def check(config: FinetuneConfig) -> Mesh:
     if config.remat not in REMAT:
         raise ValueError(f"remat must be one of {REMAT}, got {config.remat!r}")
     check_implementation(config.attention)
+    if config.lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
+    lora = config.lora()  # checks the LoRA settings
+    if lora is not None and lora.dropout:
+        raise ValueError("lora_dropout is not implemented yet for training: set it to 0")
     if config.batch_size % config.grad_accum:
         raise ValueError(
             f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
@@ -131,6 +148,8 @@ def _check_output(config: FinetuneConfig, model_config) -> None:
             "own model, or choose a new --output"
         )
     before = yaml.safe_load(run_file.read_text())
+    defaults = FinetuneConfig.__dataclass_fields__  # runs written before a setting existed had its default
+    before = {key: before.get(key, defaults[key].default) for key in RESUME_KEYS} | {"steps": before.get("steps")}
     changed = [key for key in RESUME_KEYS if before.get(key) != config.to_dict()[key]]
     if before.get("steps") != config.steps and not changed:
         distributed.log(
@@ -324,6 +343,10 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     model = from_pretrained(
         source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, attention=config.attention, progress=progress
     )
+    if config.lora() is not None:  # adapters (PEFT's init, seeded by --seed): only they train and are saved
+        from neo_jax.lora import add
+
+        add(model, config.lora(), seed=config.seed)
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
@@ -402,9 +425,19 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         metrics.close()
     if stopped == "done" and distributed.is_main_process():
         plot_losses(output / METRICS, output / "loss.png")
+        if config.lora() is not None:  # the adapters in PEFT's format, for PeftModel or --adapter
+            from neo_jax import lora
+
+            shutil.rmtree(output / ADAPTER_DIR, ignore_errors=True)
+            lora.save(model, output / ADAPTER_DIR, base_model=config.model)
+            distributed.log(f"wrote the adapters in PEFT's format to {output / ADAPTER_DIR}")
     if stopped == "done" and config.export_hf is not None:
         from neo_jax.convert import save_pretrained
 
+        if config.lora() is not None:
+            from neo_jax.lora import merge
+
+            merge(model)
         save_pretrained(model, config.export_hf, format="hf", progress=progress)
         distributed.log(f"exported the model for transformers to {config.export_hf}")
     return record | {"stopped": stopped}

@@ -128,6 +128,12 @@ def has_lora(model) -> bool:
     return any(dense.lora is not None for _, dense in _layers(model))
 
 
+def trainable(model):
+    """What trains (and what a training checkpoint holds): the adapters alone if the model has any, else
+    every parameter."""
+    return LoRAParam if has_lora(model) else nnx.Param
+
+
 def merge(model):
     """Fold every adapter into its layer's weight (``W + scale * B @ A``) and remove it, in place."""
     for _, dense in _layers(model):

@@ -49,6 +49,10 @@ class FinetuneConfig:
     tensorboard: bool = setting(False, "also write TensorBoard events")
     export_hf: str | None = setting(None, "at the end, write the model for transformers to this directory")
     topology: str | None = setting(None, "the TPU slice these settings are sized for (neo-jax plan --config)")
+    lora_rank: int = setting(0, "LoRA: train rank-R adapters only, the base frozen (0: full fine-tuning)")
+    lora_alpha: float = setting(8.0, "LoRA scaling: alpha / rank")
+    lora_dropout: float = setting(0.0, "LoRA dropout on the adapters' input (not implemented yet: 0)")
+    lora_targets: str = setting("q_proj,v_proj", "LoRA: comma-separated layers to adapt (q_proj, k_proj, ...)")
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -120,6 +124,15 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"data": list(self.data)}
+
+    def lora(self):
+        """The ``neo_jax.lora.LoRAConfig`` of these settings, or None for full fine-tuning."""
+        if self.lora_rank == 0:
+            return None
+        from neo_jax.lora import LoRAConfig
+
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoRAConfig(r=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
 
     def optimizer(self):
         """The ``neo_jax.train.OptimizerConfig`` of these settings."""

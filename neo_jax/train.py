@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from neo_jax.evaluate import token_logprobs
+from neo_jax.lora import trainable
 from neo_jax.model import GPTNeo
 from neo_jax.sharding import model_mesh, use_mesh
 
@@ -58,13 +59,6 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
         return "kernel" in names or "lora" in names or (decay_embeddings and "embedding" in names)
 
     return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def trainable(model: GPTNeo):
-    """What trains: the LoRA adapters alone if the model has any (``neo_jax.lora``), else every parameter."""
-    from neo_jax.lora import LoRAParam, has_lora
-
-    return LoRAParam if has_lora(model) else nnx.Param
 
 
 def make_optimizer(model: GPTNeo, config: OptimizerConfig | None = None, **options) -> nnx.Optimizer:

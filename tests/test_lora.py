@@ -252,3 +252,81 @@ def test_cli_merges_an_adapter_into_a_hugging_face_export(base_dir, tmp_path, ca
         neo_jax.save_pretrained(
             neo_jax.from_pretrained(base_dir, adapter=tmp_path / "adapter", progress=False), tmp_path / "y"
         )
+
+
+# ---- LoRA fine-tuning runs ---------------------------------------------------------------------------------
+LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "16", "--lora-targets", "q_proj,v_proj,c_fc"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(gpt2_model_dir, tmp_path_factory):
+    from tests.test_finetune import finish, flags, launch
+
+    output = tmp_path_factory.mktemp("lora") / "run"
+    result = finish(launch(flags(gpt2_model_dir, output) + LORA_FLAGS))
+    assert result["stopped"] == "done"
+    return output
+
+
+def test_a_lora_run_trains_and_saves_only_the_adapters(gpt2_model_dir, lora_run):
+    from tests.test_finetune import metrics
+
+    records = metrics(lora_run)
+    assert records[-1]["loss"] < records[0]["loss"]
+    step = max(int(p.name) for p in (lora_run / "checkpoints").iterdir() if p.name.isdigit())
+    saved = json.loads((lora_run / "checkpoints" / str(step) / "params" / "_METADATA").read_text())
+    names = [str(k) for k in saved["tree_metadata"]]
+    assert names and all("lora" in n for n in names), names[:5]  # adapters only, no base weight
+    # The run's adapter directory is PEFT's, and from_pretrained(run) is base + adapters.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(
+            __import__("transformers").GPTNeoForCausalLM.from_pretrained(gpt2_model_dir), lora_run / "adapter"
+        ).eval()
+    assert not [w for w in caught if "key" in str(w.message).lower()]
+    ids = np.random.default_rng(1).integers(0, 50257, (1, 20))
+    ours = np.asarray(neo_jax.from_pretrained(lora_run, progress=False)(ids))
+    np.testing.assert_allclose(ours, hf_logits(theirs, ids), atol=1e-4, rtol=0)
+    base = neo_jax.from_pretrained(gpt2_model_dir, progress=False)
+    assert np.abs(ours - np.asarray(base(ids))).max() > 1e-3  # the adapters did change the model
+
+
+def test_a_lora_run_cut_by_sigterm_resumes_exactly(gpt2_model_dir, lora_run, tmp_path):
+    import signal
+
+    from tests.test_finetune import finish, flags, launch, metrics, wait_for
+
+    output = tmp_path / "run"
+    args = flags(gpt2_model_dir, output) + LORA_FLAGS
+    process = launch(args)
+    assert wait_for(lambda: (output / "metrics.jsonl").exists() and len(metrics(output)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    assert finish(process)["stopped"] == "sigterm"
+    assert finish(launch(args))["stopped"] == "done"
+    ours, reference = metrics(output), metrics(lora_run)
+    assert [r["step"] for r in ours] == [r["step"] for r in reference]
+    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in reference], rtol=1e-6)
+
+
+def test_lora_settings_on_a_full_run_are_refused_before_loading(gpt2_model_dir, tmp_path):
+    import yaml
+
+    from neo_jax.finetune import FinetuneConfig, check
+    from tests.test_finetune import ENGLISH
+
+    output = tmp_path / "run"
+    output.mkdir()
+    common = dict(model=str(gpt2_model_dir), data=ENGLISH, seq_len=64)
+    full = FinetuneConfig.load(None, output=str(output), **common)
+    written = {k: v for k, v in full.to_dict().items() if not k.startswith("lora_")}  # as runs before LoRA wrote it
+    (output / "run.yaml").write_text(yaml.safe_dump(written))
+    check(full)  # the same settings resume
+    with pytest.raises(ValueError, match="lora_rank: 0 -> 4"):
+        check(FinetuneConfig.load(None, output=str(output), lora_rank=4, **common))
+    for bad, message in [
+        ({"lora_rank": -1}, "lora_rank"),
+        ({"lora_rank": 2, "lora_targets": "q_proj,lm_head"}, "targets"),
+        ({"lora_rank": 2, "lora_dropout": 0.1}, "lora_dropout"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check(FinetuneConfig.load(None, output=str(tmp_path / "n"), **common, **bad))
