@@ -16,20 +16,28 @@ ATTENTION_HELP = "attention implementation: auto, dense, blockwise, splash (TPU)
 
 def convert(args: argparse.Namespace) -> None:
     from neo_jax.checkpoints import check_destination
-    from neo_jax.convert import from_pretrained, save_pretrained
+    from neo_jax.convert import from_pretrained, save_pretrained, trained_lora
     from neo_jax.hf import resolve
 
-    if args.merge and not args.adapter:
-        raise ValueError("--merge folds an adapter into the weights: give it with --adapter PEFT_DIR")
-    if args.adapter and not args.merge:
-        raise ValueError("--adapter needs --merge: the hf and orbax formats hold plain weights")
     start = time.perf_counter()
     source = resolve(args.src, args.revision)
+    run = trained_lora(source)
+    if args.merge and not (args.adapter or run):
+        raise ValueError("--merge folds adapters into the weights: give them with --adapter PEFT_DIR, or a LoRA run")
+    if args.adapter and not args.merge and args.to != "peft":
+        raise ValueError("--adapter needs --merge: the hf and orbax formats hold plain weights")
+    if args.to == "peft" and not (args.adapter or run):
+        raise ValueError(f"{args.src} has no LoRA adapters to write: --to peft takes a `neo-jax train --lora-rank` run")
     check_destination(args.dst, args.overwrite, source)  # before the weights are read
     model = from_pretrained(source, dtype=args.dtype, param_dtype=args.dtype, adapter=args.adapter)
-    if args.merge:
-        from neo_jax import lora
+    from neo_jax import lora
 
+    if args.to == "peft":  # the adapters alone, from a LoRA run (or --adapter)
+        base = run[1] if run else str(args.src)
+        out = lora.save(model, args.dst, base_model=base, overwrite=args.overwrite)
+        print(f"wrote {out} (PEFT LoRA adapter) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        return
+    if args.merge or lora.has_lora(model):
         lora.merge(model)  # W + scale * B @ A in float32, stored in --dtype
     out = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(
@@ -355,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="hub id (e.g. EleutherAI/gpt-neo-125M) or local directory")
     p.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--to", choices=("orbax", "hf"), default="orbax", help="output format (default: orbax)")
+    p.add_argument(
+        "--to",
+        choices=("orbax", "hf", "peft"),
+        default="orbax",
+        help="output format (default: orbax); peft: a LoRA run's adapters alone; a LoRA run to hf/orbax is merged",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     p.add_argument("--max-shard-size", default="2GB", help="hf format: split safetensors above this size")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")

@@ -67,11 +67,11 @@ def from_pretrained(
     """
     check_implementation(attention)  # before anything is downloaded or read
     directory = resolve(src, revision)
-    trained_lora = _lora_run(directory)
-    if trained_lora is not None:  # a LoRA run: its base, plus the adapters of its latest checkpoint
+    run = trained_lora(directory)
+    if run is not None:  # a LoRA run: its base, plus the adapters of its latest checkpoint
         from neo_jax import lora
 
-        settings, base = trained_lora
+        settings, base = run
         model = from_pretrained(
             base, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, attention=attention, progress=progress
         )
@@ -102,8 +102,9 @@ def from_pretrained(
     return model
 
 
-def _lora_run(directory: Path):
-    """``(LoRAConfig, base model source)`` if ``directory`` is a `neo-jax train` run of LoRA adapters."""
+def trained_lora(directory: Path):
+    """``(LoRAConfig, base model source)`` if ``directory`` is a `neo-jax train` run of LoRA adapters, else
+    None."""
     run_file = directory / "run.yaml"
     if not ((directory / TRAINING_DIR).is_dir() and run_file.is_file()):
         return None
@@ -112,6 +113,10 @@ def _lora_run(directory: Path):
     from neo_jax.settings import FinetuneConfig
 
     run = yaml.safe_load(run_file.read_text()) or {}
+    if run.get("adapter"):  # a run that went on training a PEFT adapter
+        from neo_jax.lora import read_config
+
+        return read_config(resolve(run["adapter"])), run["model"]
     if not run.get("lora_rank"):
         return None
     known = {k: v for k, v in run.items() if k in FinetuneConfig.fields()}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -101,6 +100,13 @@ def check(config: FinetuneConfig) -> Mesh:
             f"{replicas} data-parallel devices (mesh data x fsdp): make it a multiple of {replicas}"
         )
     model_config = resolve_config(config.model)
+    if config.adapter is not None:
+        from neo_jax.hf import resolve
+        from neo_jax.lora import check_adapter
+
+        if config.lora_rank:
+            raise ValueError("give --adapter (it brings its own rank, alpha and targets) or --lora-rank, not both")
+        check_adapter(resolve(config.adapter), model_config)
     dropouts = {name: getattr(model_config, name) for name in ("embed_dropout", "resid_dropout", "attention_dropout")}
     if any(dropouts.values()):
         raise ValueError(
@@ -341,7 +347,13 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     _check_resumed_data(Path(config.output).expanduser().absolute(), data_state["fingerprint"])
     output = _prepare_output(config, source)
     model = from_pretrained(
-        source, dtype=config.dtype, param_dtype=jnp.float32, mesh=mesh, attention=config.attention, progress=progress
+        source,
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        mesh=mesh,
+        attention=config.attention,
+        progress=progress,
+        adapter=config.adapter,
     )
     if config.lora() is not None:  # adapters (PEFT's init, seeded by --seed): only they train and are saved
         from neo_jax.lora import add
@@ -425,16 +437,15 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         metrics.close()
     if stopped == "done" and distributed.is_main_process():
         plot_losses(output / METRICS, output / "loss.png")
-        if config.lora() is not None:  # the adapters in PEFT's format, for PeftModel or --adapter
+        if config.lora() is not None or config.adapter:  # the adapters in PEFT's format, for PeftModel or --adapter
             from neo_jax import lora
 
-            shutil.rmtree(output / ADAPTER_DIR, ignore_errors=True)
-            lora.save(model, output / ADAPTER_DIR, base_model=config.model)
+            lora.save(model, output / ADAPTER_DIR, base_model=config.model, overwrite=True)
             distributed.log(f"wrote the adapters in PEFT's format to {output / ADAPTER_DIR}")
     if stopped == "done" and config.export_hf is not None:
         from neo_jax.convert import save_pretrained
 
-        if config.lora() is not None:
+        if config.lora() is not None or config.adapter:
             from neo_jax.lora import merge
 
             merge(model)

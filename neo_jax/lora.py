@@ -252,7 +252,7 @@ def load(model, directory: str | os.PathLike):
     return model
 
 
-def save(model, directory: str | os.PathLike, *, base_model: str | None = None) -> Path:
+def save(model, directory: str | os.PathLike, *, base_model: str | None = None, overwrite: bool = False) -> Path:
     """Write ``model``'s adapters as a PEFT adapter directory (``adapter_config.json`` and
     ``adapter_model.safetensors``); ``base_model`` goes into ``base_model_name_or_path``."""
     from safetensors.numpy import save_file
@@ -264,7 +264,7 @@ def save(model, directory: str | os.PathLike, *, base_model: str | None = None) 
         raise ValueError("this model has no LoRA adapters to save")
     settings = layers[0][1].lora.config
     targets = [t for t in TARGETS if t in {name for name, _ in layers}]
-    out = check_destination(directory, overwrite=False)
+    out = check_destination(directory, overwrite=overwrite)
     period = len(model.config.layer_period)
     tensors = {}
     for slot, period_blocks in enumerate(model.periods):

@@ -53,6 +53,7 @@ class FinetuneConfig:
     lora_alpha: float = setting(8.0, "LoRA scaling: alpha / rank")
     lora_dropout: float = setting(0.0, "LoRA dropout on the adapters' input (not implemented yet: 0)")
     lora_targets: str = setting("q_proj,v_proj", "LoRA: comma-separated layers to adapt (q_proj, k_proj, ...)")
+    adapter: str | None = setting(None, "continue training this PEFT LoRA adapter (it brings its own settings)")
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -126,7 +127,8 @@ class FinetuneConfig:
         return dataclasses.asdict(self) | {"data": list(self.data)}
 
     def lora(self):
-        """The ``neo_jax.lora.LoRAConfig`` of these settings, or None for full fine-tuning."""
+        """The ``neo_jax.lora.LoRAConfig`` of new adapters these settings ask for, or None (full fine-tuning,
+        or an ``adapter`` that brings its own)."""
         if self.lora_rank == 0:
             return None
         from neo_jax.lora import LoRAConfig

@@ -330,3 +330,49 @@ def test_lora_settings_on_a_full_run_are_refused_before_loading(gpt2_model_dir, 
     ]:
         with pytest.raises(ValueError, match=message):
             check(FinetuneConfig.load(None, output=str(tmp_path / "n"), **common, **bad))
+
+
+def test_a_lora_run_converts_to_peft_and_to_merged_weights(gpt2_model_dir, lora_run, tmp_path):
+    import transformers
+
+    from neo_jax.cli import main
+
+    assert main(["convert", str(lora_run), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(gpt2_model_dir) and config["r"] == 4
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.GPTNeoForCausalLM.from_pretrained(gpt2_model_dir), tmp_path / "peft"
+    )
+    assert main(["convert", str(lora_run), str(tmp_path / "merged"), "--to", "hf", "--merge"]) == 0
+    merged = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = np.random.default_rng(2).integers(0, 50257, (1, 20))
+    np.testing.assert_allclose(hf_logits(merged, ids), hf_logits(theirs.eval(), ids), atol=1e-4, rtol=0)
+    assert main(["convert", str(gpt2_model_dir), str(tmp_path / "none"), "--to", "peft"]) == 2
+    assert not (tmp_path / "none").exists()
+
+
+def test_training_goes_on_from_a_peft_adapter(gpt2_model_dir, tmp_path):
+    from tests.test_finetune import finish, flags, launch, metrics
+
+    base = make_hf_model(
+        vocab_size=50257,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        eos_token_id=50256,
+        bos_token_id=50256,
+    )
+    start = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "c_proj"]))
+    start.save_pretrained(tmp_path / "start")
+    output = tmp_path / "run"
+    result = finish(
+        launch(
+            flags(gpt2_model_dir, output, steps=4, save_every=2, eval_every=0) + ["--adapter", str(tmp_path / "start")]
+        )
+    )
+    assert result["stopped"] == "done" and len(metrics(output)) == 4
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["k_proj", "c_proj"]
+    both = flags(gpt2_model_dir, tmp_path / "other") + ["--adapter", str(tmp_path / "start"), "--lora-rank", "4"]
+    process = launch(both)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "not both" in err
