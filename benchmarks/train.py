@@ -1,12 +1,15 @@
 """Train-step speed: neo_jax vs transformers + torch.optim.AdamW, same random 125M-shape weights and batch.
 
     python benchmarks/train.py [--batch 4] [--seq 512] [--repeats 5] [--dtype float32|bfloat16]
+                               [--lora-rank R [--lora-targets q_proj,v_proj]]
 
 Prints one JSON object: tokens/s of a full AdamW step (forward, backward, update) on each side (medians of
 --repeats steps after warm-up), their ratio, neo_jax's first-step (compile) time, and model FLOPs
 utilisation: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token, over the machine's peak
 measured as the best rate of a large matmul in the same dtype. The reference runs on CUDA when PyTorch sees a
 GPU, with bfloat16 autocast for --dtype bfloat16 (float32 weights and AdamW state on both sides).
+With --lora-rank both sides train LoRA adapters only (alpha 2R): neo_jax.lora against PEFT, and the MFU
+line is left out (the frozen weights get no gradient, so 6 x parameters is not the work done).
 """
 
 from __future__ import annotations
@@ -44,9 +47,20 @@ def main() -> None:
     parser.add_argument("--remat", choices=REMAT, default="none")
     parser.add_argument("--attention", default="auto", help="neo_jax.attention implementation")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only")
+    parser.add_argument("--lora-targets", default="q_proj,v_proj")
     args = parser.parse_args()
 
     reference, model = same_weights(args.config, dtype=args.dtype, attention=args.attention)
+    targets = tuple(args.lora_targets.split(","))
+    if args.lora_rank:
+        import peft
+
+        from neo_jax import lora
+
+        lora.add(model, lora.LoRAConfig(r=args.lora_rank, alpha=2 * args.lora_rank, targets=targets))
+        settings = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=list(targets))
+        reference = peft.get_peft_model(reference, settings)
     config = reference.config
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     jax_ids = jnp.asarray(ids, jnp.int32)
@@ -72,14 +86,17 @@ def main() -> None:
         "attention": args.attention,
         "batch": args.batch,
         "seq": args.seq,
+        "lora_rank": args.lora_rank,
         "neo_jax_tokens_per_s": round(tokens / ours_s, 1),
         "neo_jax_first_step_s": round(first_step, 2),
-        "mfu": round(flops_per_token * tokens / ours_s / peak_flops(jnp.dtype(args.dtype)), 3),
     }
+    if not args.lora_rank:
+        result["mfu"] = round(flops_per_token * tokens / ours_s / peak_flops(jnp.dtype(args.dtype)), 3)
     if not args.skip_transformers:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         reference.to(device).train()
-        torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-5)
+        trainable = [p for p in reference.parameters() if p.requires_grad]  # all of them, or the adapters
+        torch_optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         torch_ids = torch.as_tensor(ids, device=device)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
         result["transformers_device"] = device

@@ -346,16 +346,17 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     data_state = {"fingerprint": data.fingerprint(), "seq_len": config.seq_len, "batch_size": config.batch_size}
     _check_resumed_data(Path(config.output).expanduser().absolute(), data_state["fingerprint"])
     output = _prepare_output(config, source)
+    uses_lora = config.lora() is not None or config.adapter is not None
     model = from_pretrained(
         source,
         dtype=config.dtype,
-        param_dtype=jnp.float32,
+        param_dtype=config.dtype if uses_lora else jnp.float32,  # a frozen base may be stored in the compute dtype
         mesh=mesh,
         attention=config.attention,
         progress=progress,
         adapter=config.adapter,
     )
-    if config.lora() is not None:  # adapters (PEFT's init, seeded by --seed): only they train and are saved
+    if config.lora() is not None:  # new adapters (PEFT's init, seeded by --seed): only they train and are saved
         from neo_jax.lora import add
 
         add(model, config.lora(), seed=config.seed)
@@ -437,7 +438,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         metrics.close()
     if stopped == "done" and distributed.is_main_process():
         plot_losses(output / METRICS, output / "loss.png")
-        if config.lora() is not None or config.adapter:  # the adapters in PEFT's format, for PeftModel or --adapter
+        if uses_lora:  # the adapters in PEFT's format, for PeftModel or --adapter
             from neo_jax import lora
 
             lora.save(model, output / ADAPTER_DIR, base_model=config.model, overwrite=True)
@@ -445,7 +446,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     if stopped == "done" and config.export_hf is not None:
         from neo_jax.convert import save_pretrained
 
-        if config.lora() is not None or config.adapter:
+        if uses_lora:
             from neo_jax.lora import merge
 
             merge(model)

@@ -40,7 +40,11 @@ class FinetuneConfig:
     eval_every: int = setting(0, "validation loss every this many steps; 0: at the end only")
     validation_fraction: float = setting(0.01, "share of blocks held out for validation")
     seed: int = setting(0, "data order seed")
-    dtype: str = setting("bfloat16", "compute dtype; parameters and optimizer state stay float32", DTYPES)
+    dtype: str = setting(
+        "bfloat16",
+        "compute dtype; parameters and optimizer state stay float32 (a LoRA run's frozen base: this)",
+        DTYPES,
+    )
     remat: str = setting("none", "recompute activations in the backward pass", REMAT)
     attention: str = setting("auto", "attention: auto, dense, blockwise, splash (TPU), cudnn (GPU)")
     mesh: str | None = setting(None, "D,F,T data, fsdp and tensor sizes (default: every device on fsdp)")

@@ -376,3 +376,16 @@ def test_training_goes_on_from_a_peft_adapter(gpt2_model_dir, tmp_path):
     process = launch(both)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2 and "not both" in err
+
+
+def test_a_bfloat16_lora_run_trains_and_reloads_with_float32_adapters(gpt2_model_dir, tmp_path):
+    from tests.test_finetune import finish, flags, launch, metrics
+
+    output = tmp_path / "run"
+    result = finish(
+        launch(flags(gpt2_model_dir, output, steps=3, save_every=3, eval_every=0, dtype="bfloat16") + LORA_FLAGS)
+    )
+    assert result["stopped"] == "done" and all(np.isfinite(r["loss"]) for r in metrics(output))
+    model = neo_jax.from_pretrained(output, dtype="bfloat16", param_dtype="bfloat16", progress=False)
+    assert model.periods[0].attn.q_proj.kernel.dtype == np.dtype("bfloat16")
+    assert model.periods[0].attn.q_proj.lora.a.dtype == np.float32  # the adapters stay float32
