@@ -177,17 +177,24 @@ def train_program(
     grad_accum: int = 1,
     optimizer=None,
     attention: str = "auto",
+    lora=None,
 ) -> jax.stages.Lowered:
     """The full train step ``neo-jax train`` runs (float32 parameters and AdamW state, ``dtype`` compute,
     ``remat``, gradient accumulation, donation), lowered for ``mesh`` with a global batch of ``batch``
     sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.train.OptimizerConfig`` (default settings);
-    ``attention``: the implementation (``neo_jax.attention``)."""
+    ``attention``: the implementation (``neo_jax.attention``); ``lora``: a ``neo_jax.lora.LoRAConfig`` to train
+    adapters only, the frozen base stored in ``dtype`` as ``neo-jax train`` stores it."""
     from neo_jax.train import compiled_train_step, make_optimizer
 
     check_train(config, dict(mesh.shape), batch, seq, remat, grad_accum)
 
     def create():
-        model = GPTNeo(config, dtype=dtype, param_dtype=jnp.float32, attention=attention, rngs=nnx.Rngs(0))
+        param_dtype = jnp.float32 if lora is None else dtype
+        model = GPTNeo(config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=nnx.Rngs(0))
+        if lora is not None:
+            from neo_jax.lora import add
+
+            add(model, lora)
         return model, make_optimizer(model, optimizer)
 
     with attention_impls.compiling_for(_platform(mesh)):  # which attention implementations may run

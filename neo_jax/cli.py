@@ -191,6 +191,8 @@ def plan(args: argparse.Namespace) -> None:
             "mesh": run.mesh,
             "topology": run.topology,
             "attention": run.attention,
+            "lora_rank": run.lora_rank or None,
+            "lora_targets": run.lora_targets,
         }
     for key, value in settings.items():  # flags given on the command line win
         if getattr(args, key, None) is None:
@@ -198,6 +200,12 @@ def plan(args: argparse.Namespace) -> None:
     args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
     args.dtype = args.dtype or "bfloat16"
     args.attention = args.attention or "auto"
+    lora = None
+    if args.lora_rank:
+        from neo_jax.lora import LoRAConfig
+
+        targets = tuple(t.strip() for t in (args.lora_targets or "q_proj,v_proj").split(",") if t.strip())
+        lora = LoRAConfig(r=args.lora_rank, targets=targets)
     with compiling_for("tpu"):  # a plan is for a TPU slice, whatever this host is
         check_implementation(args.attention)
     if args.model is None:
@@ -225,6 +233,7 @@ def plan(args: argparse.Namespace) -> None:
             remat=args.remat,
             grad_accum=args.grad_accum,
             attention=args.attention,
+            lora=lora,
             **where,
         )
     else:
@@ -259,9 +268,14 @@ def _describe(args, result) -> str:
 
     chosen = choose(args.attention, args.seq, args.dtype, on="tpu")
     attention = chosen if args.attention == chosen else f"{args.attention} ({chosen})"
+    weights = (
+        f"{args.dtype} frozen weights + float32 LoRA r={args.lora_rank} adapters and their AdamW"
+        if args.lora_rank
+        else "float32 weights + AdamW"
+    )
     return (
         f"batch {args.batch} x seq {args.seq}, grad_accum {args.grad_accum}, remat {args.remat}, "
-        f"{args.dtype} compute, float32 weights + AdamW, {attention} attention"
+        f"{args.dtype} compute, {weights}, {attention} attention"
     )
 
 
@@ -444,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, help="generate: prompt tokens (default: half of --max-len)")
     p.add_argument("--dtype", choices=DTYPES, help="train: compute dtype (weights float32); generate: weights")
     p.add_argument("--attention", help=ATTENTION_HELP + " (default auto)")
+    p.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank only (the base frozen in --dtype)")
+    p.add_argument("--lora-targets", help="train: layers LoRA adapts (default q_proj,v_proj)")
     p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)

@@ -39,11 +39,23 @@ BYTES = ("parameters", "optimizer_state", "gradients", "kv_cache", "activations"
 DEVICES = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "GPU 80 GB": 80}
 
 
-def parameter_bytes(config: GPTNeoConfig, mesh: Mapping[str, int], param_dtype=jnp.float32, rules=None) -> int:
-    """Bytes of one device's shards of every parameter."""
-    abstract = nnx.eval_shape(lambda: GPTNeo(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+def parameter_bytes(
+    config: GPTNeoConfig, mesh: Mapping[str, int], param_dtype=jnp.float32, rules=None, lora=None, which=None
+) -> int:
+    """Bytes of one device's shards of every parameter (with ``lora`` adapters; ``which``: an NNX filter,
+    e.g. ``neo_jax.lora.LoRAParam`` for the adapters alone)."""
+
+    def create():
+        model = GPTNeo(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        if lora is not None:
+            from neo_jax.lora import add
+
+            add(model, lora)
+        return model
+
+    abstract = nnx.eval_shape(create)
     total = 0
-    for _, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for _, variable in nnx.to_flat_state(nnx.state(abstract, which or nnx.Param)):
         value = variable.get_value()
         partition = spec(variable.get_metadata()["out_sharding"], value.shape, mesh, rules)
         total += math.prod(shard_shape(value.shape, partition, mesh)) * value.dtype.itemsize
@@ -125,19 +137,26 @@ def plan(
     param_dtype=jnp.float32,
     attention: str = "auto",
     rules=None,
+    lora=None,
 ) -> dict:
     """Estimated per-device bytes of an AdamW fine-tuning step: parameters, optimizer state (two moments),
     gradients and activations (of one micro-batch of ``batch / grad_accum`` rows, with the ``attention``
-    implementation it would run on a TPU), plus their total."""
+    implementation it would run on a TPU), plus their total. With ``lora`` (a ``LoRAConfig``) the base is
+    stored in ``dtype`` and only the adapters have gradients and optimizer state."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     if any(size < 1 for size in mesh.values()):
         raise ValueError(f"mesh sizes must be positive, got {mesh}")
     check_train(config, mesh, batch, seq, remat, grad_accum)
-    params = parameter_bytes(config, mesh, param_dtype, rules)
+    trained = params = parameter_bytes(config, mesh, param_dtype, rules)
+    if lora is not None:
+        from neo_jax.lora import LoRAParam
+
+        params = parameter_bytes(config, mesh, dtype, rules, lora=lora)
+        trained = parameter_bytes(config, mesh, dtype, rules, lora=lora, which=LoRAParam)
     result = {
         "parameters": params,
-        "optimizer_state": 2 * params,
-        "gradients": params,
+        "optimizer_state": 2 * trained,
+        "gradients": trained,
         "activations": activation_bytes(
             config,
             mesh,
@@ -216,6 +235,7 @@ def _compiled_train(
     grad_accum: int = 1,
     dtype=jnp.bfloat16,
     attention: str = "auto",
+    lora=None,
 ) -> dict:
     """The train step of ``neo-jax train`` compiled for a TPU slice: the exact parameter, optimizer and gradient
     bytes (as ``plan``), XLA:TPU's arguments and temporaries per chip, and their ``total``."""
@@ -223,7 +243,7 @@ def _compiled_train(
 
     device_mesh = aot.slice_mesh(topology, **(mesh or {}))  # default: every chip on fsdp
     sizes = dict(device_mesh.shape)
-    params = parameter_bytes(config, sizes)
+    exact = plan(config, sizes, batch, seq, remat=remat, grad_accum=grad_accum, dtype=dtype, lora=lora)
     compiled = aot.analyse(
         aot.train_program(
             config,
@@ -234,9 +254,10 @@ def _compiled_train(
             remat=remat,
             grad_accum=grad_accum,
             attention=attention,
+            lora=lora,
         )
     )
-    result = {"parameters": params, "optimizer_state": 2 * params, "gradients": params}
+    result = {k: exact[k] for k in ("parameters", "optimizer_state", "gradients")}
     return result | {k: compiled[k] for k in ("arguments", "temporaries", "total", "compile_seconds")} | {"mesh": sizes}
 
 
@@ -337,11 +358,19 @@ def train_report(
     dtype="bfloat16",
     attention: str = "auto",
     compile: bool = True,
+    lora=None,
 ) -> dict:
     """Everything ``neo-jax plan`` says of a train step: memory per device (compiled for ``topology`` when
-    ``compile``, else estimated), and on a slice the FLOPs, the roofline and whether it fits."""
+    ``compile``, else estimated), and on a slice the FLOPs, the roofline and whether it fits. ``lora``: a
+    ``LoRAConfig`` (adapters train, the base is frozen in ``dtype``)."""
     mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
-    options = {"remat": remat, "grad_accum": grad_accum, "dtype": jnp.dtype(dtype), "attention": attention}
+    options = {
+        "remat": remat,
+        "grad_accum": grad_accum,
+        "dtype": jnp.dtype(dtype),
+        "attention": attention,
+        "lora": lora,
+    }
     estimate = plan(config, mesh, batch, seq, **options)
     result = compiled_train(config, topology, batch, seq, mesh=mesh, **options) if topology and compile else estimate
     model, hardware = train_flops(config, batch, seq, remat)
@@ -349,7 +378,7 @@ def train_report(
     # and any recomputation (all-gathered, so whole on every data-parallel device), and the AdamW update.
     passes = 3 if remat == "full" else 2
     weights = config.num_params() * jnp.dtype(dtype).itemsize * passes * grad_accum * mesh["data"] * mesh["fsdp"]
-    update = 7 * estimate["parameters"] * math.prod(mesh.values())
+    update = 7 * estimate["gradients"] * math.prod(mesh.values())  # what trains: everything, or the adapters
     return _on_slice(result | {"mesh": mesh}, topology, model, hardware, weights + update)
 
 

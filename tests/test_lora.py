@@ -389,3 +389,23 @@ def test_a_bfloat16_lora_run_trains_and_reloads_with_float32_adapters(gpt2_model
     model = neo_jax.from_pretrained(output, dtype="bfloat16", param_dtype="bfloat16", progress=False)
     assert model.periods[0].attn.q_proj.kernel.dtype == np.dtype("bfloat16")
     assert model.periods[0].attn.q_proj.lora.a.dtype == np.float32  # the adapters stay float32
+
+
+def test_plan_compiles_a_lora_step_for_a_tpu():
+    """XLA:TPU's own figures (through libtpu, on this CPU) for a 2-layer 125M LoRA step on v5e-1: the
+    arguments are the bfloat16 base plus the adapters and their AdamW state, about half the bytes of full
+    fine-tuning's float32 weights alone, and the estimate's trained bytes are the adapters'."""
+    from neo_jax import plan
+    from tests.test_aot import few_layers
+
+    config = few_layers("125M")
+    settings = lora.LoRAConfig(r=16, targets=("q_proj", "v_proj"))
+    options = dict(batch=1, seq=512, topology="v5e-1")
+    adapters = plan.train_report(config, **options, lora=settings)
+    full = plan.train_report(config, **options)
+    adapter_bytes = 2 * 2 * 16 * 768 * 4  # two layers, A and B, r x 768 each, float32
+    assert adapters["gradients"] == 2 * adapter_bytes and adapters["optimizer_state"] == 4 * adapter_bytes
+    assert adapters["parameters"] < 0.55 * full["parameters"]  # the base in bfloat16
+    base_and_state = adapters["parameters"] + adapters["optimizer_state"]
+    assert base_and_state <= adapters["arguments"] <= 1.05 * base_and_state
+    assert adapters["arguments"] < 0.2 * full["arguments"]  # full: float32 weights + two AdamW moments
