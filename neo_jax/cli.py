@@ -347,6 +347,8 @@ def eval_harness(args: argparse.Namespace) -> None:
     model_args = {"pretrained": args.model, "dtype": args.dtype, "batch_size": args.batch_size}
     if args.mesh:
         model_args["mesh"] = args.mesh
+    if args.adapter:
+        model_args["peft"] = args.adapter
     results = lm_eval.simple_evaluate(
         model="neo-jax",
         model_args=model_args,
@@ -510,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=DTYPES, default="float32")
     e.add_argument("--mesh", default=None, help="D,F,T: shard the model over a device mesh")
     e.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default)")
+    e.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")
     e.add_argument("--output", default=None, help="also write the results JSON here")
     e.set_defaults(run=eval_harness, command="eval harness")
     return parser

@@ -38,6 +38,7 @@ class NeoJaxLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         mesh: str | None = None,
+        peft: str | None = None,  # a PEFT LoRA adapter directory (the name lm-eval's hf model uses)
         device: str | None = None,  # lm-eval passes it to every model; JAX places the work itself
         max_batch_size: int | None = None,  # ditto, for batch_size=auto
         **unused,
@@ -50,7 +51,7 @@ class NeoJaxLM(TemplateLM):
         if unused:
             logging.getLogger(__name__).warning(
                 "neo-jax ignores model_args %s (it takes pretrained, revision, dtype, batch_size, max_length, "
-                "max_gen_toks, mesh)",
+                "max_gen_toks, mesh, peft)",
                 sorted(unused),
             )
         dtype = {"auto": "float32", "float": "float32", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
@@ -61,7 +62,7 @@ class NeoJaxLM(TemplateLM):
         if mesh is not None:
             placement = make_mesh(**parse_mesh(mesh))
         directory = resolve(pretrained, revision)
-        self.model = from_pretrained(directory, dtype=dtype, param_dtype=dtype, mesh=placement)
+        self.model = from_pretrained(directory, dtype=dtype, param_dtype=dtype, mesh=placement, adapter=peft)
         self.tokenizer = load_tokenizer(directory)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(int(max_length or limit), limit)

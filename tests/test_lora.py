@@ -409,3 +409,20 @@ def test_plan_compiles_a_lora_step_for_a_tpu():
     base_and_state = adapters["parameters"] + adapters["optimizer_state"]
     assert base_and_state <= adapters["arguments"] <= 1.05 * base_and_state
     assert adapters["arguments"] < 0.2 * full["arguments"]  # full: float32 weights + two AdamW moments
+
+
+def test_lm_eval_model_takes_a_peft_adapter(gpt2_model_dir, tmp_path):
+    from neo_jax.lm_eval import NeoJaxLM
+
+    base = make_hf_model(
+        vocab_size=50257,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        eos_token_id=50256,
+        bos_token_id=50256,
+    )
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    evaluated = NeoJaxLM(str(gpt2_model_dir), peft=str(tmp_path / "adapter"))
+    assert lora.has_lora(evaluated.model)
+    expected = neo_jax.from_pretrained(gpt2_model_dir, adapter=tmp_path / "adapter", progress=False)
+    np.testing.assert_array_equal(np.asarray(evaluated.model(IDS)), np.asarray(expected(IDS)))
