@@ -11,6 +11,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+import transformers
 
 import neo_jax
 from neo_jax import lora, sharding
@@ -223,8 +224,6 @@ def test_lora_optimizer_state_is_a_sliver_of_full_fine_tuning():
 
 
 def test_cli_merges_an_adapter_into_a_hugging_face_export(base_dir, tmp_path, capsys):
-    import transformers
-
     from neo_jax.cli import main
 
     reference = peft_adapter(tmp_path / "adapter", target_modules=ALL)
@@ -281,7 +280,7 @@ def test_a_lora_run_trains_and_saves_only_the_adapters(gpt2_model_dir, lora_run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(
-            __import__("transformers").GPTNeoForCausalLM.from_pretrained(gpt2_model_dir), lora_run / "adapter"
+            transformers.GPTNeoForCausalLM.from_pretrained(gpt2_model_dir), lora_run / "adapter"
         ).eval()
     assert not [w for w in caught if "key" in str(w.message).lower()]
     ids = np.random.default_rng(1).integers(0, 50257, (1, 20))
@@ -333,8 +332,6 @@ def test_lora_settings_on_a_full_run_are_refused_before_loading(gpt2_model_dir, 
 
 
 def test_a_lora_run_converts_to_peft_and_to_merged_weights(gpt2_model_dir, lora_run, tmp_path):
-    import transformers
-
     from neo_jax.cli import main
 
     assert main(["convert", str(lora_run), str(tmp_path / "peft"), "--to", "peft"]) == 0
@@ -354,13 +351,7 @@ def test_a_lora_run_converts_to_peft_and_to_merged_weights(gpt2_model_dir, lora_
 def test_training_goes_on_from_a_peft_adapter(gpt2_model_dir, tmp_path):
     from tests.test_finetune import finish, flags, launch, metrics
 
-    base = make_hf_model(
-        vocab_size=50257,
-        num_layers=2,
-        attention_types=[[["global", "local"], 1]],
-        eos_token_id=50256,
-        bos_token_id=50256,
-    )
+    base = transformers.GPTNeoForCausalLM.from_pretrained(gpt2_model_dir)
     start = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "c_proj"]))
     start.save_pretrained(tmp_path / "start")
     output = tmp_path / "run"
@@ -414,13 +405,7 @@ def test_plan_compiles_a_lora_step_for_a_tpu():
 def test_lm_eval_model_takes_a_peft_adapter(gpt2_model_dir, tmp_path):
     from neo_jax.lm_eval import NeoJaxLM
 
-    base = make_hf_model(
-        vocab_size=50257,
-        num_layers=2,
-        attention_types=[[["global", "local"], 1]],
-        eos_token_id=50256,
-        bos_token_id=50256,
-    )
+    base = transformers.GPTNeoForCausalLM.from_pretrained(gpt2_model_dir)
     peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     evaluated = NeoJaxLM(str(gpt2_model_dir), peft=str(tmp_path / "adapter"))
     assert lora.has_lora(evaluated.model)
