@@ -325,3 +325,34 @@ def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, shape):
             assert ours.temp_size_in_bytes <= alone.temp_size_in_bytes
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
+def test_lora_steps_on_a_mesh_equal_one_device_and_split_the_adapters(checkpoint, shape):
+    from neo_jax import lora
+
+    mesh = sharding.make_mesh(*shape)
+    ids = np.random.default_rng(4).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
+    settings = lora.LoRAConfig(r=4, targets=("q_proj", "v_proj", "c_fc"))
+    results = []
+    for place in (None, mesh):
+        model = neo_jax.from_pretrained(checkpoint, mesh=place, progress=False)
+        lora.add(model, settings, seed=1)
+        for period in model.periods:  # B away from zero, so that A gets a gradient too
+            for dense in (period.attn.q_proj, period.attn.v_proj, period.mlp.c_fc):
+                b = dense.lora.b
+                b.set_value(jax.device_put(jnp.full(b.shape, 0.01, jnp.float32), b.get_value().sharding))
+        optimizer = make_optimizer(model, learning_rate=1e-3)
+        batch = ids if place is None else jax.device_put(ids, sharding.batch_sharding(mesh, ids.shape))
+        losses = [float(train_step(model, optimizer, batch)["loss"]) for _ in range(2)]
+        adapters = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, lora.LoRAParam))}
+        results.append((losses, adapters, model))
+    (single_losses, single_adapters, _), (mesh_losses, mesh_adapters, model) = results
+    np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-5)
+    for key, value in single_adapters.items():
+        np.testing.assert_allclose(mesh_adapters[key], value, atol=2e-4, err_msg=str(key))
+    # Memory: c_fc's B rows follow the tensor axis, its A columns the fsdp axis, as the weight they adapt.
+    c_fc = model.periods[0].mlp.c_fc.lora
+    _, fsdp, tensor = shape
+    assert c_fc.b.get_value().sharding.shard_shape(c_fc.b.shape)[1] == SMALL["hidden_size"] * 4 // tensor
+    assert c_fc.a.get_value().sharding.shard_shape(c_fc.a.shape)[2] == SMALL["hidden_size"] // fsdp
