@@ -502,7 +502,7 @@ class Engine:
         self._thread.start()
         return self
 
-    def stop(self, *, cancel: bool = True) -> None:
+    def stop(self) -> None:
         """Stop the loop; waiting and active requests are finished as cancelled."""
         with self._lock:
             self.accepting = False
@@ -510,11 +510,10 @@ class Engine:
             self._lock.notify()
         if self._thread:
             self._thread.join()
-        if cancel:
-            for request in [*self._waiting, *(r for r in self._requests if r)]:
-                request.emit(Finished("cancelled", request.generated))
-            self._waiting.clear()
-            self._requests = [None] * self.max_batch
+        for request in [*self._waiting, *(r for r in self._requests if r)]:
+            request.emit(Finished("cancelled", request.generated))
+        self._waiting.clear()
+        self._requests = [None] * self.max_batch
 
     def _finish(self, request: Request, reason: str) -> None:
         if request.slot is not None:

@@ -38,7 +38,7 @@ class _DrainingServer(uvicorn.Server):
             time.sleep(0.05)
         if not self.engine.idle():
             print(f"drain timeout ({self.drain_timeout}s): cancelling what is left", file=sys.stderr)
-        self.engine.stop(cancel=True)
+        self.engine.stop()
         self.should_exit = True  # uvicorn then lets open responses finish and exits
 
 
@@ -76,7 +76,7 @@ def serve(
     server = _DrainingServer(config, app, engine, drain_timeout)
     log(f"serving {served_model_name or model} on http://{host}:{port} ({max_batch} slots of {engine.max_len} tokens)")
     server.run()
-    engine.stop(cancel=True)
+    engine.stop()
     if server.draining:
         log("drained; exiting")
     return 0
