@@ -54,7 +54,7 @@ def test_console_script_is_installed():
     assert exe, "the neo-jax console script is not on PATH; install the package with pip install -e ."
     result = subprocess.run([exe, "convert", "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "--to {orbax,hf}" in result.stdout and "--dtype {float32,bfloat16}" in result.stdout
+    assert "--to {orbax,hf,peft}" in result.stdout and "--dtype {float32,bfloat16}" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------- generate
