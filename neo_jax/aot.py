@@ -200,8 +200,9 @@ def train_program(
     with attention_impls.compiling_for(_platform(mesh)):  # which attention implementations may run
         model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
     ids = _input((batch, seq), jnp.int32, mesh)
+    rng = _input((), jax.random.key(0).dtype, mesh, names=()) if lora is not None and lora.dropout else None
     with jax.set_mesh(mesh):
-        return compiled_train_step.lower(model, opt, ids, ids, grad_accum=grad_accum, remat=remat)
+        return compiled_train_step.lower(model, opt, ids, ids, rng, grad_accum=grad_accum, remat=remat)
 
 
 def generation_lengths(config: GPTNeoConfig, batch: int, max_len: int | None, prompt_len: int | None):

@@ -193,6 +193,7 @@ def plan(args: argparse.Namespace) -> None:
             "attention": run.attention,
             "lora_rank": run.lora_rank or None,
             "lora_targets": run.lora_targets,
+            "lora_dropout": run.lora_dropout,
         }
     for key, value in settings.items():  # flags given on the command line win
         if getattr(args, key, None) is None:
@@ -205,7 +206,7 @@ def plan(args: argparse.Namespace) -> None:
         from neo_jax.lora import LoRAConfig
 
         targets = tuple(t.strip() for t in (args.lora_targets or "q_proj,v_proj").split(",") if t.strip())
-        lora = LoRAConfig(r=args.lora_rank, targets=targets)
+        lora = LoRAConfig(r=args.lora_rank, targets=targets, dropout=args.lora_dropout or 0.0)
     with compiling_for("tpu"):  # a plan is for a TPU slice, whatever this host is
         check_implementation(args.attention)
     if args.model is None:
@@ -462,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", help=ATTENTION_HELP + " (default auto)")
     p.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank only (the base frozen in --dtype)")
     p.add_argument("--lora-targets", help="train: layers LoRA adapts (default q_proj,v_proj)")
+    p.add_argument("--lora-dropout", type=float, help="train: LoRA dropout (its masks' memory; default 0)")
     p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)

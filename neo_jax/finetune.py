@@ -85,9 +85,7 @@ def check(config: FinetuneConfig) -> Mesh:
     check_implementation(config.attention)
     if config.lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
-    lora = config.lora()  # checks the LoRA settings
-    if lora is not None and lora.dropout:
-        raise ValueError("lora_dropout is not implemented yet for training: set it to 0")
+    config.lora()  # checks the LoRA settings
     if config.batch_size % config.grad_accum:
         raise ValueError(
             f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
@@ -346,7 +344,8 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     data_state = {"fingerprint": data.fingerprint(), "seq_len": config.seq_len, "batch_size": config.batch_size}
     _check_resumed_data(Path(config.output).expanduser().absolute(), data_state["fingerprint"])
     output = _prepare_output(config, source)
-    uses_lora = config.lora() is not None or config.adapter is not None
+    new_adapters = config.lora()
+    uses_lora = new_adapters is not None or config.adapter is not None
     model = from_pretrained(
         source,
         dtype=config.dtype,
@@ -356,10 +355,10 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         progress=progress,
         adapter=config.adapter,
     )
-    if config.lora() is not None:  # new adapters (PEFT's init, seeded by --seed): only they train and are saved
+    if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
         from neo_jax.lora import add
 
-        add(model, config.lora(), seed=config.seed)
+        add(model, new_adapters, seed=config.seed)
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
@@ -387,6 +386,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     )
     interrupted = distributed.any_process(bool(stop[0]))  # a signal while loading: stop before training
     step = start
+    dropout_key = jax.random.key(config.seed)
     try:
         while step < config.steps and not interrupted:
             step += 1
@@ -397,6 +397,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
                 place_batch(data.batch(step - 1), mesh),
                 grad_accum=config.grad_accum,
                 remat=config.remat,
+                rng=jax.random.fold_in(dropout_key, step),  # LoRA dropout's masks: the same on a resume
             )
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             seconds = time.perf_counter() - began

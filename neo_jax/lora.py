@@ -79,15 +79,26 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+class DropoutKey(nnx.Variable):
+    """The PRNG key (one per stacked layer) of an adapter's dropout, set only for a training step's forward
+    pass (``with_dropout``)."""
+
+
 class LoRA(nnx.Module):
-    """``scale * (x @ a.T) @ b.T``, computed in the layer's compute dtype; ``config`` (static) says how it
-    was made."""
+    """``scale * (dropout(x) @ a.T) @ b.T``, computed in the layer's compute dtype; ``config`` (static) says
+    how it was made. Dropout, as PEFT's on the adapter's input, applies only while ``keys`` is set (training);
+    otherwise the adapter is deterministic."""
 
     def __init__(self, a: LoRAParam, b: LoRAParam, config: LoRAConfig):
         self.a, self.b, self.config = a, b, config
+        self.keys = nnx.data(None)
 
     def __call__(self, x, dtype):
-        h = jnp.einsum("...i,ri->...r", x.astype(dtype), self.a[...].astype(dtype))
+        x = x.astype(dtype)
+        if self.keys is not None:
+            keep = jax.random.bernoulli(self.keys[...], 1 - self.config.dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1 - self.config.dropout, dtype), jnp.zeros((), dtype))
+        h = jnp.einsum("...i,ri->...r", x, self.a[...].astype(dtype))
         return jnp.einsum("...r,or->...o", h, self.b[...].astype(dtype)) * jnp.asarray(self.config.scale, dtype)
 
 
@@ -122,6 +133,20 @@ def add(model, config: LoRAConfig, *, seed: int = 0):
                 param.set_value(jax.device_put(param.get_value(), variable_sharding(param, mesh)))
         dense.lora = nnx.data(LoRA(a, b, config))
     return model
+
+
+def with_dropout(model, key):
+    """Give every adapter with dropout its own key for each layer, derived from ``key``, so that the next
+    forward pass drops its inputs (in place, on a model built for one training step); returns ``model``."""
+    for i, (_, dense) in enumerate(_layers(model)):
+        if dense.lora is not None and dense.lora.config.dropout:
+            layers = dense.lora.a.shape[0]
+            dense.lora.keys = DropoutKey(jax.random.split(jax.random.fold_in(key, i), layers))
+    return model
+
+
+def has_dropout(model) -> bool:
+    return any(dense.lora is not None and dense.lora.config.dropout for _, dense in _layers(model))
 
 
 def has_lora(model) -> bool:

@@ -55,7 +55,7 @@ class FinetuneConfig:
     topology: str | None = setting(None, "the TPU slice these settings are sized for (neo-jax plan --config)")
     lora_rank: int = setting(0, "LoRA: train rank-R adapters only, the base frozen (0: full fine-tuning)")
     lora_alpha: float = setting(8.0, "LoRA scaling: alpha / rank")
-    lora_dropout: float = setting(0.0, "LoRA dropout on the adapters' input (not implemented yet: 0)")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input in training, as PEFT's")
     lora_targets: str = setting("q_proj,v_proj", "LoRA: comma-separated layers to adapt (q_proj, k_proj, ...)")
     adapter: str | None = setting(None, "continue training this PEFT LoRA adapter (it brings its own settings)")
 

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from neo_jax.evaluate import token_logprobs
-from neo_jax.lora import trainable
+from neo_jax.lora import has_dropout, trainable, with_dropout
 from neo_jax.model import GPTNeo
 from neo_jax.sharding import model_mesh, use_mesh
 
@@ -96,7 +96,14 @@ def next_token_loss(model: GPTNeo, input_ids, loss_mask=None, *, remat: str = "n
 
 
 def train_step(
-    model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask=None, *, grad_accum: int = 1, remat: str = "none"
+    model: GPTNeo,
+    optimizer: nnx.Optimizer,
+    input_ids,
+    loss_mask=None,
+    *,
+    grad_accum: int = 1,
+    remat: str = "none",
+    rng=None,
 ):
     """One optimizer step on a batch, in place; returns ``{"loss", "grad_norm"}``.
 
@@ -105,38 +112,50 @@ def train_step(
     The loss is the mean over every target token of the batch either way. ``remat`` ("none", "full",
     "dots") trades compute for activation memory (``neo_jax.model.REMAT_POLICIES``). On a mesh the activations
     are split like the batch (see ``neo_jax.sharding``).
+
+    LoRA adapters with dropout (``neo_jax.lora``) need ``rng``, a ``jax.random.key`` for this step (e.g. the
+    run's key folded with the step number, so that a resumed run draws the same masks); each micro-batch
+    and layer draws its own mask from it. Without dropout ``rng`` is not used.
     """
     if loss_mask is None:
         loss_mask = jnp.ones_like(input_ids)
+    if not has_dropout(model):
+        rng = None
+    elif rng is None:
+        raise ValueError("this model's LoRA adapters use dropout: pass rng=jax.random.key(...) for the step's masks")
     with use_mesh(model_mesh(model)):
-        return compiled_train_step(model, optimizer, input_ids, loss_mask, grad_accum=grad_accum, remat=remat)
+        return compiled_train_step(model, optimizer, input_ids, loss_mask, rng, grad_accum=grad_accum, remat=remat)
 
 
 @partial(nnx.jit, static_argnames=("grad_accum", "remat"), donate_argnames=("model", "optimizer"))
 def compiled_train_step(
-    model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, *, grad_accum: int, remat: str = "none"
+    model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, rng=None, *, grad_accum: int, remat: str = "none"
 ):
     """``train_step``'s program; the caller enters the model's mesh (``neo_jax.aot`` lowers it for a TPU)."""
     graphdef, params, rest = nnx.split(model, trainable(model), ...)  # gradients for what trains only
 
-    def summed(params, rest, ids, mask):
+    def summed(params, rest, ids, mask, rng):
         # copy=True: fresh Variables at this trace level for what does not train (frozen LoRA bases) too
-        return token_losses(nnx.merge(graphdef, params, rest, copy=True), ids, mask, remat=remat)
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        if rng is not None:
+            with_dropout(model, rng)
+        return token_losses(model, ids, mask, remat=remat)
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
     if grad_accum == 1:
-        (total, count), grads = grad_fn(params, rest, input_ids, loss_mask)
+        (total, count), grads = grad_fn(params, rest, input_ids, loss_mask, rng)
     else:
         if input_ids.shape[0] % grad_accum:
             raise ValueError(f"batch {input_ids.shape[0]} does not split into {grad_accum} micro-batches")
         micro = lambda x: x.reshape(grad_accum, -1, *x.shape[1:])
+        rngs = None if rng is None else jax.random.split(rng, grad_accum)
 
         def accumulate(carry, batch):
             (total, count), grads = grad_fn(params, rest, *batch)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
-        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro(input_ids), micro(loss_mask)))
+        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro(input_ids), micro(loss_mask), rngs))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     optimizer.update(model, grads)

@@ -199,6 +199,75 @@ def test_five_adamw_steps_match_peft_and_torch(base_dir, tmp_path):
     )
 
 
+def test_lora_dropout_is_peft_s_given_the_same_masks(base_dir, tmp_path):
+    """Dropout on each adapter's input, scaled by 1/(1-p), the frozen layer seeing the whole input: the masks
+    a train step draws here, put into PEFT's dropout modules, give PEFT's losses and AdamW steps; the same key
+    gives the same step, another key another, and the forward pass outside training does not drop."""
+    import jax.numpy as jnp
+
+    from neo_jax.train import make_optimizer, token_losses, train_step
+
+    p, targets = 0.3, ["q_proj", "out_proj", "c_fc", "c_proj"]
+    reference = peft_adapter(tmp_path / "start", target_modules=targets, lora_dropout=p).train()
+    ours = neo_jax.from_pretrained(base_dir, adapter=tmp_path / "start", progress=False)
+    before = np.asarray(ours(IDS))
+    assert lora.has_dropout(ours)
+    np.testing.assert_allclose(before, hf_logits(reference.eval(), IDS), atol=1e-4, rtol=0)  # eval: no dropout
+    reference.train()
+    size, parts = len(ours.config.layer_period), {"q_proj": "attn", "out_proj": "attn", "c_fc": "mlp", "c_proj": "mlp"}
+
+    class Masked(torch.nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.mask = torch.tensor(np.asarray(mask))
+
+        def forward(self, x):
+            return x * self.mask / (1 - p)
+
+    def use_masks(key, shape):
+        """Put the masks that ``with_dropout(key)`` makes for each layer into PEFT's dropout modules."""
+        probe = lora.with_dropout(neo_jax.from_pretrained(base_dir, adapter=tmp_path / "start", progress=False), key)
+        for layer, block in enumerate(reference.base_model.model.transformer.h):
+            for name, part in parts.items():
+                module = getattr(block.attn.attention if part == "attn" else block.mlp, name)
+                adapter = getattr(getattr(probe.periods[layer % size], part), name).lora
+                mask = jax.random.bernoulli(adapter.keys[...][layer // size], 1 - p, (*shape, module.in_features))
+                module.lora_dropout["default"] = Masked(mask)
+
+    torch_adamw = torch.optim.AdamW([q for q in reference.parameters() if q.requires_grad], lr=1e-3)
+    optimizer = make_optimizer(ours, learning_rate=1e-3, weight_decay=0.01)
+    rng = np.random.default_rng(7)
+    for step in range(2):
+        batch, key = rng.integers(0, SMALL["vocab_size"], (2, 24)), jax.random.fold_in(jax.random.key(3), step)
+        use_masks(key, batch.shape)
+        torch_adamw.zero_grad()
+        loss = reference(torch.as_tensor(batch), labels=torch.as_tensor(batch)).loss
+        loss.backward()
+        torch_adamw.step()
+        undropped = float(token_losses(ours, batch)[0]) / (batch.size - batch.shape[0])
+        assert abs(undropped - loss.item()) > 1e-3  # the masks matter
+        metrics = train_step(ours, optimizer, batch, rng=key)
+        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-4, err_msg=f"step {step}")
+    lora.save(ours, tmp_path / "ours")
+    reference.save_pretrained(tmp_path / "theirs")
+    from safetensors.numpy import load_file
+
+    mine, theirs = (
+        load_file(tmp_path / "ours" / lora.ADAPTER_WEIGHTS),
+        load_file(tmp_path / "theirs" / lora.ADAPTER_WEIGHTS),
+    )
+    difference = np.sqrt(sum(((mine[k] - theirs[k]) ** 2).sum() for k in theirs))
+    assert difference <= 1e-3 * np.sqrt(sum((theirs[k] ** 2).sum() for k in theirs))
+    # Keys: the same key gives the same step, another key another; a dropout model needs one.
+    losses = []
+    for key in (1, 1, 2):
+        model = neo_jax.from_pretrained(base_dir, adapter=tmp_path / "start", progress=False)
+        losses.append(float(train_step(model, make_optimizer(model), IDS, rng=jax.random.key(key))["loss"]))
+    assert losses[0] == losses[1] != losses[2]
+    with pytest.raises(ValueError, match="rng"):
+        train_step(model, make_optimizer(model), jnp.asarray(IDS))
+
+
 def test_lora_optimizer_state_is_a_sliver_of_full_fine_tuning():
     """r = 8 on q, v of the 125M shape: the optimizer state, measured from the compiled train step's
     arguments (abstract model, nothing allocated), is under 1% of full fine-tuning's."""
@@ -254,7 +323,7 @@ def test_cli_merges_an_adapter_into_a_hugging_face_export(base_dir, tmp_path, ca
 
 
 # ---- LoRA fine-tuning runs ---------------------------------------------------------------------------------
-LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "16", "--lora-targets", "q_proj,v_proj,c_fc"]
+LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "16", "--lora-dropout", "0.1", "--lora-targets", "q_proj,v_proj,c_fc"]
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +394,7 @@ def test_lora_settings_on_a_full_run_are_refused_before_loading(gpt2_model_dir, 
     for bad, message in [
         ({"lora_rank": -1}, "lora_rank"),
         ({"lora_rank": 2, "lora_targets": "q_proj,lm_head"}, "targets"),
-        ({"lora_rank": 2, "lora_dropout": 0.1}, "lora_dropout"),
+        ({"lora_rank": 2, "lora_dropout": 1.0}, "dropout"),
     ]:
         with pytest.raises(ValueError, match=message):
             check(FinetuneConfig.load(None, output=str(tmp_path / "n"), **common, **bad))
