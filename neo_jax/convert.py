@@ -31,17 +31,23 @@ from neo_jax.hf import (
     save_safetensors,
 )
 from neo_jax.model import GPTNeo
+from neo_jax.quantize import check_weights, is_quantized, to_int8
 from neo_jax.sharding import variable_sharding
 
 __all__ = ["abstract_model", "from_pretrained", "save_pretrained", "source_of"]
 
 
-def abstract_model(config: GPTNeoConfig, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto"):
-    """(graphdef, param state of ShapeDtypeStructs): the model's structure without allocating it."""
-    model = nnx.eval_shape(
-        lambda: GPTNeo(config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=nnx.Rngs(0))
-    )
-    return nnx.split(model)
+def abstract_model(
+    config: GPTNeoConfig, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto", *, int8: bool = False
+):
+    """(graphdef, param state of ShapeDtypeStructs): the model's structure without allocating it; ``int8``:
+    with int8 block and embedding weights (``neo_jax.quantize``)."""
+
+    def create():
+        model = GPTNeo(config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=nnx.Rngs(0))
+        return to_int8(model) if int8 else model
+
+    return nnx.split(nnx.eval_shape(create))
 
 
 def from_pretrained(
@@ -55,10 +61,14 @@ def from_pretrained(
     attention: str = "auto",
     progress: bool = True,
     adapter: str | os.PathLike | None = None,
+    weights: str | None = None,
 ) -> GPTNeo:
     """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
 
-    ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. With a ``mesh``
+    ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. ``weights``
+    ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the inference weight format: the first two set
+    ``param_dtype``; "int8" quantizes every block matmul's kernel as it loads (weight-only, one scale per
+    output channel), the rest staying in ``param_dtype``. With a ``mesh``
     (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
     ``rules`` of ``neo_jax.sharding`` (default ``DEFAULT_RULES``): no device holds a full replicated copy.
     ``attention`` picks the attention implementation (``neo_jax.attention``: auto, dense, blockwise, cudnn).
@@ -66,12 +76,21 @@ def from_pretrained(
     against the base model's shapes before any weights load.
     """
     check_implementation(attention)  # before anything is downloaded or read
+    if weights is not None:
+        check_weights(weights)
+        if jnp.dtype(param_dtype) != jnp.float32:
+            raise ValueError(f"give weights={weights!r} or param_dtype={jnp.dtype(param_dtype)}, not both")
+        if weights == "int8" and adapter is not None:
+            raise ValueError("LoRA adapters on int8 weights are not supported yet: load with weights='float32'")
+        param_dtype = jnp.bfloat16 if weights == "bfloat16" else jnp.float32
     directory = resolve(src, revision)
     run = trained_lora(directory)
     if run is not None:  # a LoRA run: its base, plus the adapters of its latest checkpoint
         from neo_jax import lora
 
         settings, base = run
+        if weights == "int8":
+            raise ValueError("LoRA adapters on int8 weights are not supported yet: load with weights='float32'")
         model = from_pretrained(
             base, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, attention=attention, progress=progress
         )
@@ -99,6 +118,8 @@ def from_pretrained(
     _SOURCES[model] = directory
     if adapter is not None:
         lora.load(model, adapter)
+    if weights == "int8":
+        to_int8(model)
     return model
 
 
@@ -154,6 +175,11 @@ def save_pretrained(
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
     from neo_jax import lora
 
+    if is_quantized(model):
+        raise ValueError(
+            "this model's weights are int8, which cannot be saved yet: save the model loaded with "
+            "weights='float32' (or 'bfloat16'), and quantize when loading it"
+        )
     if lora.has_lora(model):
         raise ValueError(
             "this model has LoRA adapters: fold them in first (neo_jax.lora.merge), or write the adapters alone "

@@ -112,10 +112,13 @@ def _layers(model):
 def add(model, config: LoRAConfig, *, seed: int = 0):
     """Give ``model``'s target layers new adapters (A Kaiming-uniform, B zero), in place; returns ``model``.
     On a mesh the adapters are placed in shards like the weights they adapt."""
+    from neo_jax.quantize import is_quantized
     from neo_jax.sharding import model_mesh, variable_sharding
 
     if has_lora(model):
         raise ValueError("this model already has LoRA adapters")
+    if is_quantized(model):
+        raise ValueError("LoRA adapters on int8 weights are not supported yet: load the model with weights='float32'")
     mesh = model_mesh(model)
     key = jax.random.key(seed)
     for i, (name, dense) in enumerate(_layers(model)):

@@ -79,10 +79,12 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_out, d_in), param_dtype), **_axes(*names))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), **_axes(names[0])) if use_bias else None
         self.dtype = dtype
+        self.scale = nnx.data(None)  # int8 weights (neo_jax.quantize): one scale per output channel
         self.lora = nnx.data(None)  # a LoRA adapter (neo_jax.lora.add), if any
 
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = y if self.scale is None else y * self.scale[...].astype(self.dtype)
         y = y if self.bias is None else y + self.bias[...].astype(self.dtype)
         return y if self.lora is None else y + self.lora(x, self.dtype)
 
@@ -201,6 +203,7 @@ class GPTNeo(nnx.Module):
 
         self.periods = stacked_period(rngs)
         self.ln_f = _layer_norm(config, dtype, param_dtype, rngs)
+        self.wte_scale = nnx.data(None)  # int8 token embedding (neo_jax.quantize): one scale per token row
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
         """Logits ``[batch, seq, vocab]`` in float32.
@@ -257,7 +260,10 @@ class GPTNeo(nnx.Module):
         static layer index: decoding uses it, because XLA:CPU copies every weight it slices out of a
         stacked array, which would double the memory traffic of a single-token step.
         """
-        x = constrain(self.wte(input_ids) + self.wpe(position_ids), "batch", None, None)
+        tokens = self.wte(input_ids)
+        if self.wte_scale is not None:
+            tokens = tokens * self.wte_scale[...][input_ids][..., None].astype(tokens.dtype)
+        x = constrain(tokens + self.wpe(position_ids), "batch", None, None)
         size = len(self.config.layer_period)
 
         def run(x, state, index, period):
@@ -284,6 +290,8 @@ class GPTNeo(nnx.Module):
         """The tied LM head, accumulated and returned in float32."""
         embedding = self.wte.embedding[...].astype(hidden.dtype)
         logits = jnp.einsum("btd,vd->btv", hidden, embedding, preferred_element_type=jnp.float32)
+        if self.wte_scale is not None:
+            logits = logits * self.wte_scale[...].astype(jnp.float32)
         return constrain(logits, "batch", None, "vocab")
 
 

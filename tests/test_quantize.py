@@ -1,0 +1,104 @@
+"""Weight formats (neo_jax.quantize): int8 values and scales against a numpy quantizer, bfloat16 and int8 logits
+near float32's, generation through the KV cache consistent with the forward pass, parameter bytes, and the
+refusals."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import neo_jax
+from neo_jax.quantize import to_int8
+from tests.conftest import SMALL, make_hf_model
+
+IDS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, 40))  # crosses the window (16)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("small")
+    make_hf_model().save_pretrained(directory)
+    return directory
+
+
+def state_bytes(model) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+
+
+def numpy_int8(weight):
+    """Symmetric int8 per channel of all but the last axis, written out independently of qwix, with qwix's
+    documented bound: the channel's absolute maximum maps to 127.5 (so the 127 bucket is a whole one)."""
+    scale = np.abs(weight).max(axis=-1, keepdims=True) / 127.5
+    return np.clip(np.round(weight / scale), -128, 127).astype(np.int8), scale[..., 0]
+
+
+def test_int8_weights_are_a_per_channel_symmetric_quantization(model_dir):
+    floats = neo_jax.from_pretrained(model_dir, progress=False)
+    ints = neo_jax.from_pretrained(model_dir, weights="int8", progress=False)
+    pairs = [(floats.wte.embedding, ints.wte.embedding, ints.wte_scale)]
+    for f, i in zip(floats.periods, ints.periods):
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            dense = getattr(i.attn, name)
+            pairs.append((getattr(f.attn, name).kernel, dense.kernel, dense.scale))
+        for name in ("c_fc", "c_proj"):
+            dense = getattr(i.mlp, name)
+            pairs.append((getattr(f.mlp, name).kernel, dense.kernel, dense.scale))
+    for weight, values, scale in pairs:
+        expected_values, expected_scale = numpy_int8(np.asarray(weight[...]))
+        assert values.dtype == jnp.int8 and scale.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(scale[...]), expected_scale, rtol=1e-6)
+        assert np.abs(np.asarray(values[...], np.int32) - expected_values).max() <= 1  # ties may round apart
+    # What stays as it was: position embedding, LayerNorms, biases.
+    np.testing.assert_array_equal(np.asarray(ints.wpe.embedding[...]), np.asarray(floats.wpe.embedding[...]))
+    np.testing.assert_array_equal(
+        np.asarray(ints.periods[0].mlp.c_fc.bias[...]), np.asarray(floats.periods[0].mlp.c_fc.bias[...])
+    )
+
+
+def test_bfloat16_and_int8_logits_are_near_float32_and_generation_follows_the_forward_pass(model_dir):
+    reference = np.asarray(neo_jax.from_pretrained(model_dir, progress=False)(IDS))
+    scale = np.abs(reference).max()
+    for weights, tolerance in [("bfloat16", 0.02), ("int8", 0.05)]:
+        model = neo_jax.from_pretrained(model_dir, weights=weights, progress=False)
+        error = np.abs(np.asarray(model(IDS)) - reference).max()
+        assert 0 < error <= tolerance * scale, (weights, error, scale)
+        # Greedy decoding through the KV cache (per-layer weights sliced out of the stack) picks what the full
+        # forward pass of the same quantized model picks at every step, across the local window.
+        tokens = np.asarray(neo_jax.generate(model, IDS[:1, :12], max_new_tokens=10, do_sample=False))
+        picks = np.asarray(model(tokens))[:, 11:-1].argmax(-1)
+        np.testing.assert_array_equal(picks, tokens[:, 12:], err_msg=weights)
+
+
+def test_int8_parameters_of_the_125m_shape_are_under_30_percent_of_float32():
+    from neo_jax.config import GPTNeoConfig
+    from neo_jax.model import init_model
+
+    model = init_model(GPTNeoConfig.from_json_file("configs/gpt-neo-125M.json"))
+    float32 = state_bytes(model)
+    assert state_bytes(to_int8(model)) <= 0.30 * float32
+
+
+def test_bad_weight_requests_are_refused(model_dir, tmp_path):
+    from neo_jax import lora
+    from neo_jax.train import make_optimizer
+
+    for settings, message in [
+        (dict(weights="int4"), "weights must be one of"),
+        (dict(weights="int8", param_dtype=jnp.bfloat16), "not both"),
+        (dict(weights="int8", adapter=tmp_path), "int8"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            neo_jax.from_pretrained(model_dir, progress=False, **settings)
+    model = neo_jax.from_pretrained(model_dir, weights="int8", progress=False)
+    with pytest.raises(ValueError, match="for inference"):
+        make_optimizer(model)
+    with pytest.raises(ValueError, match="int8"):
+        lora.add(model, lora.LoRAConfig(r=2))
+    with pytest.raises(ValueError, match="already int8"):
+        to_int8(model)
+    with pytest.raises(ValueError, match="cannot be saved yet"):
+        neo_jax.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
