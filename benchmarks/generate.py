@@ -2,12 +2,14 @@
 
     python benchmarks/generate.py [--batch-sizes 1,8] [--prompt-len 32] [--new-tokens 128]
                                   [--prefill-len 512] [--repeats 3] [--dtype float32|bfloat16]
+                                  [--weights float32|bfloat16|int8]
 
 Prints one JSON object. For each batch size: both decode rates in new tokens/s (medians of --repeats runs,
 each a whole ``generate`` call, after a warm-up) and their ratio; neo_jax's first call (compile included).
 At batch 1 also the fraction of the memory roofline: parameter bytes per token / seconds per token /
 measured memory bandwidth. "prefill": the time to the first token of a --prefill-len prompt, both sides.
-transformers runs only in float32 on the CPU; --dtype bfloat16 is for accelerators.
+transformers runs only in float32 on the CPU; --dtype bfloat16 is for accelerators. --weights is neo_jax's
+weight format (neo_jax.quantize; default: --dtype), the reference staying in float32.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import jax
 import numpy as np
 import torch
 from common import median_seconds, same_weights
+from flax import nnx
 
 import neo_jax
 from neo_jax.config import DTYPES
+from neo_jax.quantize import WEIGHTS
 
 
 def memory_bandwidth() -> float:
@@ -41,10 +45,11 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--weights", choices=WEIGHTS, help="neo_jax's weight format (default: --dtype)")
     parser.add_argument("--skip-transformers", action="store_true", help="neo_jax only (e.g. on a GPU)")
     args = parser.parse_args()
 
-    reference, model = same_weights(args.config, dtype=args.dtype, param_dtype=args.dtype)
+    reference, model = same_weights(args.config, dtype=args.dtype, weights=args.weights or args.dtype)
     config = reference.config
     rng = np.random.default_rng(0)
 
@@ -69,12 +74,12 @@ def main() -> None:
         "benchmark": "generate",
         "config": args.config,
         "dtype": args.dtype,
+        "weights": args.weights or args.dtype,
         "device": str(jax.devices()[0]),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
     }
-    param_bytes = model.config.num_params()
-    param_bytes *= 2 if args.dtype == "bfloat16" else 4
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))  # what a decode step reads
     bandwidth = memory_bandwidth()
     result["memory_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
