@@ -131,14 +131,22 @@ def _place(tree, mesh: Mesh, rules=None):
 
 
 def abstract_model(
-    config: GPTNeoConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32, attention="auto", rules=None
+    config: GPTNeoConfig,
+    mesh: Mesh,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    attention="auto",
+    rules=None,
+    int8: bool = False,
 ):
     """A ``GPTNeo`` whose parameters are ``ShapeDtypeStruct`` s placed on ``mesh`` as ``from_pretrained(...,
-    mesh=mesh)`` would place them; ``attention`` is checked against the slice's platform, not this host's."""
+    mesh=mesh)`` would place them; ``attention`` is checked against the slice's platform, not this host's;
+    ``int8``: int8 weights, as ``from_pretrained(..., weights="int8")`` loads them."""
     from neo_jax.convert import abstract_model as unplaced
 
     with attention_impls.compiling_for(_platform(mesh)):
-        return _place(nnx.merge(*unplaced(config, dtype, param_dtype, attention)), mesh, rules)
+        return _place(nnx.merge(*unplaced(config, dtype, param_dtype, attention, int8=int8)), mesh, rules)
 
 
 def _platform(mesh: Mesh) -> str:
@@ -229,18 +237,20 @@ def generate_programs(
     dtype=jnp.bfloat16,
     param_dtype=None,
     attention: str = "auto",
+    int8: bool = False,
 ) -> dict[str, jax.stages.Lowered]:
     """The two programs ``neo-jax generate`` runs, lowered for ``mesh``: ``prefill`` (a left-padded prompt of
     ``prompt_len`` tokens, default half of ``max_len``, into a new KV cache, and the first token) and
     ``decode`` (the jitted loop of single-token steps over that cache, up to ``max_len`` positions in all).
-    Weights are stored in ``param_dtype`` (default: ``dtype``, as ``neo-jax generate --dtype`` loads them)."""
+    Weights are stored in ``param_dtype`` (default: ``dtype``, as ``neo-jax generate --dtype`` loads them);
+    ``int8``: the block and embedding weights in int8 (``neo_jax.quantize``), the rest in ``param_dtype``."""
     from neo_jax.generation.cache import cache_bucket
     from neo_jax.generation.loop import _continue, _start
     from neo_jax.generation.sampling import SamplingParams
     from neo_jax.shapes import bucket
 
     max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
-    model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)
+    model = abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, int8=int8)
     graphdefs = (nnx.graphdef(model), nnx.graphdef(model.periods))
     arrays = (nnx.state(model), None)  # on an accelerator the layers are sliced inside the program
     width, new = bucket(prompt_len), max_len - prompt_len
