@@ -25,8 +25,7 @@ from common import median_seconds, same_weights
 from flax import nnx
 
 import neo_jax
-from neo_jax.config import DTYPES
-from neo_jax.quantize import WEIGHTS
+from neo_jax.config import DTYPES, WEIGHTS
 
 
 def memory_bandwidth() -> float:

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from neo_jax.config import DTYPES, REMAT
+from neo_jax.config import DTYPES, REMAT, WEIGHTS
 
+WEIGHTS_HELP = "weight format: float32, bfloat16, or int8 weight-only (neo_jax.quantize); default: --dtype"
 ATTENTION_HELP = "attention implementation: auto, dense, blockwise, splash (TPU) or cudnn (GPU); see neo_jax.attention"
 
 
@@ -91,7 +92,11 @@ def generate(args: argparse.Namespace) -> None:
     from neo_jax.generation import TextGenerator
 
     generator = TextGenerator(
-        args.model, dtype=args.dtype, param_dtype=args.dtype, attention=args.attention, adapter=args.adapter
+        args.model,
+        dtype=args.dtype,
+        weights=args.weights or args.dtype,
+        attention=args.attention,
+        adapter=args.adapter,
     )
     beams = options.pop("num_beams")
     start = time.perf_counter()
@@ -168,6 +173,7 @@ def serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name,
         adapter=args.adapter,
+        weights=args.weights,
     )
 
 
@@ -325,7 +331,7 @@ def eval_perplexity(args: argparse.Namespace) -> None:
     windows_of(args.seq_len, args.stride, resolve_config(directory).max_position_embeddings)
     validate.integer("--batch-size", args.batch_size, least=1)
     tokens = corpus_tokens(args.data, load_tokenizer(directory), text_field=args.text_field, split=args.split)
-    model = from_pretrained(directory, dtype=args.dtype, param_dtype=args.dtype, adapter=args.adapter)
+    model = from_pretrained(directory, dtype=args.dtype, weights=args.weights or args.dtype, adapter=args.adapter)
     result = perplexity(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, progress=True
     )
@@ -350,6 +356,8 @@ def eval_harness(args: argparse.Namespace) -> None:
         model_args["mesh"] = args.mesh
     if args.adapter:
         model_args["peft"] = args.adapter
+    if args.weights:
+        model_args["weights"] = args.weights
     results = lm_eval.simple_evaluate(
         model="neo-jax",
         model_args=model_args,
@@ -414,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
+    p.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     p.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")
@@ -432,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, help="tokens per slot, prompt + completion (default: the model's maximum)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
+    p.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     p.add_argument("--mesh", help="D,F,T: shard the model and the slots over a device mesh")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (or set NEO_JAX_API_KEY)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests in flight")
@@ -495,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default 512)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     e.add_argument("--text-field", default="text")
     e.add_argument("--split", default="train")
     e.add_argument("--revision", default=None)
@@ -512,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--include-path", default=None, help="directory of extra task YAML files")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--weights", choices=WEIGHTS, help=WEIGHTS_HELP)
     e.add_argument("--mesh", default=None, help="D,F,T: shard the model over a device mesh")
     e.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default)")
     e.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")

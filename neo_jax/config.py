@@ -10,6 +10,7 @@ from typing import Any
 
 ATTENTION_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16")  # compute and storage dtypes of the command line and fine-tuning settings
+WEIGHTS = ("float32", "bfloat16", "int8")  # inference weight formats (neo_jax.quantize)
 REMAT = ("none", "full", "dots")  # activation recomputation in training (the policies: model.REMAT_POLICIES)
 # EleutherAI's released sizes; configs/gpt-neo-*.json are these, written out (a test keeps them equal).
 PRESETS = {

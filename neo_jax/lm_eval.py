@@ -39,6 +39,7 @@ class NeoJaxLM(TemplateLM):
         max_gen_toks: int = 256,
         mesh: str | None = None,
         peft: str | None = None,  # a PEFT LoRA adapter directory (the name lm-eval's hf model uses)
+        weights: str | None = None,  # float32, bfloat16 or int8 (neo_jax.quantize); default: dtype
         device: str | None = None,  # lm-eval passes it to every model; JAX places the work itself
         max_batch_size: int | None = None,  # ditto, for batch_size=auto
         **unused,
@@ -51,7 +52,7 @@ class NeoJaxLM(TemplateLM):
         if unused:
             logging.getLogger(__name__).warning(
                 "neo-jax ignores model_args %s (it takes pretrained, revision, dtype, batch_size, max_length, "
-                "max_gen_toks, mesh, peft)",
+                "max_gen_toks, mesh, peft, weights)",
                 sorted(unused),
             )
         dtype = {"auto": "float32", "float": "float32", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
@@ -62,7 +63,7 @@ class NeoJaxLM(TemplateLM):
         if mesh is not None:
             placement = make_mesh(**parse_mesh(mesh))
         directory = resolve(pretrained, revision)
-        self.model = from_pretrained(directory, dtype=dtype, param_dtype=dtype, mesh=placement, adapter=peft)
+        self.model = from_pretrained(directory, dtype=dtype, weights=weights or dtype, mesh=placement, adapter=peft)
         self.tokenizer = load_tokenizer(directory)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(int(max_length or limit), limit)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import nnx
 
-WEIGHTS = ("float32", "bfloat16", "int8")
+from neo_jax.config import WEIGHTS
 
 
 def check_weights(weights: str) -> str:
@@ -40,6 +39,8 @@ def to_int8(model):
     """Quantize every block matmul's kernel of ``model`` to int8 with per-output-channel scales, in place
     (one layer at a time, so the float kernels are let go as it goes); returns ``model``. On a mesh the int8
     kernels keep the float kernels' shards and the scales follow the output axis."""
+    import qwix
+
     from neo_jax.sharding import model_mesh, variable_sharding
 
     if is_quantized(model):

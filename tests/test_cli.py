@@ -132,3 +132,35 @@ def test_generate_empty_prompt_and_too_long(text_dir, tmp_path, capsys):
     (tmp_path / "long.txt").write_text("word " * 300)
     assert main(["generate", "--model", str(text_dir), "--prompt-file", str(tmp_path / "long.txt")]) == 2
     assert "exceeds max_position_embeddings" in capsys.readouterr().err
+
+
+def test_weight_formats_on_generate_and_eval(text_dir, tmp_path, capsys):
+    """--weights loads the format asked for: the CLI's greedy text and perplexity are those of the Python API
+    on the same format (and int8's differ from float32's); int8 with an adapter is refused before loading."""
+    import neo_jax
+    from neo_jax.evaluate import corpus_tokens, perplexity
+    from neo_jax.hf import load_tokenizer
+
+    prompt = ["--prompt", "EleutherAI has", "--max-new-tokens", "8", "--json"]
+    (tmp_path / "text.txt").write_text("We hold these truths to be self-evident, that all men are created equal. " * 4)
+    measured = {}
+    for weights in ("float32", "int8"):
+        assert main(["generate", "--model", str(text_dir), "--weights", weights, *prompt]) == 0
+        completion = json.loads(capsys.readouterr().out)["completion"]
+        assert completion == neo_jax.TextGenerator(text_dir, weights=weights)("EleutherAI has", max_new_tokens=8)[0]
+        args = ["eval", "perplexity", "--model", str(text_dir), "--data", str(tmp_path / "text.txt")]
+        assert main([*args, "--seq-len", "32", "--stride", "16", "--weights", weights]) == 0
+        measured[weights] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+        model = neo_jax.from_pretrained(text_dir, weights=weights, progress=False)
+        tokens = corpus_tokens([str(tmp_path / "text.txt")], load_tokenizer(text_dir))
+        assert measured[weights] == pytest.approx(perplexity(model, tokens, seq_len=32, stride=16)["perplexity"])
+    assert measured["int8"] != measured["float32"]
+    for argv in (
+        ["generate", "--model", str(text_dir), "--prompt", "hi", "--weights", "int8", "--adapter", str(tmp_path)],
+        [*args, "--weights", "int8", "--adapter", str(tmp_path)],
+    ):
+        assert main(argv) == 2
+        assert "int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(text_dir), "--prompt", "hi", "--weights", "int4"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -29,6 +29,7 @@ class TextGenerator:
         param_dtype=jnp.float32,
         attention: str = "auto",
         adapter=None,
+        weights: str | None = None,
     ):
         if isinstance(model_or_src, GPTNeo):
             self.model = model_or_src
@@ -36,7 +37,12 @@ class TextGenerator:
             from neo_jax.convert import from_pretrained
 
             self.model = from_pretrained(
-                model_or_src, dtype=dtype, param_dtype=param_dtype, attention=attention, adapter=adapter
+                model_or_src,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attention=attention,
+                adapter=adapter,
+                weights=weights,
             )
         if tokenizer is None:
             from neo_jax.convert import source_of

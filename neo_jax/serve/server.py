@@ -56,6 +56,7 @@ def serve(
     drain_timeout: float = 30.0,
     served_model_name: str | None = None,
     adapter: str | None = None,
+    weights: str | None = None,
 ) -> int:
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
@@ -66,7 +67,7 @@ def serve(
     source = resolve(model)
     tokenizer = load_tokenizer(source)  # before the weights: a model without a tokenizer fails fast
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
-    loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, mesh=device_mesh, adapter=adapter)
+    loaded = from_pretrained(source, dtype=dtype, weights=weights or dtype, mesh=device_mesh, adapter=adapter)
     engine = Engine(loaded, max_batch=max_batch, max_len=max_len, max_queue=max_queue, metrics=Metrics())
     seconds = engine.warm_up(progress=log)
     engine.start()
