@@ -56,6 +56,13 @@ def load_orbax(directory: Path, state, placement):
     return state
 
 
+def holds_int8(directory: Path) -> bool:
+    """Whether the Orbax parameters in ``directory`` are int8 weights (``neo_jax.quantize``): they carry the
+    token embedding's scales."""
+    with _orbax_checkpointer() as checkpointer:
+        return "wte_scale" in checkpointer.metadata(directory.absolute()).item_metadata.tree
+
+
 def _check_orbax_shapes(directory: Path, saved, target) -> None:
     """Every array the config needs is in the checkpoint with the config's shape, and nothing else is: a
     ``config.json`` that does not describe its parameters is an error naming the first array that differs."""

@@ -29,8 +29,11 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError("--adapter needs --merge: the hf and orbax formats hold plain weights")
     if args.to == "peft" and not (args.adapter or run):
         raise ValueError(f"{args.src} has no LoRA adapters to write: --to peft takes a `neo-jax train --lora-rank` run")
+    if args.weights == "int8" and (args.to != "orbax" or args.adapter or run):
+        raise ValueError("--weights int8 writes --to orbax, from plain weights (merge adapters in a first convert)")
     check_destination(args.dst, args.overwrite, source)  # before the weights are read
-    model = from_pretrained(source, dtype=args.dtype, param_dtype=args.dtype, adapter=args.adapter)
+    weights = args.weights or args.dtype
+    model = from_pretrained(source, dtype=args.dtype, weights=weights, adapter=args.adapter)
     from neo_jax import lora
 
     if args.to == "peft":  # the adapters alone, from a LoRA run (or --adapter)
@@ -42,7 +45,7 @@ def convert(args: argparse.Namespace) -> None:
         lora.merge(model)  # W + scale * B @ A in float32, stored in --dtype
     out = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(
-        f"wrote {out} ({args.to}, {args.dtype}, {model.config.num_params() / 1e6:.1f}M parameters) "
+        f"wrote {out} ({args.to}, {weights}, {model.config.num_params() / 1e6:.1f}M parameters) "
         f"in {time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
@@ -395,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: orbax); peft: a LoRA run's adapters alone; a LoRA run to hf/orbax is merged",
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
+    p.add_argument("--weights", choices=WEIGHTS, help="orbax: write int8 weights (neo_jax.quantize); default: --dtype")
     p.add_argument("--max-shard-size", default="2GB", help="hf format: split safetensors above this size")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

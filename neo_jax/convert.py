@@ -18,6 +18,7 @@ from neo_jax.checkpoints import (
     TRAINING_DIR,
     atomic_directory,
     check_destination,
+    holds_int8,
     latest_trained_params,
     load_orbax,
     save_orbax,
@@ -100,13 +101,19 @@ def from_pretrained(
         _SOURCES[model] = directory
         return model
     config = GPTNeoConfig.from_json_file(directory / "config.json")
+    stored_int8 = (directory / ORBAX_DIR).is_dir() and holds_int8(directory / ORBAX_DIR)
+    if stored_int8 and (weights not in (None, "int8") or adapter is not None):
+        raise ValueError(
+            f"{directory} holds int8 weights (saved from weights='int8'): load it with weights='int8' and no "
+            "adapter, or save the model from its float weights instead"
+        )
     if adapter is not None:
         from neo_jax import lora
 
         adapter = resolve(adapter)
         lora.check_adapter(adapter, config)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-    graphdef, state = abstract_model(config, dtype, param_dtype, attention)
+    graphdef, state = abstract_model(config, dtype, param_dtype, attention, int8=stored_int8)
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     if (directory / ORBAX_DIR).is_dir():
         state = load_orbax(directory / ORBAX_DIR, state, placement)
@@ -118,7 +125,7 @@ def from_pretrained(
     _SOURCES[model] = directory
     if adapter is not None:
         lora.load(model, adapter)
-    if weights == "int8":
+    if weights == "int8" and not stored_int8:
         to_int8(model)
     return model
 
@@ -167,18 +174,19 @@ def save_pretrained(
 
     ``format="hf"``: ``config.json`` and ``model.safetensors`` (sharded with an index above
     ``max_shard_size``) that ``transformers.GPTNeoForCausalLM.from_pretrained`` loads, plus the tokenizer
-    and generation-config files of the directory the model was loaded from, if it had any. ``format="orbax"``: an Orbax checkpoint
-    of the parameters in ``params/`` plus ``config.json``; ``from_pretrained`` reads both. In a multi-host
-    run every process calls this and Orbax writes the shards collectively; "hf" is for a single process.
+    and generation-config files of the directory the model was loaded from, if it had any. ``format="orbax"``:
+    an Orbax checkpoint of the parameters in ``params/`` plus ``config.json``; ``from_pretrained`` reads both.
+    int8 weights (``neo_jax.quantize``) are saved as they are, in "orbax" only. In a multi-host run every
+    process calls this and Orbax writes the shards collectively; "hf" is for a single process.
     """
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
     from neo_jax import lora
 
-    if is_quantized(model):
+    if is_quantized(model) and format != "orbax":
         raise ValueError(
-            "this model's weights are int8, which cannot be saved yet: save the model loaded with "
-            "weights='float32' (or 'bfloat16'), and quantize when loading it"
+            "int8 weights are saved in Orbax's format only (format='orbax', which from_pretrained reloads without "
+            "quantizing again); for Hugging Face's format save the model loaded with float weights"
         )
     if lora.has_lora(model):
         raise ValueError(

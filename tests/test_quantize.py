@@ -163,6 +163,29 @@ def test_bad_weight_requests_are_refused(model_dir, tmp_path):
         lora.add(model, lora.LoRAConfig(r=2))
     with pytest.raises(ValueError, match="already int8"):
         to_int8(model)
-    with pytest.raises(ValueError, match="cannot be saved yet"):
+    with pytest.raises(ValueError, match="Orbax's format only"):
         neo_jax.save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_weights_saved_in_orbax_reload_as_they_are(model_dir, tmp_path, capsys):
+    import json
+
+    from neo_jax.cli import main
+
+    # `neo-jax convert --weights int8` quantizes once and writes Orbax; reloading reads the int8 arrays back.
+    assert main(["convert", str(model_dir), str(tmp_path / "int8"), "--weights", "int8"]) == 0
+    quantized = neo_jax.from_pretrained(model_dir, weights="int8", progress=False)
+    for weights in (None, "int8"):
+        reloaded = neo_jax.from_pretrained(tmp_path / "int8", weights=weights, progress=False)
+        assert reloaded.periods[0].mlp.c_fc.kernel.dtype == jnp.int8
+        np.testing.assert_array_equal(np.asarray(reloaded(IDS)), np.asarray(quantized(IDS)))
+    with pytest.raises(ValueError, match="holds int8 weights"):
+        neo_jax.from_pretrained(tmp_path / "int8", weights="float32", progress=False)
+    assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--to", "hf", "--weights", "int8"]) == 2
+    assert "--to orbax" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    # A config that does not describe the saved int8 arrays is one line naming the first that differs.
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    (tmp_path / "int8" / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    with pytest.raises(ValueError, match="does not match the parameters"):
+        neo_jax.from_pretrained(tmp_path / "int8", progress=False)
