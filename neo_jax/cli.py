@@ -208,7 +208,12 @@ def plan(args: argparse.Namespace) -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
-    args.dtype = args.dtype or "bfloat16"
+    if args.weights is not None:
+        if args.task == "train":
+            raise ValueError("--weights is for --task generate: training keeps float32 weights (or --dtype with LoRA)")
+        if args.weights != "int8" and args.dtype not in (None, args.weights):
+            raise ValueError(f"--weights {args.weights} and --dtype {args.dtype} disagree: give one of them")
+    args.dtype = args.dtype or (args.weights if args.weights in DTYPES else "bfloat16")
     args.attention = args.attention or "auto"
     lora = None
     if args.lora_rank:
@@ -248,7 +253,12 @@ def plan(args: argparse.Namespace) -> None:
         )
     else:
         result = planning.generate_report(
-            config, batch=args.batch, max_len=args.max_len, prompt_len=args.prompt_len, **where
+            config,
+            batch=args.batch,
+            max_len=args.max_len,
+            prompt_len=args.prompt_len,
+            int8=args.weights == "int8",
+            **where,
         )
     if args.json:
         print(json.dumps({"model": args.model, "task": args.task, "topology": args.topology} | result, default=str))
@@ -273,7 +283,10 @@ def _config(model: str):
 
 def _describe(args, result) -> str:
     if args.task == "generate":
-        return f"batch {args.batch}, {result['max_len']} positions ({result['prompt_len']} of prompt), {args.dtype} weights"
+        weights = "int8" if args.weights == "int8" else args.dtype
+        return (
+            f"batch {args.batch}, {result['max_len']} positions ({result['prompt_len']} of prompt), {weights} weights"
+        )
     from neo_jax.attention import choose
 
     chosen = choose(args.attention, args.seq, args.dtype, on="tpu")
@@ -478,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank only (the base frozen in --dtype)")
     p.add_argument("--lora-targets", help="train: layers LoRA adapts (default q_proj,v_proj)")
     p.add_argument("--lora-dropout", type=float, help="train: LoRA dropout (its masks' memory; default 0)")
+    p.add_argument(
+        "--weights", choices=WEIGHTS, help="generate: weight format (default: --dtype); int8 computes in --dtype"
+    )
     p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)

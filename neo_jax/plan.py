@@ -40,10 +40,16 @@ DEVICES = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "GPU 80 GB
 
 
 def parameter_bytes(
-    config: GPTNeoConfig, mesh: Mapping[str, int], param_dtype=jnp.float32, rules=None, lora=None, which=None
+    config: GPTNeoConfig,
+    mesh: Mapping[str, int],
+    param_dtype=jnp.float32,
+    rules=None,
+    lora=None,
+    which=None,
+    int8: bool = False,
 ) -> int:
     """Bytes of one device's shards of every parameter (with ``lora`` adapters; ``which``: an NNX filter,
-    e.g. ``neo_jax.lora.LoRAParam`` for the adapters alone)."""
+    e.g. ``neo_jax.lora.LoRAParam`` for the adapters alone; ``int8``: int8 weights, ``neo_jax.quantize``)."""
 
     def create():
         model = GPTNeo(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
@@ -51,6 +57,10 @@ def parameter_bytes(
             from neo_jax.lora import add
 
             add(model, lora)
+        if int8:
+            from neo_jax.quantize import to_int8
+
+            to_int8(model)
         return model
 
     abstract = nnx.eval_shape(create)
@@ -269,9 +279,16 @@ def generation_flops(config: GPTNeoConfig, batch: int, cache: int) -> float:
 
 
 def generation_estimate(
-    config: GPTNeoConfig, mesh: Mapping[str, int], batch: int, max_len: int, prompt_len: int, *, dtype=jnp.bfloat16
+    config: GPTNeoConfig,
+    mesh: Mapping[str, int],
+    batch: int,
+    max_len: int,
+    prompt_len: int,
+    *,
+    dtype=jnp.bfloat16,
+    int8: bool = False,
 ) -> dict:
-    """Estimated per-device bytes of generation: the weights (stored in ``dtype``), the KV cache of
+    """Estimated per-device bytes of generation: the weights (stored in ``dtype``, or ``int8``), the KV cache of
     ``max_len`` slots, and the prefill's activations (one layer's over the prompt, with splash attention as on
     a TPU: no [prompt, prompt] scores, and the last position's logits)."""
     mesh = {axis: int(mesh[axis]) for axis in AXES}
@@ -281,7 +298,7 @@ def generation_estimate(
     e = jnp.dtype(dtype).itemsize
     prefill = rows * width * e * 6 * config.hidden_size + rows * 4 * config.vocab_size
     result = {
-        "parameters": parameter_bytes(config, mesh, dtype),
+        "parameters": parameter_bytes(config, mesh, dtype, int8=int8),
         "kv_cache": cache_bytes(config, rows, max_len, dtype) // _split(config.num_heads, mesh["tensor"]),
         "activations": int(prefill),
     }
@@ -298,6 +315,7 @@ def _compiled_generate(
     *,
     mesh: Mapping[str, int] | None = None,
     dtype=jnp.bfloat16,
+    int8: bool = False,
 ) -> dict:
     """Prefill and decode of ``neo-jax generate`` compiled for a TPU slice: per chip, the weights and KV cache
     (exact), and XLA:TPU's temporaries and total of each program."""
@@ -307,13 +325,13 @@ def _compiled_generate(
     sizes = dict(device_mesh.shape)
     start = time.perf_counter()
     programs = aot.generate_programs(
-        config, device_mesh, batch=batch, max_len=max_len, prompt_len=prompt_len, dtype=dtype
+        config, device_mesh, batch=batch, max_len=max_len, prompt_len=prompt_len, dtype=dtype, int8=int8
     )
-    estimate = generation_estimate(config, sizes, batch, max_len, prompt_len, dtype=dtype)
+    estimate = generation_estimate(config, sizes, batch, max_len, prompt_len, dtype=dtype, int8=int8)
     result = {"parameters": estimate["parameters"], "kv_cache": estimate["kv_cache"], "mesh": sizes}
     for name, lowered in programs.items():
-        compiled = aot.analyse(lowered)
-        result[name] = {k: compiled[k] for k in ("arguments", "temporaries", "total")}
+        compiled = aot.analyse(lowered)  # bytes_accessed: XLA's count, the decode loop's body once
+        result[name] = {k: compiled[k] for k in ("arguments", "temporaries", "total", "bytes_accessed")}
     result["total"] = max(result["prefill"]["total"], result["decode"]["total"])
     result["compile_seconds"] = round(time.perf_counter() - start, 1)  # both programs
     return result
@@ -392,18 +410,20 @@ def generate_report(
     mesh: Mapping[str, int] | None = None,
     dtype="bfloat16",
     compile: bool = True,
+    int8: bool = False,
 ) -> dict:
     """Everything ``neo-jax plan --task generate`` says: weights, KV cache and the prefill and decode programs'
-    memory per device, and on a slice the roofline of a decode step at a full cache."""
+    memory per device, and on a slice the roofline of a decode step at a full cache. Weights are stored in
+    ``dtype``, or with ``int8`` as ``from_pretrained(..., weights="int8")`` stores them."""
     from neo_jax.aot import generation_lengths
 
     max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
     mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
     dtype = jnp.dtype(dtype)
     if topology and compile:
-        result = compiled_generate(config, topology, batch, max_len, prompt_len, mesh=mesh, dtype=dtype)
+        result = compiled_generate(config, topology, batch, max_len, prompt_len, mesh=mesh, dtype=dtype, int8=int8)
     else:
-        result = generation_estimate(config, mesh, batch, max_len, prompt_len, dtype=dtype)
+        result = generation_estimate(config, mesh, batch, max_len, prompt_len, dtype=dtype, int8=int8)
     flops = generation_flops(config, batch, max_len)
     # A step reads every weight once (all-gathered over fsdp: whole but for the tensor split on every chip)
     # and the whole cache.

@@ -190,3 +190,18 @@ def test_a_compiler_crash_is_an_error_not_a_dead_process():
     with pytest.raises(ValueError, match="XLA:TPU crashed while compiling this program"):
         plan.isolated(_abort)
     assert plan.isolated(int, "7") == 7
+
+
+def test_int8_decode_compiles_for_v5e_with_the_conversion_fused():
+    """int8 weights on a v5e chip: the decode program's arguments shrink by the weights' bytes, and its
+    temporaries do not grow, so XLA:TPU converts the int8 weights inside the matmul fusions and never holds a
+    bfloat16 copy of them."""
+    config = few_layers("125M")
+    bf16, int8 = (
+        plan.compiled_generate(config, "v5e-1", batch=1, max_len=512, prompt_len=256, int8=flag)
+        for flag in (False, True)
+    )
+    assert int8["parameters"] < 0.6 * bf16["parameters"]
+    rest = bf16["decode"]["arguments"] - bf16["parameters"]  # the KV cache and the loop state
+    assert int8["decode"]["arguments"] - int8["parameters"] == pytest.approx(rest, rel=0.01)  # (TPU tile padding)
+    assert int8["decode"]["temporaries"] <= bf16["decode"]["temporaries"]

@@ -78,3 +78,27 @@ def test_cli_reads_a_finetuning_config(capsys):
         json.loads(capsys.readouterr().out)["activations"]
         == plan(GPTNeoConfig.preset("2.7B"), record["mesh"], 32, 2048, remat="full", grad_accum=2)["activations"]
     )
+
+
+def test_int8_parameter_estimate_is_the_loaded_model_s(tmp_path, capsys):
+    """The plan's int8 weight bytes are those of a model loaded with weights="int8" (its buffers), and the CLI
+    takes --weights for generation only."""
+    import jax
+    from flax import nnx
+
+    import neo_jax
+    from neo_jax.plan import generation_estimate
+    from tests.conftest import make_hf_model
+
+    make_hf_model().save_pretrained(tmp_path / "model")
+    model = neo_jax.from_pretrained(tmp_path / "model", weights="int8", progress=False)
+    loaded = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    estimate = generation_estimate(model.config, ONE, 1, 64, 32, dtype="float32", int8=True)
+    assert estimate["parameters"] == loaded
+    argv = ["plan", "--model", "125M", "--mesh", "1,1,1", "--task", "generate", "--batch", "1", "--json"]
+    assert main([*argv, "--weights", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)["parameters"]
+    assert main([*argv, "--weights", "bfloat16"]) == 0
+    assert int8 < 0.55 * json.loads(capsys.readouterr().out)["parameters"]
+    assert main(["plan", "--model", "125M", "--mesh", "1,1,1", "--batch", "1", "--seq", "8", "--weights", "int8"]) == 2
+    assert "--task generate" in capsys.readouterr().err
