@@ -36,9 +36,10 @@ def is_quantized(model) -> bool:
 
 
 def to_int8(model):
-    """Quantize every block matmul's kernel of ``model`` to int8 with per-output-channel scales, in place
-    (one layer at a time, so the float kernels are let go as it goes); returns ``model``. On a mesh the int8
-    kernels keep the float kernels' shards and the scales follow the output axis."""
+    """Quantize ``model``'s block matmul kernels (a scale per output channel) and its token embedding (a scale
+    per token) to int8, in place, one weight at a time so that each float weight is let go as it goes;
+    returns ``model``. On a mesh the int8 arrays keep the float weights' shards and the scales follow the
+    output axis."""
     import qwix
 
     from neo_jax.sharding import model_mesh, variable_sharding

@@ -357,3 +357,24 @@ def test_lora_steps_on_a_mesh_equal_one_device_and_split_the_adapters(checkpoint
     _, fsdp, tensor = shape
     assert c_fc.b.get_value().sharding.shard_shape(c_fc.b.shape)[1] == SMALL["hidden_size"] * 4 // tensor
     assert c_fc.a.get_value().sharding.shard_shape(c_fc.a.shape)[2] == SMALL["hidden_size"] // fsdp
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+def test_int8_weights_on_a_mesh_equal_one_device_and_stay_split(checkpoint, shape):
+    """Quantizing on a mesh gives one device's int8 values and logits, with the int8 arrays in the float
+    weights' shards and the scales split along the output axis."""
+    mesh = sharding.make_mesh(*shape)
+    alone = neo_jax.from_pretrained(checkpoint, weights="int8", progress=False)
+    model = neo_jax.from_pretrained(checkpoint, mesh=mesh, weights="int8", progress=False)
+    ids = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (8, 24)).astype(np.int32)
+    placed = jax.device_put(ids, sharding.batch_sharding(mesh, ids.shape))
+    np.testing.assert_allclose(np.asarray(model(placed)), np.asarray(alone(ids)), atol=1e-5, rtol=0)
+    c_fc = model.periods[0].mlp.c_fc
+    np.testing.assert_array_equal(np.asarray(c_fc.kernel[...]), np.asarray(alone.periods[0].mlp.c_fc.kernel[...]))
+    _, fsdp, tensor = shape
+    assert c_fc.kernel.dtype == jnp.int8
+    assert c_fc.kernel.get_value().sharding.shard_shape(c_fc.kernel.shape)[1:] == (
+        SMALL["hidden_size"] * 4 // tensor,
+        SMALL["hidden_size"] // fsdp,
+    )
+    assert c_fc.scale.get_value().sharding.shard_shape(c_fc.scale.shape)[1] == SMALL["hidden_size"] * 4 // tensor
