@@ -186,12 +186,14 @@ def train_program(
     optimizer=None,
     attention: str = "auto",
     lora=None,
+    int8: bool = False,
 ) -> jax.stages.Lowered:
     """The full train step ``neo-jax train`` runs (float32 parameters and AdamW state, ``dtype`` compute,
     ``remat``, gradient accumulation, donation), lowered for ``mesh`` with a global batch of ``batch``
     sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.train.OptimizerConfig`` (default settings);
     ``attention``: the implementation (``neo_jax.attention``); ``lora``: a ``neo_jax.lora.LoRAConfig`` to train
-    adapters only, the frozen base stored in ``dtype`` as ``neo-jax train`` stores it."""
+    adapters only, the frozen base stored in ``dtype`` as ``neo-jax train`` stores it (``int8``: in int8, as
+    ``--lora-base int8`` stores it)."""
     from neo_jax.train import compiled_train_step, make_optimizer
 
     check_train(config, dict(mesh.shape), batch, seq, remat, grad_accum)
@@ -199,6 +201,10 @@ def train_program(
     def create():
         param_dtype = jnp.float32 if lora is None else dtype
         model = GPTNeo(config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=nnx.Rngs(0))
+        if int8:
+            from neo_jax.quantize import to_int8
+
+            to_int8(model)
         if lora is not None:
             from neo_jax.lora import add
 

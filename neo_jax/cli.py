@@ -203,14 +203,18 @@ def plan(args: argparse.Namespace) -> None:
             "lora_rank": run.lora_rank or None,
             "lora_targets": run.lora_targets,
             "lora_dropout": run.lora_dropout,
+            "weights": run.lora_base if run.lora_base == "int8" else None,
         }
     for key, value in settings.items():  # flags given on the command line win
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
     if args.weights is not None:
-        if args.task == "train":
-            raise ValueError("--weights is for --task generate: training keeps float32 weights (or --dtype with LoRA)")
+        if args.task == "train" and not (args.weights == "int8" and args.lora_rank):
+            raise ValueError(
+                "training keeps float32 weights (a LoRA base: --dtype): --weights is for --task generate, or int8 "
+                "with --lora-rank for a QLoRA-style frozen base"
+            )
         if args.weights != "int8" and args.dtype not in (None, args.weights):
             raise ValueError(f"--weights {args.weights} and --dtype {args.dtype} disagree: give one of them")
     args.dtype = args.dtype or (args.weights if args.weights in DTYPES else "bfloat16")
@@ -249,6 +253,7 @@ def plan(args: argparse.Namespace) -> None:
             grad_accum=args.grad_accum,
             attention=args.attention,
             lora=lora,
+            int8=args.weights == "int8",
             **where,
         )
     else:
@@ -292,7 +297,8 @@ def _describe(args, result) -> str:
     chosen = choose(args.attention, args.seq, args.dtype, on="tpu")
     attention = chosen if args.attention == chosen else f"{args.attention} ({chosen})"
     weights = (
-        f"{args.dtype} frozen weights + float32 LoRA r={args.lora_rank} adapters and their AdamW"
+        f"{'int8' if args.weights == 'int8' else args.dtype} frozen weights + float32 LoRA r={args.lora_rank} "
+        "adapters and their AdamW"
         if args.lora_rank
         else "float32 weights + AdamW"
     )
@@ -492,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="train: layers LoRA adapts (default q_proj,v_proj)")
     p.add_argument("--lora-dropout", type=float, help="train: LoRA dropout (its masks' memory; default 0)")
     p.add_argument(
-        "--weights", choices=WEIGHTS, help="generate: weight format (default: --dtype); int8 computes in --dtype"
+        "--weights",
+        choices=WEIGHTS,
+        help="generate: weight format (default: --dtype); train: int8 with --lora-rank for a frozen int8 base",
     )
     p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")

@@ -67,9 +67,9 @@ def from_pretrained(
     """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. ``weights``
-    ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the inference weight format: the first two set
-    ``param_dtype``; "int8" quantizes every block matmul's kernel as it loads (weight-only, one scale per
-    output channel), the rest staying in ``param_dtype``. With a ``mesh``
+    ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the weight format: the first two set
+    ``param_dtype``; "int8" quantizes the block matmuls' kernels and the token embedding as they load
+    (weight-only, one scale per output channel or token), the rest staying in ``param_dtype``. With a ``mesh``
     (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
     ``rules`` of ``neo_jax.sharding`` (default ``DEFAULT_RULES``): no device holds a full replicated copy.
     ``attention`` picks the attention implementation (``neo_jax.attention``: auto, dense, blockwise, cudnn).
@@ -77,23 +77,25 @@ def from_pretrained(
     against the base model's shapes before any weights load.
     """
     check_implementation(attention)  # before anything is downloaded or read
-    if weights is not None:
-        check_weights(weights)
-        if jnp.dtype(param_dtype) != jnp.float32:
-            raise ValueError(f"give weights={weights!r} or param_dtype={jnp.dtype(param_dtype)}, not both")
-        if weights == "int8" and adapter is not None:
-            raise ValueError("LoRA adapters on int8 weights are not supported yet: load with weights='float32'")
-        param_dtype = jnp.bfloat16 if weights == "bfloat16" else jnp.float32
+    if weights is not None and check_weights(weights) != "int8":  # int8: param_dtype is the rest's dtype
+        if jnp.dtype(param_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(weights)):
+            raise ValueError(f"weights={weights!r} and param_dtype={jnp.dtype(param_dtype)} disagree: give one")
+        param_dtype = jnp.dtype(weights)
     directory = resolve(src, revision)
     run = trained_lora(directory)
     if run is not None:  # a LoRA run: its base, plus the adapters of its latest checkpoint
         from neo_jax import lora
 
         settings, base = run
-        if weights == "int8":
-            raise ValueError("LoRA adapters on int8 weights are not supported yet: load with weights='float32'")
         model = from_pretrained(
-            base, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, attention=attention, progress=progress
+            base,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            mesh=mesh,
+            rules=rules,
+            attention=attention,
+            progress=progress,
+            weights=weights,
         )
         lora.add(model, settings)
         placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
@@ -102,10 +104,10 @@ def from_pretrained(
         return model
     config = GPTNeoConfig.from_json_file(directory / "config.json")
     stored_int8 = (directory / ORBAX_DIR).is_dir() and holds_int8(directory / ORBAX_DIR)
-    if stored_int8 and (weights not in (None, "int8") or adapter is not None):
+    if stored_int8 and weights not in (None, "int8"):
         raise ValueError(
-            f"{directory} holds int8 weights (saved from weights='int8'): load it with weights='int8' and no "
-            "adapter, or save the model from its float weights instead"
+            f"{directory} holds int8 weights (saved from weights='int8'): load it with weights='int8', or save "
+            "the model from its float weights instead"
         )
     if adapter is not None:
         from neo_jax import lora

@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -54,6 +53,7 @@ RESUME_KEYS = (
     "validation_fraction",
     "lora_rank",
     "lora_alpha",
+    "lora_base",
     "lora_targets",
 )
 
@@ -86,6 +86,8 @@ def check(config: FinetuneConfig) -> Mesh:
     if config.lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
     config.lora()  # checks the LoRA settings
+    if config.lora_base is not None and not (config.lora_rank or config.adapter):
+        raise ValueError("lora_base is the frozen base of a LoRA run: give --lora-rank (or --adapter) with it")
     if config.batch_size % config.grad_accum:
         raise ValueError(
             f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
@@ -349,7 +351,8 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     model = from_pretrained(
         source,
         dtype=config.dtype,
-        param_dtype=config.dtype if uses_lora else jnp.float32,  # a frozen base may be stored in the compute dtype
+        param_dtype=config.dtype if uses_lora else "float32",  # a frozen base may be stored in the compute dtype
+        weights=config.lora_base,  # ... or in int8 (QLoRA)
         mesh=mesh,
         attention=config.attention,
         progress=progress,
@@ -450,6 +453,8 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         if uses_lora:
             from neo_jax.lora import merge
 
+            if config.lora_base == "int8":  # merge into the float base, as the adapters' users will
+                model = from_pretrained(output, dtype=config.dtype, param_dtype=config.dtype, progress=progress)
             merge(model)
         save_pretrained(model, config.export_hf, format="hf", progress=progress)
         distributed.log(f"exported the model for transformers to {config.export_hf}")

@@ -112,13 +112,10 @@ def _layers(model):
 def add(model, config: LoRAConfig, *, seed: int = 0):
     """Give ``model``'s target layers new adapters (A Kaiming-uniform, B zero), in place; returns ``model``.
     On a mesh the adapters are placed in shards like the weights they adapt."""
-    from neo_jax.quantize import is_quantized
     from neo_jax.sharding import model_mesh, variable_sharding
 
     if has_lora(model):
         raise ValueError("this model already has LoRA adapters")
-    if is_quantized(model):
-        raise ValueError("LoRA adapters on int8 weights are not supported yet: load the model with weights='float32'")
     mesh = model_mesh(model)
     key = jax.random.key(seed)
     for i, (name, dense) in enumerate(_layers(model)):
@@ -164,6 +161,13 @@ def trainable(model):
 
 def merge(model):
     """Fold every adapter into its layer's weight (``W + scale * B @ A``) and remove it, in place."""
+    from neo_jax.quantize import is_quantized
+
+    if is_quantized(model):
+        raise ValueError(
+            "this model's weights are int8: merge the adapters into the float base instead (load it with "
+            "weights='float32' or 'bfloat16' and the same adapters)"
+        )
     for _, dense in _layers(model):
         if dense.lora is None:
             continue

@@ -148,11 +148,15 @@ def plan(
     attention: str = "auto",
     rules=None,
     lora=None,
+    int8: bool = False,
 ) -> dict:
     """Estimated per-device bytes of an AdamW fine-tuning step: parameters, optimizer state (two moments),
     gradients and activations (of one micro-batch of ``batch / grad_accum`` rows, with the ``attention``
     implementation it would run on a TPU), plus their total. With ``lora`` (a ``LoRAConfig``) the base is
-    stored in ``dtype`` and only the adapters have gradients and optimizer state."""
+    stored in ``dtype`` (``int8``: in int8, ``neo_jax.quantize``) and only the adapters have gradients and
+    optimizer state."""
+    if int8 and lora is None:
+        raise ValueError("int8 weights train only as a LoRA run's frozen base: give lora")
     mesh = {axis: int(mesh[axis]) for axis in AXES}
     if any(size < 1 for size in mesh.values()):
         raise ValueError(f"mesh sizes must be positive, got {mesh}")
@@ -161,7 +165,7 @@ def plan(
     if lora is not None:
         from neo_jax.lora import LoRAParam
 
-        params = parameter_bytes(config, mesh, dtype, rules, lora=lora)
+        params = parameter_bytes(config, mesh, dtype, rules, lora=lora, int8=int8)
         trained = parameter_bytes(config, mesh, dtype, rules, lora=lora, which=LoRAParam)
     result = {
         "parameters": params,
@@ -246,6 +250,7 @@ def _compiled_train(
     dtype=jnp.bfloat16,
     attention: str = "auto",
     lora=None,
+    int8: bool = False,
 ) -> dict:
     """The train step of ``neo-jax train`` compiled for a TPU slice: the exact parameter, optimizer and gradient
     bytes (as ``plan``), XLA:TPU's arguments and temporaries per chip, and their ``total``."""
@@ -253,7 +258,7 @@ def _compiled_train(
 
     device_mesh = aot.slice_mesh(topology, **(mesh or {}))  # default: every chip on fsdp
     sizes = dict(device_mesh.shape)
-    exact = plan(config, sizes, batch, seq, remat=remat, grad_accum=grad_accum, dtype=dtype, lora=lora)
+    exact = plan(config, sizes, batch, seq, remat=remat, grad_accum=grad_accum, dtype=dtype, lora=lora, int8=int8)
     compiled = aot.analyse(
         aot.train_program(
             config,
@@ -265,6 +270,7 @@ def _compiled_train(
             grad_accum=grad_accum,
             attention=attention,
             lora=lora,
+            int8=int8,
         )
     )
     result = {k: exact[k] for k in ("parameters", "optimizer_state", "gradients")}
@@ -377,10 +383,11 @@ def train_report(
     attention: str = "auto",
     compile: bool = True,
     lora=None,
+    int8: bool = False,
 ) -> dict:
     """Everything ``neo-jax plan`` says of a train step: memory per device (compiled for ``topology`` when
     ``compile``, else estimated), and on a slice the FLOPs, the roofline and whether it fits. ``lora``: a
-    ``LoRAConfig`` (adapters train, the base is frozen in ``dtype``)."""
+    ``LoRAConfig`` (adapters train, the base is frozen in ``dtype``, or with ``int8`` in int8)."""
     mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
     options = {
         "remat": remat,
@@ -388,6 +395,7 @@ def train_report(
         "dtype": jnp.dtype(dtype),
         "attention": attention,
         "lora": lora,
+        "int8": int8,
     }
     estimate = plan(config, mesh, batch, seq, **options)
     result = compiled_train(config, topology, batch, seq, mesh=mesh, **options) if topology and compile else estimate

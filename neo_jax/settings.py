@@ -9,7 +9,7 @@ import math
 import typing
 from pathlib import Path
 
-from neo_jax.config import DTYPES, REMAT
+from neo_jax.config import DTYPES, REMAT, WEIGHTS
 
 
 def setting(default, help: str, choices: tuple | None = None):
@@ -58,6 +58,9 @@ class FinetuneConfig:
     lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input in training, as PEFT's")
     lora_targets: str = setting("q_proj,v_proj", "LoRA: comma-separated layers to adapt (q_proj, k_proj, ...)")
     adapter: str | None = setting(None, "continue training this PEFT LoRA adapter (it brings its own settings)")
+    lora_base: str | None = setting(
+        None, "LoRA: the frozen base's weight format, int8 for QLoRA-style training (default: --dtype)", WEIGHTS
+    )
 
     @classmethod
     def fields(cls) -> list[str]:

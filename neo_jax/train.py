@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from neo_jax.evaluate import token_logprobs
-from neo_jax.lora import has_dropout, trainable, with_dropout
+from neo_jax.lora import has_dropout, has_lora, trainable, with_dropout
 from neo_jax.model import GPTNeo
 from neo_jax.quantize import is_quantized
 from neo_jax.sharding import model_mesh, use_mesh
@@ -65,8 +65,10 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
 def make_optimizer(model: GPTNeo, config: OptimizerConfig | None = None, **options) -> nnx.Optimizer:
     """The optimizer for ``model``'s trainable parameters (``trainable``); its state is created alongside them
     (so on a mesh it is sharded like them). ``options`` override fields of ``config``."""
-    if is_quantized(model):
-        raise ValueError("int8 weights are for inference: train a model loaded with weights='float32'")
+    if is_quantized(model) and not has_lora(model):
+        raise ValueError(
+            "int8 weights do not train: train a model loaded with float weights, or LoRA adapters on the int8 base"
+        )
     config = dataclasses.replace(config or OptimizerConfig(), **options)
     adamw = optax.adamw(
         learning_rate_schedule(config),

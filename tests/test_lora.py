@@ -438,6 +438,31 @@ def test_training_goes_on_from_a_peft_adapter(gpt2_model_dir, tmp_path):
     assert process.returncode == 2 and "not both" in err
 
 
+def test_a_lora_run_on_an_int8_base_trains_adapters_and_exports_merged_float_weights(gpt2_model_dir, tmp_path):
+    """--lora-base int8 (QLoRA-style): the loss falls with only the adapters in the checkpoints; --export-hf
+    merges them into the float base; the run reloads with its adapters on either base; full fine-tuning
+    refuses the setting."""
+    from tests.test_finetune import finish, flags, launch, metrics
+
+    output, export = tmp_path / "run", tmp_path / "hf"
+    args = flags(gpt2_model_dir, output, steps=6, save_every=3, eval_every=0, export_hf=str(export))
+    result = finish(launch(args + LORA_FLAGS + ["--lora-base", "int8"]))
+    assert result["stopped"] == "done"
+    records = metrics(output)
+    assert records[-1]["loss"] < records[0]["loss"]
+    saved = json.loads((output / "checkpoints" / "6" / "params" / "_METADATA").read_text())
+    assert all("lora" in str(k) for k in saved["tree_metadata"])
+    ids = np.random.default_rng(3).integers(0, 50257, (1, 16))
+    floats = neo_jax.from_pretrained(output, progress=False)
+    merged = transformers.GPTNeoForCausalLM.from_pretrained(export).eval()
+    np.testing.assert_allclose(hf_logits(merged, ids), np.asarray(floats(ids)), atol=1e-4, rtol=0)
+    ints = neo_jax.from_pretrained(output, weights="int8", progress=False)
+    assert ints.periods[0].attn.q_proj.kernel.dtype == np.int8 and lora.has_lora(ints)
+    process = launch(flags(gpt2_model_dir, tmp_path / "full") + ["--lora-base", "int8"])
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "--lora-rank" in err
+
+
 def test_a_bfloat16_lora_run_trains_and_reloads_with_float32_adapters(gpt2_model_dir, tmp_path):
     from tests.test_finetune import finish, flags, launch, metrics
 

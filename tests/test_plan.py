@@ -101,4 +101,11 @@ def test_int8_parameter_estimate_is_the_loaded_model_s(tmp_path, capsys):
     assert main([*argv, "--weights", "bfloat16"]) == 0
     assert int8 < 0.55 * json.loads(capsys.readouterr().out)["parameters"]
     assert main(["plan", "--model", "125M", "--mesh", "1,1,1", "--batch", "1", "--seq", "8", "--weights", "int8"]) == 2
-    assert "--task generate" in capsys.readouterr().err
+    assert "--lora-rank" in capsys.readouterr().err
+    # A LoRA run on an int8 base (--lora-base int8): the frozen base shrinks, the adapters' state does not.
+    from neo_jax.lora import LoRAConfig
+
+    adapters = LoRAConfig(r=8)
+    qlora = plan(GPTNeoConfig.preset("125M"), ONE, 1, 128, lora=adapters, int8=True)
+    lora = plan(GPTNeoConfig.preset("125M"), ONE, 1, 128, lora=adapters)
+    assert qlora["parameters"] < 0.6 * lora["parameters"] and qlora["optimizer_state"] == lora["optimizer_state"]

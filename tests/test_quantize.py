@@ -146,21 +146,17 @@ def test_int8_parameters_of_the_125m_shape_are_under_30_percent_of_float32():
 
 
 def test_bad_weight_requests_are_refused(model_dir, tmp_path):
-    from neo_jax import lora
     from neo_jax.train import make_optimizer
 
     for settings, message in [
         (dict(weights="int4"), "weights must be one of"),
-        (dict(weights="int8", param_dtype=jnp.bfloat16), "not both"),
-        (dict(weights="int8", adapter=tmp_path), "int8"),
+        (dict(weights="bfloat16", param_dtype=jnp.float16), "disagree"),
     ]:
         with pytest.raises(ValueError, match=message):
             neo_jax.from_pretrained(model_dir, progress=False, **settings)
     model = neo_jax.from_pretrained(model_dir, weights="int8", progress=False)
-    with pytest.raises(ValueError, match="for inference"):
+    with pytest.raises(ValueError, match="do not train"):
         make_optimizer(model)
-    with pytest.raises(ValueError, match="int8"):
-        lora.add(model, lora.LoRAConfig(r=2))
     with pytest.raises(ValueError, match="already int8"):
         to_int8(model)
     with pytest.raises(ValueError, match="Orbax's format only"):
@@ -189,3 +185,41 @@ def test_int8_weights_saved_in_orbax_reload_as_they_are(model_dir, tmp_path, cap
     (tmp_path / "int8" / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
     with pytest.raises(ValueError, match="does not match the parameters"):
         neo_jax.from_pretrained(tmp_path / "int8", progress=False)
+
+
+def test_lora_on_an_int8_base_trains_as_on_its_dequantized_weights(model_dir, tmp_path):
+    """QLoRA-style: adapters on a frozen int8 base. Its AdamW steps equal those of the same adapters on a float
+    base holding the dequantized weights (int8 * scale), only the adapters train, merging into int8 is refused,
+    and the adapters merge into the float base instead."""
+    from neo_jax import lora
+    from neo_jax.train import make_optimizer, train_step
+
+    settings = lora.LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "c_fc"))
+    quantized = lora.add(neo_jax.from_pretrained(model_dir, weights="int8", progress=False), settings, seed=3)
+    dequantized = neo_jax.from_pretrained(model_dir, progress=False)
+    for ints, floats in zip(lora._layers(quantized), lora._layers(dequantized)):
+        kernel = ints[1].kernel[...].astype(jnp.float32) * ints[1].scale[...][..., None]
+        floats[1].kernel.set_value(kernel)
+    embedding = quantized.wte.embedding[...].astype(jnp.float32) * quantized.wte_scale[...][:, None]
+    dequantized.wte.embedding.set_value(embedding)
+    lora.add(dequantized, settings, seed=3)
+    losses = {}
+    for name, model in (("int8", quantized), ("float", dequantized)):
+        optimizer = make_optimizer(model, learning_rate=3e-3)
+        batches = np.random.default_rng(4).integers(0, SMALL["vocab_size"], (3, 4, 24))
+        losses[name] = [float(train_step(model, optimizer, batch)["loss"]) for batch in batches]
+    np.testing.assert_allclose(losses["int8"], losses["float"], rtol=1e-5)
+    assert losses["int8"][-1] < losses["int8"][0]
+    np.testing.assert_allclose(
+        np.asarray(quantized.periods[0].attn.q_proj.lora.b[...]),
+        np.asarray(dequantized.periods[0].attn.q_proj.lora.b[...]),
+        atol=1e-5,
+    )
+    assert quantized.periods[0].mlp.c_fc.kernel.dtype == jnp.int8  # the base stayed int8 and frozen
+    with pytest.raises(ValueError, match="merge the adapters into the float base"):
+        lora.merge(quantized)
+    lora.save(quantized, tmp_path / "adapter")
+    reloaded = neo_jax.from_pretrained(model_dir, weights="int8", adapter=tmp_path / "adapter", progress=False)
+    np.testing.assert_allclose(np.asarray(reloaded(IDS)), np.asarray(quantized(IDS)), atol=1e-5, rtol=0)
+    merged = lora.merge(neo_jax.from_pretrained(model_dir, adapter=tmp_path / "adapter", progress=False))
+    assert np.isfinite(np.asarray(merged(IDS))).all()
