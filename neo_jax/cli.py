@@ -32,8 +32,9 @@ def convert(args: argparse.Namespace) -> None:
     if args.weights == "int8" and (args.to != "orbax" or args.adapter or run):
         raise ValueError("--weights int8 writes --to orbax, from plain weights (merge adapters in a first convert)")
     check_destination(args.dst, args.overwrite, source)  # before the weights are read
-    weights = args.weights or args.dtype
-    model = from_pretrained(source, dtype=args.dtype, weights=weights, adapter=args.adapter)
+    model = from_pretrained(
+        source, dtype=args.dtype, param_dtype=args.dtype, weights=args.weights, adapter=args.adapter
+    )
     from neo_jax import lora
 
     if args.to == "peft":  # the adapters alone, from a LoRA run (or --adapter)
@@ -45,7 +46,7 @@ def convert(args: argparse.Namespace) -> None:
         lora.merge(model)  # W + scale * B @ A in float32, stored in --dtype
     out = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(
-        f"wrote {out} ({args.to}, {weights}, {model.config.num_params() / 1e6:.1f}M parameters) "
+        f"wrote {out} ({args.to}, {args.weights or args.dtype}, {model.config.num_params() / 1e6:.1f}M parameters) "
         f"in {time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
@@ -97,7 +98,8 @@ def generate(args: argparse.Namespace) -> None:
     generator = TextGenerator(
         args.model,
         dtype=args.dtype,
-        weights=args.weights or args.dtype,
+        param_dtype=args.dtype,
+        weights=args.weights,
         attention=args.attention,
         adapter=args.adapter,
     )
@@ -353,7 +355,9 @@ def eval_perplexity(args: argparse.Namespace) -> None:
     windows_of(args.seq_len, args.stride, resolve_config(directory).max_position_embeddings)
     validate.integer("--batch-size", args.batch_size, least=1)
     tokens = corpus_tokens(args.data, load_tokenizer(directory), text_field=args.text_field, split=args.split)
-    model = from_pretrained(directory, dtype=args.dtype, weights=args.weights or args.dtype, adapter=args.adapter)
+    model = from_pretrained(
+        directory, dtype=args.dtype, param_dtype=args.dtype, weights=args.weights, adapter=args.adapter
+    )
     result = perplexity(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, progress=True
     )

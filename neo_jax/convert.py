@@ -67,7 +67,7 @@ def from_pretrained(
     """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. ``weights``
-    ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the weight format: the first two set
+    ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the weight format: the first two replace
     ``param_dtype``; "int8" quantizes the block matmuls' kernels and the token embedding as they load
     (weight-only, one scale per output channel or token), the rest staying in ``param_dtype``. With a ``mesh``
     (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
@@ -77,9 +77,7 @@ def from_pretrained(
     against the base model's shapes before any weights load.
     """
     check_implementation(attention)  # before anything is downloaded or read
-    if weights is not None and check_weights(weights) != "int8":  # int8: param_dtype is the rest's dtype
-        if jnp.dtype(param_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(weights)):
-            raise ValueError(f"weights={weights!r} and param_dtype={jnp.dtype(param_dtype)} disagree: give one")
+    if weights is not None and check_weights(weights) != "int8":  # int8 leaves param_dtype to the rest
         param_dtype = jnp.dtype(weights)
     directory = resolve(src, revision)
     run = trained_lora(directory)

@@ -348,13 +348,11 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     output = _prepare_output(config, source)
     new_adapters = config.lora()
     uses_lora = new_adapters is not None or config.adapter is not None
-    # A frozen LoRA base is stored in the compute dtype, or as lora_base says (int8: QLoRA-style).
-    base = config.lora_base or (config.dtype if uses_lora else "float32")
     model = from_pretrained(
         source,
         dtype=config.dtype,
-        param_dtype=config.dtype if base == "int8" else base,
-        weights="int8" if base == "int8" else None,
+        param_dtype=config.dtype if uses_lora else "float32",  # a frozen base may be stored in the compute dtype
+        weights=config.lora_base,  # ... or as lora_base says (int8: QLoRA-style)
         mesh=mesh,
         attention=config.attention,
         progress=progress,

@@ -63,7 +63,9 @@ class NeoJaxLM(TemplateLM):
         if mesh is not None:
             placement = make_mesh(**parse_mesh(mesh))
         directory = resolve(pretrained, revision)
-        self.model = from_pretrained(directory, dtype=dtype, weights=weights or dtype, mesh=placement, adapter=peft)
+        self.model = from_pretrained(
+            directory, dtype=dtype, param_dtype=dtype, weights=weights, mesh=placement, adapter=peft
+        )
         self.tokenizer = load_tokenizer(directory)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(int(max_length or limit), limit)

@@ -150,7 +150,6 @@ def test_bad_weight_requests_are_refused(model_dir, tmp_path):
 
     for settings, message in [
         (dict(weights="int4"), "weights must be one of"),
-        (dict(weights="bfloat16", param_dtype=jnp.float16), "disagree"),
     ]:
         with pytest.raises(ValueError, match=message):
             neo_jax.from_pretrained(model_dir, progress=False, **settings)

@@ -67,7 +67,7 @@ def serve(
     source = resolve(model)
     tokenizer = load_tokenizer(source)  # before the weights: a model without a tokenizer fails fast
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
-    loaded = from_pretrained(source, dtype=dtype, weights=weights or dtype, mesh=device_mesh, adapter=adapter)
+    loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter)
     engine = Engine(loaded, max_batch=max_batch, max_len=max_len, max_queue=max_queue, metrics=Metrics())
     seconds = engine.warm_up(progress=log)
     engine.start()
