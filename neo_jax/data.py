@@ -1,5 +1,5 @@
-"""Training data: text files, JSONL or Hugging Face datasets -> tokens -> documents joined with EOS and
-packed into ``seq_len`` blocks -> deterministic, resumable batches.
+"""Training data: documents from text files, JSONL or Hugging Face datasets, tokenized once into flat token
+shards (``neo_jax.prepare``, ``neo-jax data prepare``), then memory-mapped and served as batches by step number.
 
 Sources (any mix, in order):
 
@@ -9,8 +9,13 @@ Sources (any mix, in order):
 - ``hf:NAME`` or ``hf:NAME:CONFIG``: ``datasets.load_dataset`` on a hub dataset (streamed, so nothing but
   the text is kept) or a local dataset directory, the split given by ``split``.
 
-The batch of training step ``k`` depends only on the blocks, the seed and ``k`` (each epoch is its own
-seeded permutation), so a resumed run continues on exactly the batch it would have seen.
+A prepared directory holds ``manifest.json`` and its shards: each shard is the raw little-endian token array
+(uint16, or uint32 for vocabularies above 65536) of whole documents, each followed by EOS. ``TokenData`` maps
+them; the training split is one stream cut into windows of ``seq_len`` tokens, and ``Batches`` picks the rows of
+step ``k`` through a keyed permutation of the windows (a new one each epoch) that needs O(1) memory, so the
+batch of step ``k`` depends only on the manifest, the seed and ``k``: a resumed run continues on exactly the
+batch it would have seen, on any number of hosts. ``Loader`` places each step's batch on the mesh, every process
+reading only the rows of its own devices, a few steps ahead in a background thread.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import glob
 import hashlib
 import itertools
 import json
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,82 +115,292 @@ def tokenized_documents(
         yield from tokenizer(chunk, verbose=False)["input_ids"]
 
 
-def pack(documents: Iterable[Sequence[int]], seq_len: int, eos: int) -> np.ndarray:
-    """Join documents, each followed by ``eos``, and cut the stream into ``[n, seq_len]`` blocks (the
-    tail shorter than a block is dropped)."""
-    pieces = [piece for doc in documents for piece in (np.asarray(doc, np.int32), np.int32([eos]))]
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
+MANIFEST = "manifest.json"
+FORMAT = 1  # the manifest's layout version
+SPLITS = ("train", "validation")
 
 
-class PackedData:
-    """Blocks split into training and held-out validation sets, served as batches by step number."""
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``neo-jax data prepare`` (whole, or some of its parts)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and ((path / MANIFEST).is_file() or any(path.glob("part-*-of-*.json")))
 
-    def __init__(self, blocks: np.ndarray, *, batch_size: int, seed: int = 0, validation_fraction: float = 0.0):
-        if not 0 <= validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        order = np.random.default_rng([seed, 0]).permutation(len(blocks))
-        held_out = max(1, round(len(blocks) * validation_fraction)) if validation_fraction else 0
-        if held_out and len(blocks) - held_out < batch_size:
-            warnings.warn(
-                f"{len(blocks)} blocks are too few to hold {held_out} out for validation and still fill a batch "
-                f"of {batch_size}: training on all of them, without evaluation",
-                stacklevel=2,
-            )
-            held_out = 0
-        self.validation = blocks[np.sort(order[:held_out])]
-        self.train = blocks[np.sort(order[held_out:])]
-        if len(self.train) < batch_size:
+
+def read_manifest(directory: Path) -> dict:
+    """``directory``'s manifest, checked for form; a directory of parts without the union names the missing."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        parts = sorted(directory.glob("part-*-of-*.json"))
+        if parts:
+            total = int(parts[0].stem.split("-of-")[1])
+            have = {int(p.stem.split("-")[1]) for p in parts}
+            missing = sorted(set(range(total)) - have)
             raise ValueError(
-                f"the data makes {len(self.train)} training blocks of {blocks.shape[1]} tokens, fewer than one "
-                f"batch of {batch_size}: add text, or lower --batch-size or --seq-len"
+                f"{directory} holds parts {sorted(have)} of {total} but no manifest.json: prepare the missing "
+                f"part(s) {missing} into it (neo-jax data prepare --shard I/{total})"
             )
-        self.batch_size, self.seed = batch_size, seed
-        self.steps_per_epoch = len(self.train) // batch_size
+        raise FileNotFoundError(
+            f"{directory} is not a prepared data directory (no {MANIFEST}): see neo-jax data prepare"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): prepare the data again") from None
+    missing = [key for key in ("dtype", "eos_token_id", "shards") if key not in manifest]
+    if missing or not isinstance(manifest["shards"], list):
+        raise ValueError(f"{path} is not a neo_jax data manifest (missing {missing or ['shards']}): prepare it again")
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"{path}: dtype must be uint16 or uint32, got {manifest['dtype']!r}")
+    for shard in manifest["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("path"), str) and shard.get("split") in SPLITS):
+            raise ValueError(f"{path}: a shard must be {{path, tokens, documents, split}}, got {shard!r}")
+        if not isinstance(shard.get("tokens"), int) or shard["tokens"] < 0:
+            raise ValueError(f"{path}: shard {shard['path']} has no token count")
+        if Path(shard["path"]).is_absolute() or ".." in Path(shard["path"]).parts:
+            raise ValueError(f"{path}: shard path {shard['path']!r} must be relative to the directory")
+    return manifest
+
+
+class Stream:
+    """The shards of one split, read as one token stream (memory-mapped: nothing is read until asked for)."""
+
+    def __init__(self, directory: Path, shards: list[dict], dtype: np.dtype):
+        shards = [s for s in shards if s["tokens"]]
+        self.paths = [directory / s["path"] for s in shards]
+        self.starts = np.cumsum([0] + [s["tokens"] for s in shards])
+        self.tokens = int(self.starts[-1])
+        self.documents = sum(s.get("documents", 0) for s in shards)
+        self.dtype = dtype
+        self._maps: dict[int, np.memmap] = {}
+
+    def _map(self, index: int) -> np.memmap:
+        if index not in self._maps:
+            self._maps[index] = np.memmap(self.paths[index], dtype=self.dtype, mode="r")
+        return self._maps[index]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the stream as int32, across shard boundaries."""
+        pieces, first = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        for index in range(first, len(self.paths)):
+            begin, end = self.starts[index], self.starts[index + 1]
+            if begin >= stop:
+                break
+            pieces.append(self._map(index)[max(start, begin) - begin : min(stop, end) - begin])
+        return np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+
+
+class TokenData:
+    """A prepared directory (``neo-jax data prepare``): its manifest checked against the files, and the
+    ``train`` and ``validation`` splits as memory-mapped ``Stream``s. A missing, truncated or unlisted shard is
+    a ValueError naming it. ``fingerprint`` hashes the manifest (which records every shard's size and the
+    sources' hashes), so a resumed run checks its data without reading it."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).expanduser()
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"no prepared data directory {self.directory}")
+        self.manifest = read_manifest(self.directory)
+        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        listed = set()
+        for shard in self.manifest["shards"]:
+            path = self.directory / shard["path"]
+            listed.add(path.resolve())
+            if not path.is_file():
+                raise ValueError(
+                    f"{self.directory} is missing shard {shard['path']} that its manifest lists: copy it again, "
+                    "or prepare the data again"
+                )
+            expected = shard["tokens"] * self.dtype.itemsize
+            if path.stat().st_size != expected:
+                raise ValueError(
+                    f"shard {path} holds {path.stat().st_size} bytes, but the manifest says {shard['tokens']} tokens "
+                    f"({expected} bytes): it is truncated or changed; copy it again, or prepare the data again"
+                )
+        extra = sorted(p for p in self.directory.rglob("*.bin") if p.resolve() not in listed)
+        if extra:
+            raise ValueError(
+                f"{self.directory} holds shard {extra[0].relative_to(self.directory)} that its manifest does not "
+                "list: remove it, or prepare the data again"
+            )
+        shards = self.manifest["shards"]
+        self.train, self.validation = (
+            Stream(self.directory, [s for s in shards if s["split"] == split], self.dtype) for split in SPLITS
+        )
+        raw = (self.directory / MANIFEST).read_bytes()
+        self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+        self.eos_token_id = self.manifest["eos_token_id"]
+        self.vocab_size = self.manifest.get("vocab_size")
+
+    def check_model(self, config, tokenizer=None) -> None:
+        """The data's tokens must be the model's: every id inside its vocabulary, and (when the model comes
+        with a tokenizer) the same vocabulary and EOS."""
+        if self.vocab_size is not None and self.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"{self.directory} was tokenized with a vocabulary of {self.vocab_size} tokens, more than the model's "
+                f"{config.vocab_size} (vocab_size): prepare the data with the model's tokenizer"
+            )
+        if tokenizer is not None:
+            mine = self.manifest.get("tokenizer", {}).get("vocab_sha256")
+            if mine is not None and (mine != vocab_hash(tokenizer) or tokenizer.eos_token_id != self.eos_token_id):
+                raise ValueError(
+                    f"{self.directory} was tokenized with another tokenizer than the model's (its vocabulary or EOS "
+                    "differ): prepare the data with --tokenizer set to the model"
+                )
+
+
+def vocab_hash(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary (token -> id), added tokens included."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+class Permutation:
+    """A keyed pseudo-random permutation of ``[0, n)`` in O(1) memory: a balanced Feistel network over the
+    smallest even number of bits that covers ``n``, walking the cycle until the value falls inside (the
+    design of levanter's ``data/_prp.py``, with a multiply-xorshift round function)."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, key: Sequence[int]):
+        self.n = n
+        half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+        self.half, self.mask = np.uint64(half), np.uint64((1 << half) - 1)
+        self.keys = np.random.default_rng(list(key)).integers(0, 2**63, self.ROUNDS, dtype=np.uint64)
+
+    def _round(self, right: np.ndarray, key: np.uint64) -> np.ndarray:
+        x = (right ^ key) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(29)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        return (x ^ (x >> np.uint64(32))) & self.mask
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half) | right
+
+    def __call__(self, indices) -> np.ndarray:
+        x = np.asarray(indices, dtype=np.uint64)
+        if x.size and (x.max() >= self.n):
+            raise IndexError(f"index {int(x.max())} is outside a permutation of {self.n}")
+        out = self._feistel(x.copy())
+        outside = out >= self.n
+        while outside.any():  # cycle walking: at most 4x the domain, so a few rounds on average
+            out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out.astype(np.int64)
+
+
+class Batches:
+    """The training batches of a prepared directory: window ``j`` of the training stream is tokens
+    ``[j * seq_len, (j + 1) * seq_len)``; row ``r`` of step ``k`` is window ``perm_e(i * batch_size + r)``, where
+    ``e, i = divmod(k, steps_per_epoch)`` and ``perm_e`` is the permutation keyed by (seed, e). The windows an
+    epoch leaves over (fewer than a batch) wait for a later epoch's order."""
+
+    def __init__(self, data: TokenData, *, seq_len: int, batch_size: int, seed: int = 0):
+        self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
+        self.windows = data.train.tokens // seq_len
+        if self.windows < batch_size:
+            raise ValueError(
+                f"the training split of {data.directory} holds {data.train.tokens} tokens, {self.windows} windows of "
+                f"{seq_len}: fewer than one batch of {batch_size}; add text, or lower --batch-size or --seq-len"
+            )
+        self.steps_per_epoch = self.windows // batch_size
+        self._permutation = (None, None)
 
     def fingerprint(self) -> str:
-        """A short hash of the blocks and the seed: a resumed run checks it sees the same data."""
-        digest = hashlib.sha256(f"{self.seed},{self.batch_size},{self.train.shape}".encode())
-        digest.update(self.train.tobytes())
-        digest.update(self.validation.tobytes())
-        return digest.hexdigest()[:16]
+        """The data and every setting that decides the batches: what a resumed run must see again."""
+        settings = f"{self.data.fingerprint},{self.seq_len},{self.batch_size},{self.seed}"
+        return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+    def windows_of(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The window numbers of rows ``[start, stop)`` of step ``step`` (0-based)."""
+        stop = self.batch_size if stop is None else stop
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._permutation[0] != epoch:
+            self._permutation = (epoch, Permutation(self.windows, (self.seed, epoch)))
+        return self._permutation[1](index * self.batch_size + np.arange(start, stop))
+
+    def rows(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the ``[batch_size, seq_len]`` batch of step ``step``: only they are read."""
+        windows = self.windows_of(step, start, stop)
+        return np.stack([self.data.train.read(w * self.seq_len, (w + 1) * self.seq_len) for w in windows])
 
     def batch(self, step: int) -> np.ndarray:
-        """The ``[batch_size, seq_len]`` batch of training step ``step`` (0-based)."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.train))
-        return self.train[order[index * self.batch_size : (index + 1) * self.batch_size]]
-
-    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        """Batches from ``start_step`` on, for ever (resume by passing the step to continue from)."""
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
+        """The whole batch of step ``step``."""
+        return self.rows(step)
 
     def validation_batches(self) -> Iterator[np.ndarray]:
-        """The held-out blocks in batches (the last one may be smaller)."""
-        for start in range(0, len(self.validation), self.batch_size):
-            yield self.validation[start : start + self.batch_size]
+        """The validation split in windows of ``seq_len``, in order, ``batch_size`` at a time (the last batch may
+        be smaller); nothing if it holds less than one window."""
+        windows = self.data.validation.tokens // self.seq_len
+        for first in range(0, windows, self.batch_size):
+            count = min(self.batch_size, windows - first)
+            tokens = self.data.validation.read(first * self.seq_len, (first + count) * self.seq_len)
+            yield tokens.reshape(count, self.seq_len)
 
 
-def load(
-    patterns: Sequence[str],
-    tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int = 0,
-    validation_fraction: float = 0.0,
-    text_field: str = "text",
-    split: str = "train",
-) -> PackedData:
-    """Read, tokenize with ``tokenizer`` (a Hugging Face tokenizer), pack and split."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token to separate documents with")
-    blocks = pack(tokenized_documents(patterns, tokenizer, text_field, split), seq_len, eos)
-    if len(blocks) == 0:
-        raise ValueError(f"the data in {list(patterns)} holds fewer than {seq_len} tokens: not one block of --seq-len")
-    return PackedData(blocks, batch_size=batch_size, seed=seed, validation_fraction=validation_fraction)
+class Loader:
+    """The batches of steps ``start, start + 1, ...`` on the devices: split over ``mesh``'s batch axes with
+    each process reading only the rows its own devices hold (inside ``jax.make_array_from_callback``), or on
+    the default device without a mesh; ``prefetch`` steps are read and placed ahead in a background thread.
+    ``next()`` returns ``(array, seconds waited for it)``."""
+
+    def __init__(self, batches: Batches, mesh=None, start: int = 0, prefetch: int = 2, rules=None):
+        self.batches, self.mesh, self.rules = batches, mesh, rules
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True, name="neo_jax-loader")
+        self._thread.start()
+
+    def local_rows(self) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` row ranges of a batch that this process's devices hold."""
+        if self.mesh is None:
+            return [(0, self.batches.batch_size)]
+        from neo_jax.sharding import batch_sharding
+
+        shape = (self.batches.batch_size, self.batches.seq_len)
+        indices = batch_sharding(self.mesh, shape, self.rules).addressable_devices_indices_map(shape).values()
+        return sorted({(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop) for i in indices})
+
+    def place(self, step: int):
+        """Step ``step``'s batch on the devices, reading only this process's rows."""
+        import jax
+
+        if self.mesh is None:
+            return jax.device_put(self.batches.batch(step))
+        from neo_jax.sharding import batch_sharding
+
+        shape = (self.batches.batch_size, self.batches.seq_len)
+        rows = {(a, b): self.batches.rows(step, a, b) for a, b in self.local_rows()}
+
+        def shard(index):
+            start = index[0].start or 0
+            stop = shape[0] if index[0].stop is None else index[0].stop
+            return rows[(start, stop)][:, index[1]]
+
+        return jax.make_array_from_callback(shape, batch_sharding(self.mesh, shape, self.rules), shard)
+
+    def _produce(self, step: int) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (self.place(step), None)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                step += 1
+        except Exception as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+            self._queue.put((None, e))
+
+    def next(self):
+        began = time.perf_counter()
+        array, error = self._queue.get()
+        if error is not None:
+            raise error
+        return array, time.perf_counter() - began
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

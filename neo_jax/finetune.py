@@ -6,13 +6,19 @@ its output directory:
 
     OUTPUT/run.yaml          the settings
     OUTPUT/config.json       the model config, and the tokenizer files: OUTPUT is itself a model source
+    OUTPUT/data/             raw text given as --data, tokenized once (``neo_jax.prepare``); a prepared
+                             directory given as --data is read where it is
     OUTPUT/checkpoints/N/    Orbax checkpoints (parameters, optimizer state, data position)
-    OUTPUT/metrics.jsonl     one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, seconds,
-                             and eval_loss, eval_perplexity on evaluation steps
+    OUTPUT/metrics.jsonl     one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, tokens_seen,
+                             mfu, data_wait_s, seconds, and eval_loss, eval_perplexity on evaluation steps
     OUTPUT/loss.png          the loss curves, drawn at the end
     OUTPUT/tensorboard/      TensorBoard events, with ``tensorboard: true``
     OUTPUT/adapter/          with ``lora_rank``: the trained adapters in PEFT's format (at the end); the
                              checkpoints then hold the adapters and their optimizer state only
+
+``model`` may also be a ``config.json`` (a file, or a directory holding only it, e.g.
+``configs/gpt-neo-125M.json``): the run then pretrains from GPT-Neo's own random init
+(``neo_jax.model.init_model``), with the tokenizer of its prepared data.
 
 Running the same command again resumes from the latest complete checkpoint: a run cut off by SIGTERM (it
 saves and exits 0), by kill -9 or by a crash continues on exactly the batch it would have seen, and
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -42,7 +49,7 @@ from neo_jax.settings import FinetuneConfig
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
 from neo_jax.train import learning_rate_schedule, make_optimizer, mean_loss, train_step
 
-CHECKPOINTS, METRICS, RUN_FILE, ADAPTER_DIR = "checkpoints", "metrics.jsonl", "run.yaml", "adapter"
+CHECKPOINTS, METRICS, RUN_FILE, ADAPTER_DIR, DATA_DIR = "checkpoints", "metrics.jsonl", "run.yaml", "adapter", "data"
 # Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
 # by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
 RESUME_KEYS = (
@@ -59,9 +66,9 @@ RESUME_KEYS = (
 
 
 def check(config: FinetuneConfig) -> Mesh:
-    """Every setting that can be checked without reading data or loading weights; returns the device mesh
-    (``mesh``, by default every device on the fsdp axis)."""
-    from neo_jax.data import expand_paths
+    """Every setting that can be checked without reading the corpus or loading weights (a prepared data
+    directory's manifest and shard sizes are checked against the model); returns the device mesh (``mesh``, by
+    default every device on the fsdp axis)."""
     from neo_jax.hf import resolve_config
 
     positive = {"steps": 1, "batch_size": 1, "seq_len": 2, "grad_accum": 1, "save_every": 1, "keep": 1}
@@ -127,9 +134,47 @@ def check(config: FinetuneConfig) -> Mesh:
         export = Path(config.export_hf).expanduser()
         if export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
-    expand_paths(config.data)
+    _check_data(config, model_config)
     _check_output(config, model_config)
     return mesh
+
+
+def prepared_directory(config: FinetuneConfig) -> Path | None:
+    """The prepared data directory ``data`` names, or None for raw text (prepared into ``OUTPUT/data``)."""
+    from neo_jax.data import is_prepared
+
+    if len(config.data) == 1 and is_prepared(config.data[0]):
+        return Path(config.data[0]).expanduser()
+    return None
+
+
+def _check_data(config: FinetuneConfig, model_config) -> None:
+    from neo_jax.data import Batches, TokenData, expand_paths, is_prepared
+    from neo_jax.hf import is_config_only, load_tokenizer, resolve
+
+    directory = prepared_directory(config)
+    if directory is None:
+        sources = expand_paths(config.data)
+        if is_config_only(config.model) and not _has_tokenizer(config.model):
+            raise ValueError(
+                f"{config.model} is a config without a tokenizer to read raw text with: prepare the data first "
+                "(neo-jax data prepare FILES... --tokenizer SRC --output DIR) and pass --data DIR"
+            )
+        if any(is_prepared(s) for s in sources if isinstance(s, Path) and s.is_dir()):
+            raise ValueError("a prepared data directory is read alone: pass it as the only --data")
+        return
+    data = TokenData(directory)
+    tokenizer = load_tokenizer(resolve(config.model)) if _has_tokenizer(config.model) else None
+    data.check_model(model_config, tokenizer)
+    Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)  # enough for a batch?
+
+
+def _has_tokenizer(model: str) -> bool:
+    """Whether a local model source has tokenizer files (a hub id is taken to have them)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return True
+    return path.is_dir() and any((path / name).is_file() for name in ("tokenizer.json", "vocab.json"))
 
 
 def _check_output(config: FinetuneConfig, model_config) -> None:
@@ -295,9 +340,8 @@ def _check_resumed_data(output: Path, fingerprint: str) -> None:
         saved.close()
 
 
-def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
+def _prepare_output(config: FinetuneConfig, model_config, tokenizer_source: Path) -> Path:
     """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0)."""
-    from neo_jax.config import GPTNeoConfig
     from neo_jax.hf import copy_companion_files
 
     output = Path(config.output).expanduser().absolute()
@@ -306,11 +350,45 @@ def _prepare_output(config: FinetuneConfig, source: Path) -> Path:
 
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        GPTNeoConfig.from_json_file(source / "config.json").to_json_file(output / "config.json")
-        if source != output:
-            copy_companion_files(source, output)
+        model_config.to_json_file(output / "config.json")
+        if tokenizer_source != output:
+            copy_companion_files(tokenizer_source, output)
     distributed.barrier("neo_jax.finetune.output")
     return output
+
+
+def _prepare_raw(config: FinetuneConfig, tokenizer_source: Path, output: Path) -> Path:
+    """Raw text given as ``data``, tokenized once into ``OUTPUT/data`` (process 0 first; a host that does not
+    see its directory, on a disk of its own, prepares its own identical copy). A resumed run reads what is
+    there, after checking the sources' names and sizes are the ones it was prepared from."""
+    from neo_jax.data import MANIFEST
+    from neo_jax.prepare import describe_sources, prepare
+
+    directory = output / DATA_DIR
+    if (directory / MANIFEST).is_file():
+        before = [(s["name"], s["size"]) for s in json.loads((directory / MANIFEST).read_text())["sources"]]
+        now = [(s["name"], s["size"]) for s in describe_sources(config.data)]
+        if before != now:
+            raise ValueError(
+                f"the data differs from the data {directory} was prepared from; resume with the same files, or "
+                "choose a new --output"
+            )
+        return directory
+    for turn in ("main", "others"):
+        if (turn == "main") == distributed.is_main_process() and not (directory / MANIFEST).is_file():
+            distributed.log(f"tokenizing the data once into {directory}")
+            prepare(
+                config.data,
+                directory,
+                tokenizer_source,
+                num_proc=min(os.cpu_count() or 1, 8),
+                validation_fraction=config.validation_fraction,
+                text_field=config.text_field,
+                split=config.split,
+                progress=distributed.is_main_process(),
+            )
+        distributed.barrier(f"neo_jax.finetune.data.{turn}")
+    return directory
 
 
 def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
@@ -323,45 +401,55 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
 
 
 def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
+    from neo_jax.config import GPTNeoConfig
     from neo_jax.convert import from_pretrained
-    from neo_jax.data import load
-    from neo_jax.hf import load_tokenizer, resolve
+    from neo_jax.data import Batches, Loader, TokenData
+    from neo_jax.hf import is_config_only, resolve, resolve_config
 
-    source = resolve(config.model)
-    tokenizer = load_tokenizer(source)
-    data = load(
-        config.data,
-        tokenizer,
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        validation_fraction=config.validation_fraction,
-        text_field=config.text_field,
-        split=config.split,
-    )
+    scratch = is_config_only(config.model)
+    source = None if scratch else resolve(config.model)
+    model_config = resolve_config(config.model) if scratch else GPTNeoConfig.from_json_file(source / "config.json")
+    output = Path(config.output).expanduser().absolute()
+    directory = prepared_directory(config)
+    created = not output.exists()
+    try:
+        if directory is None:  # raw text: tokenized once, into the run directory
+            output.mkdir(parents=True, exist_ok=True)
+            directory = _prepare_raw(config, source or Path(config.model).expanduser(), output)
+        data = TokenData(directory)
+        batches = Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+        _check_resumed_data(output, batches.fingerprint())
+    except ValueError:
+        if created and distributed.is_main_process():  # bad data: leave nothing behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     distributed.log(
-        f"data: {len(data.train)} training and {len(data.validation)} validation blocks of {config.seq_len} "
-        f"tokens ({data.steps_per_epoch} steps per epoch)"
+        f"data: {directory}, {data.train.tokens:,} training tokens ({batches.windows:,} windows of {config.seq_len}, "
+        f"{batches.steps_per_epoch:,} steps per epoch), {data.validation.tokens:,} validation tokens"
     )
-    data_state = {"fingerprint": data.fingerprint(), "seq_len": config.seq_len, "batch_size": config.batch_size}
-    _check_resumed_data(Path(config.output).expanduser().absolute(), data_state["fingerprint"])
-    output = _prepare_output(config, source)
+    if data.validation.tokens < config.seq_len:
+        distributed.log(f"{directory} has no validation split of {config.seq_len} tokens: training without evaluation")
+    output = _prepare_output(config, model_config, directory if scratch else source)
     new_adapters = config.lora()
     uses_lora = new_adapters is not None or config.adapter is not None
-    model = from_pretrained(
-        source,
-        dtype=config.dtype,
-        param_dtype=config.dtype if uses_lora else "float32",  # a frozen base may be stored in the compute dtype
-        weights=config.lora_base,  # ... or as lora_base says (int8: QLoRA-style)
-        mesh=mesh,
-        attention=config.attention,
-        progress=progress,
-        adapter=config.adapter,
-    )
-    if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
-        from neo_jax.lora import add
+    if scratch:
+        from neo_jax.model import init_model
 
-        add(model, new_adapters, seed=config.seed)
+        distributed.log(
+            f"model: {model_config.num_params() / 1e6:.1f}M parameters from GPT-Neo's init (seed {config.seed})"
+        )
+        model = init_model(model_config, dtype=config.dtype, seed=config.seed, mesh=mesh, attention=config.attention)
+    else:
+        model = from_pretrained(
+            source,
+            dtype=config.dtype,
+            param_dtype=config.dtype if uses_lora else "float32",  # a frozen base may be stored in the compute dtype
+            weights=config.lora_base,  # ... or as lora_base says (int8: QLoRA-style)
+            mesh=mesh,
+            attention=config.attention,
+            progress=progress,
+            adapter=config.adapter,
+        )
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
@@ -379,6 +467,11 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         distributed.log(f"{output} is already trained to step {start}: raise --steps to go on")
 
     tokens = config.batch_size * config.seq_len
+    from neo_jax.plan import peak_flops, train_flops
+
+    model_flops = train_flops(model_config, config.batch_size, config.seq_len)[0]
+    peak = peak_flops(mesh.devices.flat if mesh is not None else jax.devices()[:1], config.dtype)
+    loader = Loader(batches, mesh, start=start) if start < config.steps else None
     record, stopped = {}, "done"
     bar = tqdm(
         total=config.steps,
@@ -394,10 +487,11 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         while step < config.steps and not interrupted:
             step += 1
             began = time.perf_counter()
+            batch, waited = loader.next()
             out = train_step(
                 model,
                 optimizer,
-                place_batch(data.batch(step - 1), mesh),
+                batch,
                 grad_accum=config.grad_accum,
                 remat=config.remat,
                 rng=jax.random.fold_in(dropout_key, step),  # LoRA dropout's masks: the same on a resume
@@ -420,16 +514,26 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
                 "lr": float(schedule(step - 1)),
                 "grad_norm": grad_norm,
                 "tokens_per_s": round(tokens / seconds, 1),
+                "tokens_seen": step * tokens,
+                "mfu": round(model_flops / seconds / peak, 5),
+                "data_wait_s": round(waited, 5),
                 "seconds": round(seconds, 4),
             }
-            if data.validation.size and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                eval_loss = mean_loss(model, (place_batch(rows, mesh) for rows in data.validation_batches()))
+            evaluates = (config.eval_every and step % config.eval_every == 0) or step == config.steps
+            if evaluates and data.validation.tokens >= config.seq_len:
+                eval_loss = mean_loss(model, (place_batch(rows, mesh) for rows in batches.validation_batches()))
                 record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
             metrics.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                tokens=f"{step * tokens:.3g}",
+                mfu=f"{record['mfu']:.1%}",
+                wait=f"{waited:.3f}s",
+                refresh=False,
+            )
             bar.update()
             interrupted = distributed.any_process(bool(stop[0]))
-            metadata = data_state | {"step": step}
+            metadata = {"fingerprint": batches.fingerprint(), "data": str(directory), "step": step}
             checkpoints.save(step, model, optimizer, metadata=metadata, force=interrupted or step == config.steps)
         if interrupted:
             stopped = "sigint" if stop[0] == "Ctrl-C" else "sigterm"
@@ -437,6 +541,8 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
                 f"\n{stop[0] or 'SIGTERM'}: stopped at step {step}, saved; run the same command again to resume"
             )
     finally:
+        if loader is not None:
+            loader.close()
         bar.close()
         checkpoints.close()
         metrics.close()

@@ -228,13 +228,32 @@ def resolve(src: str | os.PathLike, revision: str | None = None) -> Path:
 
 
 def resolve_config(src: str | os.PathLike, revision: str | None = None) -> GPTNeoConfig:
-    """Only the config of ``src``: a hub id fetches just ``config.json``."""
+    """Only the config of ``src``: a ``config.json`` file itself, or a model's (a hub id fetches just its
+    ``config.json``)."""
     path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return GPTNeoConfig.from_json_file(path)
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
         return GPTNeoConfig.from_json_file(resolve(src) / "config.json")
     from huggingface_hub import hf_hub_download
 
     return GPTNeoConfig.from_json_file(hf_hub_download(str(src), "config.json", revision=revision))
+
+
+def holds_weights(directory: Path) -> bool:
+    """Whether a model directory has weights (Hugging Face files, neo_jax's Orbax parameters or a training
+    run's checkpoints), rather than a config alone."""
+    names = ("params", "checkpoints", SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX, "adapter_config.json")
+    return any((directory / name).exists() for name in names) or any(directory.glob("*.safetensors"))
+
+
+def is_config_only(src: str | os.PathLike) -> bool:
+    """Whether ``src`` names a model to start from random weights: a ``.json`` config file, or a local
+    directory holding a ``config.json`` and no weights."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        return path.suffix == ".json"
+    return path.is_dir() and (path / "config.json").is_file() and not holds_weights(path)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -266,7 +285,8 @@ def load_tokenizer(directory: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
-        raise ValueError(f"no usable tokenizer in {directory} ({e}); pass tokenizer=... explicitly") from None
+        reason = " ".join(str(e).split())
+        raise ValueError(f"no usable tokenizer in {directory} ({reason}); pass tokenizer=... explicitly") from None
     if not tokenizer("hello")["input_ids"]:  # transformers builds an empty one from config.json without files
         raise ValueError(f"no tokenizer files in {directory}: save the model's tokenizer there, or pass tokenizer=...")
     return tokenizer

@@ -16,6 +16,7 @@ loop (the layer scan, gradient accumulation, the decode loop) once, whatever its
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -133,6 +134,48 @@ def train_flops(config: GPTNeoConfig, batch: int, seq: int, remat: str = "none")
     model = tokens * (6 * matmul_params + 12 * layers * seq * h)
     recompute = {"none": 0, "full": layer_forward, "dots": 4 * layers * seq * h}[remat]
     return float(model), float(model + tokens * recompute)
+
+
+# jax's device_kind of each TPU generation -> neo_jax.aot.CHIPS
+TPU_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+}
+
+
+def peak_flops(devices, dtype: str = "bfloat16") -> float:
+    """The peak matmul FLOP/s of ``devices`` together, the MFU denominator: a TPU chip's published bfloat16
+    figure (``neo_jax.aot.CHIPS``) times the chips; elsewhere measured, as the best of a few square matmuls in
+    ``dtype`` on one device, times the devices (CPU devices share the host's cores: one measurement for all)."""
+    devices = list(devices)
+    kind = devices[0].device_kind
+    if kind in TPU_KINDS:
+        from neo_jax.aot import CHIPS
+
+        return CHIPS[TPU_KINDS[kind]].peak_flops * len(devices)
+    platform = devices[0].platform
+    return _measured_peak(platform, str(dtype)) * (1 if platform == "cpu" else len(devices))
+
+
+@functools.cache
+def _measured_peak(platform: str, dtype: str) -> float:
+    import jax
+
+    n = 1024 if platform == "cpu" else 8192
+    device = jax.devices(platform)[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        began = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - began)
+    return 2 * n**3 / best
 
 
 def plan(
