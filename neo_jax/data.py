@@ -126,26 +126,60 @@ def is_prepared(path: str | Path) -> bool:
     return path.is_dir() and ((path / MANIFEST).is_file() or any(path.glob("part-*-of-*.json")))
 
 
+def part_manifests(directory: Path) -> list[Path]:
+    return sorted(directory.glob("part-*-of-*.json"))
+
+
+def union(directory: Path, manifests: list[dict]) -> dict:
+    """One manifest for the parts of a ``--shard I/N`` preparation (all N, in order), which must agree."""
+    first = manifests[0]
+    for other in manifests[1:]:
+        for key in ("dtype", "eos_token_id", "vocab_size", "tokenizer", "settings", "sources"):
+            if other.get(key) != first.get(key):
+                raise ValueError(
+                    f"the parts in {directory} differ in {key}: prepare them with the same sources and settings"
+                )
+    return first | {
+        "parts": list(range(len(manifests))),
+        "shards": [shard for m in manifests for shard in m["shards"]],
+        "tokens": {k: sum(m["tokens"][k] for m in manifests) for k in first["tokens"]},
+        "documents": {k: sum(m["documents"][k] for m in manifests) for k in first["documents"]},
+    }
+
+
 def read_manifest(directory: Path) -> dict:
-    """``directory``'s manifest, checked for form; a directory of parts without the union names the missing."""
+    """``directory``'s manifest, checked for form: ``manifest.json``, or the union of all N part manifests of a
+    ``--shard I/N`` preparation (copied together from several machines, say). Missing parts are named."""
     path = directory / MANIFEST
     if not path.is_file():
-        parts = sorted(directory.glob("part-*-of-*.json"))
-        if parts:
-            total = int(parts[0].stem.split("-of-")[1])
-            have = {int(p.stem.split("-")[1]) for p in parts}
-            missing = sorted(set(range(total)) - have)
+        parts = part_manifests(directory)
+        if not parts:
+            raise FileNotFoundError(
+                f"{directory} is not a prepared data directory (no {MANIFEST}): see neo-jax data prepare"
+            )
+        total = int(parts[0].stem.split("-of-")[1])
+        have = {int(p.stem.split("-")[1]) for p in parts}
+        missing = sorted(set(range(total)) - have)
+        if missing:
             raise ValueError(
-                f"{directory} holds parts {sorted(have)} of {total} but no manifest.json: prepare the missing "
+                f"{directory} holds parts {sorted(have)} of {total} and no {MANIFEST}: prepare the missing "
                 f"part(s) {missing} into it (neo-jax data prepare --shard I/{total})"
             )
-        raise FileNotFoundError(
-            f"{directory} is not a prepared data directory (no {MANIFEST}): see neo-jax data prepare"
-        )
+        return _checked(directory / parts[0].name, union(directory, [_load(p) for p in parts]))
+    return _checked(path, _load(path))
+
+
+def _load(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): prepare the data again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a neo_jax data manifest: prepare the data again")
+    return manifest
+
+
+def _checked(path: Path, manifest: dict) -> dict:
     missing = [key for key in ("dtype", "eos_token_id", "shards") if key not in manifest]
     if missing or not isinstance(manifest["shards"], list):
         raise ValueError(f"{path} is not a neo_jax data manifest (missing {missing or ['shards']}): prepare it again")
@@ -226,8 +260,7 @@ class TokenData:
         self.train, self.validation = (
             Stream(self.directory, [s for s in shards if s["split"] == split], self.dtype) for split in SPLITS
         )
-        raw = (self.directory / MANIFEST).read_bytes()
-        self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+        self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.eos_token_id = self.manifest["eos_token_id"]
         self.vocab_size = self.manifest.get("vocab_size")
 
@@ -279,15 +312,16 @@ class Permutation:
         return (left << self.half) | right
 
     def __call__(self, indices) -> np.ndarray:
-        x = np.asarray(indices, dtype=np.uint64)
+        shape = np.shape(indices)
+        x = np.atleast_1d(np.asarray(indices, dtype=np.uint64)).ravel()  # arrays: uint64 products wrap silently
         if x.size and (x.max() >= self.n):
             raise IndexError(f"index {int(x.max())} is outside a permutation of {self.n}")
-        out = self._feistel(x.copy())
+        out = self._feistel(x)
         outside = out >= self.n
-        while outside.any():  # cycle walking: at most 4x the domain, so a few rounds on average
+        while outside.any():  # cycle walking: the domain is under 4n, so a few rounds on average
             out[outside] = self._feistel(out[outside])
             outside = out >= self.n
-        return out.astype(np.int64)
+        return out.astype(np.int64).reshape(shape)
 
 
 class Batches:

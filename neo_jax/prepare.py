@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from neo_jax import validate
-from neo_jax.data import FORMAT, MANIFEST, expand_paths, read_documents, vocab_hash
+from neo_jax.data import FORMAT, MANIFEST, expand_paths, read_documents, union, vocab_hash
 
 STATE = ".prepare-state.json"
 SHARD_TOKENS = 2**27  # tokens per training shard (256 MiB of uint16); a validation shard closes with it
@@ -397,23 +397,10 @@ def _checkpoint(writers: dict, state: dict, state_path: Path, documents: int) ->
 
 
 def _write_union(out: Path, count: int) -> None:
-    """``manifest.json`` for a directory that holds all ``count`` parts (with the same tokenizer and settings)."""
+    """``manifest.json`` for a directory that holds all ``count`` parts."""
     parts = [out / f"{_part_name(i, count)}.json" for i in range(count)]
-    if not all(p.is_file() for p in parts):
-        return
-    manifests = [json.loads(p.read_text()) for p in parts]
-    first = manifests[0]
-    for other in manifests[1:]:
-        for key in ("dtype", "eos_token_id", "vocab_size", "settings", "sources"):
-            if other[key] != first[key]:
-                raise ValueError(f"the parts in {out} differ in {key}: prepare them with the same sources and settings")
-    union = first | {
-        "parts": list(range(count)),
-        "shards": [s for m in manifests for s in m["shards"]],
-        "tokens": {k: sum(m["tokens"][k] for m in manifests) for k in first["tokens"]},
-        "documents": {k: sum(m["documents"][k] for m in manifests) for k in first["documents"]},
-    }
-    _write_json(out / MANIFEST, union)
+    if all(p.is_file() for p in parts):
+        _write_json(out / MANIFEST, union(out, [json.loads(p.read_text()) for p in parts]))
 
 
 def summary(directory: Path, seconds: float) -> str:

@@ -1,21 +1,17 @@
-"""Training data: reading, packing, deterministic and resumable batches, clear errors."""
+"""Training data: reading sources, preparing token shards (the exact stream, resuming, parts), reading them
+back (the keyed permutation, batches by step, the loader) and clear errors that change nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
 
-from neo_jax import data
-from tests.conftest import TOKENIZER_DIR
-
-
-def test_pack_joins_documents_with_eos_and_drops_the_tail():
-    blocks = data.pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, eos=0)
-    np.testing.assert_array_equal(blocks, [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]])
-    assert data.pack([[1]], seq_len=4, eos=0).shape == (0, 4)
+from neo_jax import cli, data, prepare
 
 
 def test_read_documents_from_text_and_jsonl(tmp_path):
@@ -44,54 +40,281 @@ def test_missing_files_are_named(tmp_path):
         list(data.read_documents([str(tmp_path / "nothing-here*.txt")]))
 
 
-def blocks(n=40, seq=8):
-    return np.arange(n * seq, dtype=np.int32).reshape(n, seq)
+DOCS = [
+    "Plain ASCII text.",
+    "",  # an empty document is its EOS alone
+    "Ünïcödé, émojis 🙂 and 中文 in one line.",
+    "Line one\nline two\n\n  indented\ttabs  ",
+    " leading space and trailing space ",
+] + [f"Document number {i} says {'hello ' * (i % 7)}and goodbye." for i in range(60)]
 
 
-def test_batches_are_deterministic_resumable_and_cover_each_epoch():
-    packed = data.PackedData(blocks(), batch_size=4, seed=3, validation_fraction=0.1)
-    assert len(packed.validation) == 4 and len(packed.train) == 36 and packed.steps_per_epoch == 9
-    straight = [b for _, b in zip(range(20), packed.batches())]
-    resumed = [
-        b
-        for _, b in zip(range(8), data.PackedData(blocks(), batch_size=4, seed=3, validation_fraction=0.1).batches(12))
-    ]
-    for a, b in zip(straight[12:], resumed):
-        np.testing.assert_array_equal(a, b)
-    epoch = np.concatenate(straight[:9])
-    assert sorted(map(tuple, epoch)) == sorted(map(tuple, packed.train))  # each block once per epoch
-    assert not np.array_equal(np.concatenate(straight[9:18]), epoch)  # a new order for the next epoch
-    other_seed = data.PackedData(blocks(), batch_size=4, seed=4, validation_fraction=0.1)
-    assert not np.array_equal(other_seed.batch(0), packed.batch(0))
-    held_out = {tuple(b) for b in packed.validation}
-    assert held_out.isdisjoint(map(tuple, packed.train))
-    assert sum(len(b) for b in packed.validation_batches()) == 4
+def write_sources(directory: Path) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:-10]))
+    for i, text in enumerate(DOCS[-10:]):
+        (directory / f"b{i}.txt").write_text(text)
+    return [str(directory / "a.jsonl"), str(directory / "b*.txt")]
 
 
-def test_too_little_data_is_a_clear_error(tmp_path):
-    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
-    (tmp_path / "tiny.txt").write_text("Just a few words.")
-    with pytest.raises(ValueError, match="fewer than 64 tokens: not one block of --seq-len"):
-        data.load([str(tmp_path / "tiny.txt")], tokenizer, seq_len=64, batch_size=2)
-    (tmp_path / "more.txt").write_text("word " * 300)
-    with pytest.raises(ValueError, match="fewer than one batch of 32"):
-        data.load([str(tmp_path / "more.txt")], tokenizer, seq_len=64, batch_size=32)
+def shard_tokens(directory: Path, split: str) -> np.ndarray:
+    """A split's stream as any tool reads it: the manifest's shards, in order, through numpy.fromfile."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    files = [directory / s["path"] for s in manifest["shards"] if s["split"] == split]
+    return np.concatenate([np.fromfile(f, dtype="<u2") for f in files] or [np.zeros(0, "<u2")])
 
 
-def test_load_tokenizes_with_the_model_tokenizer(tmp_path):
-    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
-    (tmp_path / "a.jsonl").write_text(
-        "\n".join(json.dumps({"text": f"Document number {i} says hello."}) for i in range(40))
+def expected(tokenizer, docs) -> np.ndarray:
+    return np.array([t for doc in docs for t in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]], np.int64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(gpt2_model_dir) -> Path:
+    return gpt2_model_dir
+
+
+def test_prepare_writes_the_tokenizers_exact_stream_in_shards_with_whole_validation_documents(
+    tmp_path, tokenizer_dir, monkeypatch
+):
+    sources = write_sources(tmp_path / "src")
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 200)  # shards close between chunks: small ones make several
+    out = prepare.prepare(
+        sources, tmp_path / "out", tokenizer_dir, num_proc=2, validation_fraction=0.25, shard_tokens=300, progress=False
     )
-    packed = data.load([str(tmp_path / "a.jsonl")], tokenizer, seq_len=16, batch_size=2, validation_fraction=0.2)
-    stream = np.concatenate([tokenizer(f"Document number {i} says hello.")["input_ids"] + [50256] for i in range(40)])
-    everything = np.sort(np.concatenate([packed.train, packed.validation]).ravel())
-    np.testing.assert_array_equal(everything, np.sort(stream[: len(everything)]))
-    assert (packed.train == 50256).any()  # documents are separated by EOS
+    reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    held_out = [m % 4 == 3 for m in range(len(DOCS))]  # floor((m + 1) / 4) > floor(m / 4)
+    train = [d for d, h in zip(DOCS, held_out) if not h]
+    validation = [d for d, h in zip(DOCS, held_out) if h]
+    np.testing.assert_array_equal(shard_tokens(out, "train"), expected(reference, train))
+    np.testing.assert_array_equal(shard_tokens(out, "validation"), expected(reference, validation))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint16" and manifest["eos_token_id"] == 50256 and manifest["vocab_size"] == 50257
+    shards = manifest["shards"]
+    assert len([s for s in shards if s["split"] == "train"]) > 1  # rolled over at shard_tokens
+    assert {s["split"] for s in shards} == {"train", "validation"}
+    assert sum(s["documents"] for s in shards) == len(DOCS)
+    assert all((out / s["path"]).stat().st_size == 2 * s["tokens"] for s in shards)
+    assert manifest["documents"] == {"train": len(train), "validation": len(validation)}
+    for source in manifest["sources"]:
+        assert source["sha256"] == hashlib.sha256(Path(source["name"]).read_bytes()).hexdigest()
+    # the directory alone is enough: its tokenizer files encode as the source's did
+    copied = transformers.AutoTokenizer.from_pretrained(out)
+    assert copied(DOCS[2])["input_ids"] == reference(DOCS[2])["input_ids"]
+    assert set(manifest["tokenizer"]["files"]) <= {p.name for p in out.iterdir()}
+    assert not list(out.glob(".*"))  # no temporaries, no progress file
+
+    one = prepare.prepare(sources, tmp_path / "one", tokenizer_dir, num_proc=1, validation_docs=3, progress=False)
+    np.testing.assert_array_equal(shard_tokens(one, "validation"), expected(reference, DOCS[:3]))
+    np.testing.assert_array_equal(shard_tokens(one, "train"), expected(reference, DOCS[3:]))
 
 
-def test_a_validation_split_that_would_leave_no_full_batch_is_skipped():
-    blocks = np.arange(4 * 8, dtype=np.int32).reshape(4, 8)
-    with pytest.warns(UserWarning, match="too few to hold 1 out for validation"):
-        packed = data.PackedData(blocks, batch_size=4, validation_fraction=0.01)
-    assert len(packed.train) == 4 and len(packed.validation) == 0 and not list(packed.validation_batches())
+def test_an_interrupted_prepare_leaves_no_partial_shard_and_continues_from_its_last_complete_one(
+    tmp_path, tokenizer_dir, monkeypatch
+):
+    sources = write_sources(tmp_path / "src")
+    options = dict(num_proc=1, validation_fraction=0.1, shard_tokens=200, progress=False)
+    straight = prepare.prepare(sources, tmp_path / "straight", tokenizer_dir, **options)
+
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 200)  # small chunks, so shards close between them
+    real_write, real_checkpoint, checkpoints = prepare._Writer.write, prepare._checkpoint, []
+
+    def interrupted(self, *args):
+        if len(checkpoints) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third shard
+        return real_write(self, *args)
+
+    monkeypatch.setattr(prepare, "_checkpoint", lambda *a: checkpoints.append(1) or real_checkpoint(*a))
+
+    monkeypatch.setattr(prepare._Writer, "write", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(sources, out, tokenizer_dir, **options)
+    state = json.loads((out / prepare.STATE).read_text())
+    assert state["shards"] and not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(s["path"] for s in state["shards"])
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # the shard in progress is gone
+
+    monkeypatch.setattr(prepare._Writer, "write", real_write)
+    checkpoints.clear()
+    encoded = []
+    real_encode = prepare._encode
+    monkeypatch.setattr(prepare, "_encode", lambda chunk: encoded.append(len(chunk[0])) or real_encode(chunk))
+    prepare.prepare(sources, out, tokenizer_dir, **options)
+    assert sum(encoded) == len(DOCS) - state["documents_done"]  # only what the complete shards did not hold
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(shard_tokens(out, split), shard_tokens(straight, split))
+    assert data.TokenData(out).train.tokens == data.TokenData(straight).train.tokens
+    assert not (out / prepare.STATE).exists()
+
+
+def test_parts_prepared_apart_make_one_directory(tmp_path, tokenizer_dir):
+    sources = write_sources(tmp_path / "src")
+    reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    shared = tmp_path / "shared"
+    for part in ("1/2", "0/2"):  # in any order, into one directory
+        prepare.prepare(sources, shared, tokenizer_dir, shard=part, num_proc=1, progress=False)
+    both = data.TokenData(shared)
+    stream = both.train.read(0, both.train.tokens)
+    np.testing.assert_array_equal(stream, expected(reference, DOCS[0::2] + DOCS[1::2]))
+
+    apart = tmp_path / "apart"  # on two machines, then copied together: read as the union without manifest.json
+    for part in ("0/2", "1/2"):
+        prepare.prepare(
+            sources, tmp_path / part.replace("/", "of"), tokenizer_dir, shard=part, num_proc=1, progress=False
+        )
+    apart.mkdir()
+    for name in ("0of2", "1of2"):
+        for f in (tmp_path / name).iterdir():
+            if f.name != "manifest.json":
+                (apart / f.name).write_bytes(f.read_bytes())
+    assert data.TokenData(apart).fingerprint == both.fingerprint
+    (apart / "part-00001-of-00002.json").unlink()
+    with pytest.raises(ValueError, match=r"holds parts \[0\] of 2 .* missing part\(s\) \[1\]"):
+        data.TokenData(apart)
+
+
+def write_prepared(directory: Path, shards: list[np.ndarray], validation: np.ndarray | None = None) -> Path:
+    """A prepared directory written by hand, as any tool could: raw uint16 files and a manifest."""
+    directory.mkdir(parents=True)
+    entries = []
+    for i, tokens in enumerate(shards):
+        tokens.astype("<u2").tofile(directory / f"train-{i}.bin")
+        entries.append({"path": f"train-{i}.bin", "tokens": len(tokens), "documents": 1, "split": "train"})
+    if validation is not None:
+        validation.astype("<u2").tofile(directory / "validation-0.bin")
+        entries.append({"path": "validation-0.bin", "tokens": len(validation), "documents": 1, "split": "validation"})
+    manifest = {"dtype": "uint16", "eos_token_id": 0, "shards": entries}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_the_permutation_is_a_keyed_bijection():
+    for n in (1, 2, 3, 5, 64, 1000, 4097):
+        values = data.Permutation(n, (0, 0))(np.arange(n))
+        assert sorted(values) == list(range(n))
+    a, b = data.Permutation(1000, (0, 0)), data.Permutation(1000, (0, 1))
+    assert not np.array_equal(a(np.arange(1000)), b(np.arange(1000)))
+    assert not np.array_equal(a(np.arange(1000)), np.arange(1000))
+    assert a(np.array([17, 3])).tolist() == [a(17).item(), a(3).item()]  # any index alone, in O(1) memory
+    huge = data.Permutation(10**11, (1, 2))  # 100 billion windows: nothing of that size is built
+    assert len(set(huge(np.arange(1000)).tolist())) == 1000
+
+
+def test_batches_are_fixed_by_seed_and_step_cover_each_epoch_and_read_across_shards(tmp_path):
+    stream = np.arange(4005) % 60000
+    directory = write_prepared(tmp_path / "d", [stream[:1001], stream[1001:1002], stream[1002:]], np.arange(35))
+    tokens = data.TokenData(directory)
+    batches = data.Batches(tokens, seq_len=10, batch_size=16, seed=3)
+    assert batches.windows == 400 and batches.steps_per_epoch == 25
+    again = data.Batches(data.TokenData(directory), seq_len=10, batch_size=16, seed=3)  # a resumed run
+    for step in (0, 7, 24, 25, 60):
+        np.testing.assert_array_equal(batches.batch(step), again.batch(step))
+    for step in (0, 30):  # each row is its window, read straight from the stream (across shard ends too)
+        rows, windows = batches.batch(step), batches.windows_of(step)
+        for row, window in zip(rows, windows):
+            np.testing.assert_array_equal(row, stream[window * 10 : window * 10 + 10])
+    epoch = np.concatenate([batches.windows_of(k) for k in range(25)])
+    assert sorted(epoch) == list(range(400))  # every window once per epoch
+    assert not np.array_equal(np.concatenate([batches.windows_of(k) for k in range(25, 50)]), epoch)
+    other = data.Batches(tokens, seq_len=10, batch_size=16, seed=4)
+    assert not np.array_equal(other.windows_of(0), batches.windows_of(0))
+    np.testing.assert_array_equal(batches.rows(5, 4, 9), batches.batch(5)[4:9])
+    assert [b.shape for b in batches.validation_batches()] == [(3, 10)]
+    assert batches.fingerprint() != other.fingerprint()
+
+    loader = data.Loader(batches, start=12)
+    try:
+        for step in range(12, 16):
+            array, waited = loader.next()
+            np.testing.assert_array_equal(np.asarray(array), batches.batch(step))
+            assert waited >= 0
+    finally:
+        loader.close()
+    assert loader.local_rows() == [(0, 16)]
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_bad_data_is_one_line_exit_2_and_changes_nothing(tmp_path, tokenizer_dir, capsys):
+    from tests.conftest import SMALL
+
+    sources = write_sources(tmp_path / "src")
+    good = prepare.prepare(sources, tmp_path / "good", tokenizer_dir, num_proc=1, progress=False)
+    small = tmp_path / "small-model"
+    small.mkdir()
+    (small / "config.json").write_text(json.dumps(SMALL | {"model_type": "gpt_neo"}))
+    gpt2_vocab = tmp_path / "gpt2-config.json"
+    gpt2_vocab.write_text(json.dumps(SMALL | {"vocab_size": 50257, "model_type": "gpt_neo"}))
+
+    def broken(name, change):
+        target = tmp_path / name
+        target.mkdir()
+        for f in good.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+        change(target)
+        return target
+
+    missing = broken("missing", lambda d: (d / "train-00000.bin").unlink())
+    truncated = broken("truncated", lambda d: (d / "train-00000.bin").write_bytes(b"\x01\x00" * 5))
+    extra = broken("extra", lambda d: (d / "train-00099.bin").write_bytes(b"\x01\x00"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    train = ["train", "--data", "{data}", "--output", str(tmp_path / "run"), "--steps", "2", "--seq-len", "16"]
+    cases = [
+        (train, dict(data=missing, model=gpt2_vocab), "is missing shard train-00000.bin"),
+        (train, dict(data=truncated, model=gpt2_vocab), "is truncated or changed"),
+        (train, dict(data=extra, model=gpt2_vocab), "holds shard train-00099.bin that its manifest does not list"),
+        (train, dict(data=good, model=small / "config.json"), "vocabulary of 50257 tokens, more than the model's 320"),
+        (train + ["--seq-len", "4096"], dict(data=good, model=gpt2_vocab), "beyond the model's 256 positions"),
+        (train + ["--batch-size", "512"], dict(data=good, model=gpt2_vocab), "fewer than one batch of 512"),
+        (
+            [
+                "data",
+                "prepare",
+                *sources,
+                "--output",
+                str(tmp_path / "new"),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--shard",
+                "3/2",
+            ],
+            {},
+            "--shard 3/2: the part I must be in 0..N-1",
+        ),
+        (
+            ["data", "prepare", *sources, "--output", str(tmp_path / "busy"), "--tokenizer", str(tokenizer_dir)],
+            {},
+            "is not empty",
+        ),
+        (
+            ["data", "prepare", *sources, "--output", str(good), "--tokenizer", str(tokenizer_dir)],
+            {},
+            "is already prepared",
+        ),
+        (
+            [
+                "data",
+                "prepare",
+                str(tmp_path / "none*.txt"),
+                "--output",
+                str(tmp_path / "new"),
+                "--tokenizer",
+                str(tokenizer_dir),
+            ],
+            {},
+            "no data file matches",
+        ),
+    ]
+    before = snapshot(tmp_path)
+    for args, where, message in cases:
+        args = [a.format(data=where.get("data")) for a in args] + (
+            ["--model", str(where["model"])] if "model" in where else []
+        )
+        code = cli.main(args)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and "\n" not in err, (args, err)
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed

@@ -143,7 +143,7 @@ def run(directory, data, steps, *, start=0, checkpoints=None):
         start = checkpoints.restore(model, optimizer)
     losses = []
     for step in range(start, steps):
-        losses.append(float(train_step(model, optimizer, jnp.asarray(data.batch(step)))["loss"]))
+        losses.append(float(train_step(model, optimizer, jnp.asarray(data[step]))["loss"]))
         if checkpoints is not None:
             checkpoints.save(step + 1, model, optimizer)
     if checkpoints is not None:
@@ -153,12 +153,9 @@ def run(directory, data, steps, *, start=0, checkpoints=None):
 
 def test_exact_resume(save_hf, tmp_path):
     from neo_jax.checkpoints import Checkpoints
-    from neo_jax.data import PackedData
 
     directory = save_hf(make_hf_model())
-    data = PackedData(
-        np.random.default_rng(0).integers(0, SMALL["vocab_size"], (40, 16)).astype(np.int32), batch_size=4
-    )
+    data = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (12, 4, 16)).astype(np.int32)  # step's batch
     straight, final = run(directory, data, 12)
 
     first = Checkpoints(tmp_path / "ckpt", save_every=3, keep=2)
