@@ -81,6 +81,11 @@ def check(config: FinetuneConfig) -> Mesh:
     for key in ("warmup", "eval_every", "weight_decay", "max_grad_norm", "final_lr"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(config, key)}")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= getattr(config, key) < 1:
+            raise ValueError(f"{key} must be in [0, 1), got {getattr(config, key)}")
+    if not config.adam_eps > 0:
+        raise ValueError(f"adam_eps must be > 0, got {config.adam_eps}")
     if not config.lr > 0:
         raise ValueError(f"lr must be > 0, got {config.lr}")
     if not 0 <= config.validation_fraction < 1:

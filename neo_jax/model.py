@@ -107,6 +107,15 @@ def _layer_norm(config, dtype, param_dtype, rngs):
     )
 
 
+def _lookup(embed: nnx.Embed, ids):
+    """``embed(ids)``, with the rows looked up in the table made whole along ``embed`` first (what FSDP gathers
+    of any weight it uses): the rows then come out split like the ids, over the batch. Looked up in the
+    fsdp-split table, they would come out split along ``embed``, which XLA can only turn into a split over the
+    batch by replicating the whole activation first (its "involuntary full rematerialization")."""
+    table = embed.embedding[...].astype(embed.dtype)
+    return jnp.take(constrain(table, embed.embedding.get_metadata()["out_sharding"][0], None), ids, axis=0)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention; q, k, v without bias, out_proj with bias."""
 
@@ -260,10 +269,10 @@ class GPTNeo(nnx.Module):
         static layer index: decoding uses it, because XLA:CPU copies every weight it slices out of a
         stacked array, which would double the memory traffic of a single-token step.
         """
-        tokens = self.wte(input_ids)
+        tokens = _lookup(self.wte, input_ids)
         if self.wte_scale is not None:
             tokens = tokens * self.wte_scale[...][input_ids][..., None].astype(tokens.dtype)
-        x = constrain(tokens + self.wpe(position_ids), "batch", None, None)
+        x = constrain(tokens + _lookup(self.wpe, position_ids), "batch", None, None)
         size = len(self.config.layer_period)
 
         def run(x, state, index, period):

@@ -22,8 +22,14 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs; the YAML files in ``configs/`` use these names. ``model``,
     ``data`` and ``output`` have no default: ``load`` requires them."""
 
-    model: str = setting(None, "hub id, Hugging Face directory, Orbax directory or earlier train output")
-    data: tuple[str, ...] = setting(None, "text files, globs, .jsonl, saved datasets, or hf:NAME[:CONFIG]")
+    model: str = setting(
+        None,
+        "hub id, Hugging Face directory, Orbax directory or earlier train output; a config.json (or a directory "
+        "holding only one) pretrains from GPT-Neo's init",
+    )
+    data: tuple[str, ...] = setting(
+        None, "a directory from neo-jax data prepare, or text files, globs, .jsonl, saved datasets, hf:NAME[:CONFIG]"
+    )
     output: str = setting(None, "run directory: checkpoints, metrics, loss.png")
     steps: int = setting(1000, "optimizer steps in all")
     batch_size: int = setting(8, "global batch in sequences, over every device and host")
@@ -35,10 +41,15 @@ class FinetuneConfig:
     weight_decay: float = setting(0.01, "AdamW decay of weight matrices")
     decay_embeddings: bool = setting(False, "decay the embeddings too")
     max_grad_norm: float = setting(1.0, "clip the gradient's global norm to this; 0: no clipping")
+    adam_b1: float = setting(0.9, "AdamW's beta1")
+    adam_b2: float = setting(0.999, "AdamW's beta2 (GPT-Neo was pretrained with 0.95)")
+    adam_eps: float = setting(1e-8, "AdamW's epsilon")
     save_every: int = setting(500, "checkpoint every this many steps")
     keep: int = setting(3, "checkpoints kept")
     eval_every: int = setting(0, "validation loss every this many steps; 0: at the end only")
-    validation_fraction: float = setting(0.01, "share of blocks held out for validation")
+    validation_fraction: float = setting(
+        0.01, "raw text: share of documents held out whole for validation (a prepared directory has its own split)"
+    )
     seed: int = setting(0, "data order seed")
     dtype: str = setting(
         "bfloat16",
@@ -155,4 +166,7 @@ class FinetuneConfig:
             weight_decay=self.weight_decay,
             decay_embeddings=self.decay_embeddings,
             max_grad_norm=self.max_grad_norm,
+            b1=self.adam_b1,
+            b2=self.adam_b2,
+            eps=self.adam_eps,
         )
