@@ -5,8 +5,9 @@
 
 Prints one JSON object: tokens/s of a full AdamW step (forward, backward, update) on each side (medians of
 --repeats steps after warm-up), their ratio, neo_jax's first-step (compile) time, and model FLOPs
-utilisation: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token, over the machine's peak
-measured as the best rate of a large matmul in the same dtype. The reference runs on CUDA when PyTorch sees a
+utilisation as ``neo-jax train`` reports it: ``neo_jax.plan.train_flops`` (6 x matmul parameters + 12 x layers x
+hidden x seq FLOPs per token) over ``neo_jax.plan.peak_flops`` (a TPU's published peak, elsewhere the best rate
+of a large matmul in the same dtype). The reference runs on CUDA when PyTorch sees a
 GPU, with bfloat16 autocast for --dtype bfloat16 (float32 weights and AdamW state on both sides).
 With --lora-rank both sides train LoRA adapters only (alpha 2R): neo_jax.lora against PEFT, and the MFU
 line is left out (the frozen weights get no gradient, so 6 x parameters is not the work done).
@@ -25,16 +26,8 @@ import torch
 from common import median_seconds, same_weights
 
 from neo_jax.config import DTYPES, REMAT
+from neo_jax.plan import peak_flops, train_flops
 from neo_jax.train import make_optimizer, train_step
-
-
-def peak_flops(dtype) -> float:
-    """FLOP/s of a large jitted matmul: what this device reaches at best."""
-    n = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    return 2 * n**3 / min(median_seconds(lambda: matmul(a).block_until_ready(), 3) for _ in range(3))
 
 
 def main() -> None:
@@ -75,8 +68,6 @@ def main() -> None:
     ours_s = median_seconds(ours, args.repeats)
 
     tokens = args.batch * args.seq
-    n_params = model.config.num_params()
-    flops_per_token = 6 * n_params + 12 * config.num_layers * config.hidden_size * args.seq
     result = {
         "benchmark": "train",
         "config": args.config,
@@ -91,7 +82,8 @@ def main() -> None:
         "neo_jax_first_step_s": round(first_step, 2),
     }
     if not args.lora_rank:
-        result["mfu"] = round(flops_per_token * tokens / ours_s / peak_flops(jnp.dtype(args.dtype)), 3)
+        flops = train_flops(model.config, args.batch, args.seq)[0]  # as neo-jax train's mfu
+        result["mfu"] = round(flops / ours_s / peak_flops(jax.devices()[:1], args.dtype), 3)
     if not args.skip_transformers:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         reference.to(device).train()

@@ -165,7 +165,7 @@ def peak_flops(devices, dtype: str = "bfloat16") -> float:
 def _measured_peak(platform: str, dtype: str) -> float:
     import jax
 
-    n = 1024 if platform == "cpu" else 8192
+    n = 2048 if platform == "cpu" else 8192
     device = jax.devices(platform)[0]
     a = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul = jax.jit(lambda a: a @ a)

@@ -100,6 +100,9 @@ class FinetuneConfig:
                 raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(values, dict):
                 raise ValueError(f"{path} must hold a mapping of settings, not {type(values).__name__}")
+            model = values.get("model")
+            if isinstance(model, str) and not Path(model).is_absolute() and (path.parent / model).exists():
+                values["model"] = str((path.parent / model).absolute())  # a config beside the YAML file
         given = {key: value for key, value in overrides.items() if value is not None}
         from_file = set(values) - set(given)
         values = {key: value for key, value in (values | given).items() if value is not None}

@@ -254,3 +254,13 @@ def test_two_processes_read_disjoint_rows_of_one_process_batches(prepared, tmp_p
         covered = sorted(i for a, b in mine | theirs for i in range(a, b))
         assert covered == list(range(8))
         np.testing.assert_array_equal(np.load(tmp_path / f"batch-{step}.npy"), batches.batch(step))
+
+
+def test_the_pretraining_config_carries_gpt_neo_s_optimizer_and_finds_its_model_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the model config is found beside the YAML, wherever the run starts
+    run = FinetuneConfig.load(ROOT / "configs" / "pretrain-125M.yaml", data=["DATA"], output="out")
+    assert run.model == str(ROOT / "configs" / "gpt-neo-125M.json")
+    assert GPTNeoConfig.from_json_file(run.model) == GPTNeoConfig.preset("125M")
+    optimizer = run.optimizer()
+    assert (optimizer.b1, optimizer.b2, optimizer.eps, optimizer.weight_decay) == (0.9, 0.95, 1e-8, 0.1)
+    assert optimizer.warmup_steps == 3000 and run.seq_len == 2048 and run.topology in ("v4-8", "v5e-8")

@@ -73,3 +73,26 @@ def test_delete():
 def test_bad_flags_are_clear_errors(script, args, message):
     rc, commands, err = dry_run(script, *args)
     assert rc == 2 and commands == [] and message in err
+
+
+def test_mount_puts_a_bucket_on_every_worker_read_only():
+    rc, commands, _ = dry_run("mount.sh", *COMMON, "--bucket", "gs://my-corpus/", "--only-dir", "data v1")
+    assert rc == 0
+    (ssh,) = commands
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "neo"] and "--worker=all" in ssh
+    remote = ssh[-1].removeprefix("--command=")
+    assert "mountpoint -q /mnt/my-corpus ||" in remote  # mounting twice is harmless
+    assert shlex.split(remote.split("|| gcsfuse", 1)[1].rstrip("; }"))[-5:] == [
+        "ro",
+        "--only-dir",
+        "data v1",
+        "my-corpus",
+        "/mnt/my-corpus",
+    ]
+    rc, commands, _ = dry_run("mount.sh", *COMMON, "--bucket", "b", "--mount-point", "/data", "--read-write")
+    assert "-o ro" not in commands[0][-1] and "gcsfuse --implicit-dirs  b /data" in commands[0][-1]
+    rc, commands, _ = dry_run("mount.sh", *COMMON, "--bucket", "b", "--unmount")
+    assert "fusermount -u /mnt/b" in commands[0][-1]
+    for flags, message in [([], "--bucket is required"), (["--bucket", "Bad/Name"], "is not a bucket name")]:
+        rc, commands, err = dry_run("mount.sh", *COMMON, *flags)
+        assert rc == 2 and message in err and not commands

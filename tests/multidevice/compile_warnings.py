@@ -37,7 +37,11 @@ def cases():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         run = yaml.safe_load(path.read_text())
         model = run["model"]
-        config = resolve_config(ROOT / model) if model.endswith(".json") else GPTNeoConfig.preset(model.split("-")[-1])
+        config = (
+            resolve_config(path.parent / model)
+            if model.endswith(".json")
+            else GPTNeoConfig.preset(model.rsplit("-", 1)[1])
+        )
         sizes = plan.slice_mesh_sizes(run["topology"], parse_mesh(run["mesh"]) if run.get("mesh") else None)
         settings = dict(batch=run["batch_size"], seq=run["seq_len"], remat=run["remat"], grad_accum=run["grad_accum"])
         yield path.name, two_layers(config), sizes, settings | {"dtype": jnp.dtype(run["dtype"])}
