@@ -557,13 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-proc", type=int, help="encoding processes (default: every core)")
     d.add_argument("--shard", help="I/N: prepare part I (from 0) of N, every N-th document; DIR can hold all parts")
     held_out = d.add_mutually_exclusive_group()
-    held_out.add_argument("--validation-docs", type=int, help="hold out the first K documents for validation")
+    held_out.add_argument(
+        "--validation-docs", type=int, help="hold out the first K documents (of each --shard part) for validation"
+    )
     held_out.add_argument(
         "--validation-fraction", type=float, help="hold out this share of documents, spread evenly (default: none)"
     )
     d.add_argument("--text-field", default="text", help="JSONL/dataset field holding the text")
     d.add_argument("--split", default="train", help="dataset split")
-    d.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
+    d.add_argument("--overwrite", action="store_true", help="replace what DIR holds (with --shard: this part's files)")
     d.set_defaults(run=data_prepare, command="data prepare")
 
     p = commands.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks")

@@ -567,6 +567,8 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
             if config.lora_base == "int8":  # merge into the float base, as the adapters' users will
                 model = from_pretrained(output, dtype=config.dtype, param_dtype=config.dtype, progress=progress)
             merge(model)
+        elif scratch:  # read back from the run directory, whose tokenizer files the export then carries
+            model = from_pretrained(output, dtype=config.dtype, progress=progress)
         save_pretrained(model, config.export_hf, format="hf", progress=progress)
         distributed.log(f"exported the model for transformers to {config.export_hf}")
     return record | {"stopped": stopped}

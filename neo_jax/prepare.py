@@ -196,7 +196,7 @@ def prepare(
     with ``tokenizer`` (a hub id or a directory with tokenizer files) into ``output``; returns it. Everything is
     checked before anything is written; the same call on an interrupted ``output`` continues it."""
     index, count = parse_part(shard)
-    num_proc = os.cpu_count() or 1 if num_proc is None else num_proc
+    num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
     validate.integer("--num-proc", num_proc, least=1)
     validate.integer("--validation-docs", validation_docs, least=0)
     validate.real("--validation-fraction", validation_fraction)
@@ -228,13 +228,17 @@ def prepare(
     state = _check_output(out, overwrite, state_path, part_manifest, settings, described)
 
     created = not out.exists()
-    if overwrite and out.exists() and state is None:
-        shutil.rmtree(out)
+    if overwrite and out.exists():
+        if count == 1:
+            shutil.rmtree(out)
+        else:  # this part's files only (and the union, which no longer holds): the other parts stay
+            for path in [*out.glob(f"{prefix}*"), *out.glob(f".{prefix}*"), out / MANIFEST]:
+                path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f".{prefix}*.tmp"):  # a killed run's shards in progress
+        leftover.unlink()
     if state is None:
         tok.save_pretrained(out)
-        for leftover in out.glob(f".{prefix}*.tmp"):
-            leftover.unlink()
         state = {"settings": settings, "sources": described, "documents_done": 0, "shards": []}
         _write_json(state_path, state)
     try:

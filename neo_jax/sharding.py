@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    "lookup_batch": ("data",),  # embedding rows fresh from the lookup, split along embed over fsdp (model._lookup)
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "mlp": ("tensor",),

@@ -152,7 +152,9 @@ def compiled_train_step(
     else:
         if input_ids.shape[0] % grad_accum:
             raise ValueError(f"batch {input_ids.shape[0]} does not split into {grad_accum} micro-batches")
-        micro = lambda x: x.reshape(grad_accum, -1, *x.shape[1:])
+        # micro-batch k is rows k, k + grad_accum, ...: every device holds its share of each (contiguous rows
+        # would put a micro-batch on a fraction of the devices, replicated there)
+        micro = lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1)
         rngs = None if rng is None else jax.random.split(rng, grad_accum)
 
         def accumulate(carry, batch):

@@ -160,6 +160,7 @@ def test_a_tiny_gpt_neo_pretrained_from_scratch_learns_english(prepared, tmp_pat
         eval_every=50,
         save_every=50,
         dtype="float32",
+        export_hf=str(tmp_path / "exported"),
         **SETTINGS,
     )
     result = finetune(run, progress=False)
@@ -183,6 +184,11 @@ def test_a_tiny_gpt_neo_pretrained_from_scratch_learns_english(prepared, tmp_pat
     assert isinstance(text("We hold these truths", max_new_tokens=8)[0], str)
     assert neo_jax.cli.main(["convert", str(output), str(tmp_path / "hf"), "--to", "hf"]) == 0
     exported = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    for directory in (tmp_path / "hf", tmp_path / "exported"):  # both carry the prepared data's tokenizer
+        assert (
+            transformers.AutoTokenizer.from_pretrained(directory)("We hold")["input_ids"]
+            == text.tokenizer("We hold")["input_ids"]
+        )
     ids = np.random.default_rng(0).integers(0, 257, (2, 40))
     with torch.no_grad():
         expected = exported(torch.as_tensor(ids)).logits.numpy()
