@@ -333,6 +333,11 @@ class Batches:
     def __init__(self, data: TokenData, *, seq_len: int, batch_size: int, seed: int = 0):
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
         self.windows = data.train.tokens // seq_len
+        if self.windows == 0:
+            raise ValueError(
+                f"the training split of {data.directory} holds {data.train.tokens} tokens, fewer than {seq_len} "
+                "tokens: not one window of --seq-len; add text, or lower --seq-len"
+            )
         if self.windows < batch_size:
             raise ValueError(
                 f"the training split of {data.directory} holds {data.train.tokens} tokens, {self.windows} windows of "

@@ -455,6 +455,10 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
             progress=progress,
             adapter=config.adapter,
         )
+    if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
+        from neo_jax.lora import add
+
+        add(model, new_adapters, seed=config.seed)
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))

@@ -147,7 +147,7 @@ def test_parameters_carry_logical_axis_names():
 
 def test_random_init_matches_transformers_init_statistics():
     config = GPTNeoConfig(**SMALL)
-    model = neo_jax.init_model(config, seed=3)
+    model = neo_jax.init_model(config, seed=3, init="hf")
     q = np.asarray(model.periods[0].attn.q_proj.kernel[...])
     assert q.shape == (2, 64, 64) and abs(q.std() - config.initializer_range) < 0.003
     np.testing.assert_array_equal(np.asarray(model.ln_f.scale[...]), 1.0)
