@@ -143,8 +143,9 @@ def loader_throughput(directory: Path, skip_125m: bool) -> dict:
     return out
 
 
-def run_start(command: list[str], output: Path, env: dict) -> dict:
-    """Peak RSS, time to the first step's metrics line, and the loader's wait over step time, of one run."""
+def run_start(command: list[str], output: Path, env: dict, cwd: Path = ROOT) -> dict:
+    """Peak RSS, time to the first step's metrics line, and the loader's wait over step time, of one run
+    (``python -m neo_jax.cli`` imports the package of ``cwd``)."""
     probe = (
         "import resource, subprocess, sys, time, pathlib, json\n"
         "began = time.perf_counter(); p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
@@ -160,7 +161,7 @@ def run_start(command: list[str], output: Path, env: dict) -> dict:
         capture_output=True,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         check=False,
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -175,33 +176,25 @@ def run_start(command: list[str], output: Path, env: dict) -> dict:
     }
 
 
+def train_command(model: Path, data: Path, output: Path) -> list[str]:
+    """A short ``neo-jax train`` run: 6 steps of 8 x 512 tokens, float32, no checkpoint until the end."""
+    settings = ["--steps", "6", "--batch-size", "8", "--seq-len", "512", "--dtype", "float32", "--save-every", "1000"]
+    command = ["train", "--model", str(model), "--data", str(data), "--output", str(output), *settings]
+    return [sys.executable, "-m", "neo_jax.cli", *command]
+
+
 def start_costs(corpora: dict, tokenizer: Path, work: Path, old_commit: str | None) -> dict:
     from neo_jax import prepare
 
     config = work / "small.json"
     config.write_text(json.dumps(SMALL_MODEL))
-    settings = ["--steps", "6", "--batch-size", "8", "--seq-len", "512", "--dtype", "float32", "--save-every", "1000"]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     out = {}
     for name, corpus in corpora.items():
         prepared = work / f"prepared-{name}"
         prepare.prepare([str(corpus)], prepared, tokenizer, num_proc=2, progress=False)
         output = work / f"run-{name}"
-        command = [
-            sys.executable,
-            "-m",
-            "neo_jax.cli",
-            "train",
-            "--model",
-            str(config),
-            "--data",
-            str(prepared),
-            "--output",
-            str(output),
-            *settings,
-            "--compilation-cache",
-            "none",
-        ]
+        command = train_command(config, prepared, output)
         out[f"prepared_{name}"] = run_start(command, output, env)
     if old_commit:
         import torch
@@ -221,22 +214,8 @@ def start_costs(corpora: dict, tokenizer: Path, work: Path, old_commit: str | No
         try:
             for name, corpus in corpora.items():
                 output = work / f"old-run-{name}"
-                command = [
-                    sys.executable,
-                    "-m",
-                    "neo_jax.cli",
-                    "train",
-                    "--model",
-                    str(model),
-                    "--data",
-                    str(corpus),
-                    "--output",
-                    str(output),
-                    *settings,
-                    "--validation-fraction",
-                    "0",
-                ]
-                out[f"old_raw_{name}"] = run_start(command, output, os.environ | {"PYTHONPATH": str(old)})
+                command = [*train_command(model, corpus, output), "--validation-fraction", "0"]
+                out[f"old_raw_{name}"] = run_start(command, output, os.environ | {"PYTHONPATH": str(old)}, cwd=old)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
     small, large = out["prepared_small"], out["prepared_large"]

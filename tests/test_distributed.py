@@ -33,18 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    config = transformers.GPTNeoConfig(**{**SMALL, "window_size": 8})
-    torch.manual_seed(0)
-    transformers.GPTNeoForCausalLM(config).save_pretrained(tmp_path / "hf")
-    ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
-    np.save(tmp_path / "ids.npy", ids)
-
+def run_two_processes(worker: Path, *args) -> None:
+    """``python WORKER PROCESS_ID PORT ARGS...`` as processes 0 and 1 of one JAX run on this machine (each with
+    the CPU devices the worker sets); both must exit 0, and neither is left behind."""
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
     workers = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), port, str(tmp_path / "hf"), str(tmp_path)],
+            [sys.executable, str(worker), str(i), port, *map(str, args)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -61,6 +57,16 @@ def test_two_processes_match_one(tmp_path):
                 w.kill()
                 w.wait()
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+
+def test_two_processes_match_one(tmp_path):
+    config = transformers.GPTNeoConfig(**{**SMALL, "window_size": 8})
+    torch.manual_seed(0)
+    transformers.GPTNeoForCausalLM(config).save_pretrained(tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+
+    run_two_processes(WORKER, tmp_path / "hf", tmp_path)
 
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["devices"] == 8

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -26,21 +23,18 @@ from neo_jax import data, prepare
 from neo_jax.config import GPTNeoConfig
 from neo_jax.finetune import FinetuneConfig, finetune
 from neo_jax.model import gpt_neo_stds, init_model
-from tests.test_distributed import free_port
+from tests.conftest import SMALL
+from tests.test_distributed import run_two_processes
 from tests.test_finetune import launch, metrics, wait_for
 
 ROOT = Path(__file__).parents[1]
 ENGLISH = sorted((ROOT / "tests" / "fixtures" / "english").glob("*.txt"))
-TINY = dict(
+TINY = SMALL | dict(  # the tests' small GPT-Neo, byte-level, with one layer period
     vocab_size=257,
-    hidden_size=64,
     num_layers=2,
-    num_heads=4,
     attention_types=[[["global", "local"], 1]],
     window_size=32,
     max_position_embeddings=128,
-    bos_token_id=0,
-    eos_token_id=0,
 )
 
 
@@ -231,27 +225,7 @@ def test_sigterm_on_prepared_data_resumes_exactly(prepared, tmp_path):
 
 def test_two_processes_read_disjoint_rows_of_one_process_batches(prepared, tmp_path):
     directory, _ = prepared
-    port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
-    worker = ROOT / "tests" / "multidevice" / "data_worker.py"
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(i), port, str(directory), str(tmp_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [w.communicate(timeout=300)[0] for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    assert all(w.returncode == 0 for w in workers), outputs
+    run_two_processes(ROOT / "tests" / "multidevice" / "data_worker.py", directory, tmp_path)
     batches = data.Batches(data.TokenData(directory), seq_len=16, batch_size=8, seed=1)
     read = [json.loads((tmp_path / f"rows-{i}.json").read_text()) for i in range(2)]
     for step in (3, 4, 5):
