@@ -159,14 +159,14 @@ def _check_data(config: FinetuneConfig, model_config) -> None:
 
     directory = prepared_directory(config)
     if directory is None:
-        sources = expand_paths(config.data)
+        if any(is_prepared(pattern) for pattern in config.data):
+            raise ValueError("a prepared data directory is read alone: pass it as the only --data")
+        expand_paths(config.data)
         if is_config_only(config.model) and not _has_tokenizer(config.model):
             raise ValueError(
                 f"{config.model} is a config without a tokenizer to read raw text with: prepare the data first "
                 "(neo-jax data prepare FILES... --tokenizer SRC --output DIR) and pass --data DIR"
             )
-        if any(is_prepared(s) for s in sources if isinstance(s, Path) and s.is_dir()):
-            raise ValueError("a prepared data directory is read alone: pass it as the only --data")
         return
     data = TokenData(directory)
     tokenizer = load_tokenizer(resolve(config.model)) if _has_tokenizer(config.model) else None

@@ -270,6 +270,8 @@ def test_bad_data_is_one_line_exit_2_and_changes_nothing(tmp_path, tokenizer_dir
         (train, dict(data=good, model=small / "config.json"), "vocabulary of 50257 tokens, more than the model's 320"),
         (train + ["--seq-len", "4096"], dict(data=good, model=gpt2_vocab), "beyond the model's 256 positions"),
         (train + ["--batch-size", "512"], dict(data=good, model=gpt2_vocab), "fewer than one batch of 512"),
+        (train[:3] + [sources[0]] + train[3:], dict(data=good, model=gpt2_vocab), "is read alone"),
+        (train, dict(data=sources[0], model=gpt2_vocab), "a config without a tokenizer to read raw text with"),
         (
             [
                 "data",
