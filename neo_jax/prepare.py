@@ -243,6 +243,9 @@ def prepare(
         _write_json(state_path, state)
     try:
         _run(out, prefix, index, count, state, state_path, dtype, tok.eos_token_id, num_proc, sources, progress)
+        if not state["shards"]:
+            part = f" (part {shard}: fewer documents than parts?)" if count > 1 else ""
+            raise ValueError(f"the sources hold no documents to prepare{part}: check the files and --text-field")
     except BaseException:
         if created and not state["shards"]:  # nothing complete yet: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
