@@ -229,7 +229,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     [
         ({"data": ["{tmp}/nowhere/*.txt"]}, "no data file matches"),
         ({"data": ["{tmp}/empty.txt"]}, "fewer than 64 tokens"),
-        ({"data": ["{tmp}/empty.jsonl"]}, "fewer than 64 tokens"),
+        ({"data": ["{tmp}/empty.jsonl"]}, "the sources hold no documents"),
         ({"seq_len": 4096}, "seq_len 4096 is beyond the model's 256 positions"),
         ({"grad_accum": 3}, "does not split into grad_accum=3"),
         ({"mesh": "2,1,1"}, "needs 2 devices, but 1 are available"),
