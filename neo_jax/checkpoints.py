@@ -8,13 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from neo_jax.distributed import barrier
@@ -57,15 +60,24 @@ def load_orbax(directory: Path, state, placement):
 
 
 def holds_int8(directory: Path) -> bool:
-    """Whether the Orbax parameters in ``directory`` are int8 weights (``neo_jax.quantize``): they carry the
-    token embedding's scales."""
+    """Whether the Orbax parameters in ``directory`` are int8 weights (``neo_jax.quantize``): some array is
+    int8, or the token embedding's scales are there (a damaged directory with one but not the other is then
+    refused by the load's check, rather than read as float weights)."""
     with _orbax_checkpointer() as checkpointer:
-        return "wte_scale" in checkpointer.metadata(directory.absolute()).item_metadata.tree
+        tree = checkpointer.metadata(directory.absolute()).item_metadata.tree
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: hasattr(x, "dtype"))
+    return "wte_scale" in tree or any(_kind(leaf.dtype) == "int8" for leaf in leaves)
+
+
+def _kind(dtype) -> str:
+    return "int8" if np.issubdtype(np.dtype(dtype), np.integer) else "floating point"
 
 
 def _check_orbax_shapes(directory: Path, saved, target) -> None:
-    """Every array the config needs is in the checkpoint with the config's shape, and nothing else is: a
-    ``config.json`` that does not describe its parameters is an error naming the first array that differs."""
+    """Every array the config needs is in the checkpoint with the config's shape and the same kind of dtype
+    (int8 where int8 weights are, floating point elsewhere), and nothing else is: a ``config.json`` that does
+    not describe its parameters, or int8 weights that lost their scales, is an error naming the first array
+    that differs."""
     flat = lambda tree: {
         ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -83,10 +95,15 @@ def _check_orbax_shapes(directory: Path, saved, target) -> None:
                     f"{name} is {tuple(saved[name].shape)} in the checkpoint, the config needs {tuple(array.shape)}"
                 )
                 break
+            if _kind(saved[name].dtype) != _kind(array.dtype):
+                problem = (
+                    f"{name} is {np.dtype(saved[name].dtype)} in the checkpoint, where {_kind(array.dtype)} belongs"
+                )
+                break
     if problem:
         raise ValueError(
             f"{directory.parent / 'config.json'} does not match the parameters in {directory}: {problem}; "
-            "restore the config.json that was saved with them"
+            "restore the files that were saved together (or save the model again)"
         )
 
 
@@ -160,10 +177,30 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done, then raise it: Orbax writes from background threads that a
+    KeyboardInterrupt in the main thread does not stop, so removing its temporary directory at once would
+    race them (and they print tracebacks as the interpreter exits). Outside the main thread, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)  # the previous handler's turn: a KeyboardInterrupt, as a rule
+
+
 def save_orbax(model: GPTNeo, directory: Path) -> None:
+    """Write the parameters into ``directory`` with Orbax; a Ctrl-C meanwhile takes effect when the write is
+    done (and the atomic directory around it then removes it)."""
     import orbax.checkpoint as ocp
 
-    with _orbax_checkpointer() as checkpointer:
+    with _ctrl_c_after(), _orbax_checkpointer() as checkpointer:
         checkpointer.save(directory, args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from neo_jax.attention import check_implementation
@@ -27,6 +28,7 @@ from neo_jax.config import GPTNeoConfig
 from neo_jax.hf import (
     HFCheckpoint,
     copy_companion_files,
+    has_nonfinite,
     load_hf,
     resolve,
     save_safetensors,
@@ -97,7 +99,9 @@ def from_pretrained(
         )
         lora.add(model, settings)
         placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
-        nnx.update(model, load_orbax(latest_trained_params(directory), nnx.state(model, lora.LoRAParam), placement))
+        adapters = load_orbax(latest_trained_params(directory), nnx.state(model, lora.LoRAParam), placement)
+        check_finite(adapters, directory)
+        nnx.update(model, adapters)
         _SOURCES[model] = directory
         return model
     config = GPTNeoConfig.from_json_file(directory / "config.json")
@@ -117,8 +121,10 @@ def from_pretrained(
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     if (directory / ORBAX_DIR).is_dir():
         state = load_orbax(directory / ORBAX_DIR, state, placement)
+        check_finite(state, directory)
     elif (directory / TRAINING_DIR).is_dir():
         state = load_orbax(latest_trained_params(directory), state, placement)
+        check_finite(state, directory)
     else:
         state = load_hf(config, HFCheckpoint(directory), state, param_dtype, placement, progress)
     model = nnx.merge(graphdef, state)
@@ -128,6 +134,20 @@ def from_pretrained(
     if weights == "int8" and not stored_int8:
         to_int8(model)
     return model
+
+
+def check_finite(state, directory: Path) -> None:
+    """A ValueError naming the first parameter that holds NaN or an infinity, read shard by shard from where
+    the weights are (``hf.has_nonfinite``: one pass, no program to compile). Hugging Face weights are checked
+    as they are read (``HFCheckpoint.load``)."""
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value()
+        parts = [shard.data for shard in value.addressable_shards] if isinstance(value, jax.Array) else [value]
+        if any(has_nonfinite(np.asarray(part)) for part in parts):
+            raise ValueError(
+                f"{directory}: {'.'.join(map(str, path))} holds NaN or infinite values; the weights are damaged "
+                "(or a training run diverged): restore them from a good copy"
+            )
 
 
 def trained_lora(directory: Path):

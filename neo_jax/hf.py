@@ -153,17 +153,24 @@ class HFCheckpoint:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}); re-download it") from None
 
     def load(self, name: str) -> np.ndarray:
-        """One tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
+        """One tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes), checked to hold only
+        finite values as it is read."""
         stored = self.renamed[name]
         if self.kind == "safetensors":
             with self._open_safetensors(self.files[stored]) as f:
-                return f.get_tensor(stored)
-        tensor = self.tensors[stored]
-        if str(tensor.dtype) == "torch.bfloat16":
+                tensor = f.get_tensor(stored)
+        elif str(self.tensors[stored].dtype) == "torch.bfloat16":
             import torch
 
-            return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
-        return tensor.numpy()
+            tensor = self.tensors[stored].view(torch.int16).numpy().view(jnp.bfloat16)
+        else:
+            tensor = self.tensors[stored].numpy()
+        if has_nonfinite(tensor):
+            raise ValueError(
+                f"{name} in {self.directory} holds NaN or infinite values; the weights are damaged: re-download "
+                "or re-export them"
+            )
+        return tensor
 
 
 def _weight_files(directory: Path, index_name: str, single_name: str) -> list[str]:
@@ -290,6 +297,21 @@ def load_tokenizer(directory: str | os.PathLike):
     if not tokenizer("hello")["input_ids"]:  # transformers builds an empty one from config.json without files
         raise ValueError(f"no tokenizer files in {directory}: save the model's tokenizer there, or pass tokenizer=...")
     return tokenizer
+
+
+# 16-bit floats: (unsigned view, exponent bits); all exponent bits set is an infinity or NaN.
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(jnp.bfloat16): (np.uint16, 0x7F80)}
+
+
+def has_nonfinite(tensor: np.ndarray) -> bool:
+    """Whether a float tensor holds NaN or an infinity, in one pass: float32/64 by their sum (finite values
+    that sum past the range are looked at again), 16-bit floats by their exponent bits."""
+    if tensor.dtype in (np.float32, np.float64):
+        return not np.isfinite(np.add.reduce(tensor, axis=None)) and not np.isfinite(tensor).all()
+    if tensor.dtype in _EXPONENT_BITS:
+        view, exponent = _EXPONENT_BITS[tensor.dtype]
+        return bool(((tensor.view(view) & exponent) == exponent).any())
+    return False
 
 
 def load_hf(config, checkpoint: HFCheckpoint, state, param_dtype, placement, progress: bool):
