@@ -196,12 +196,17 @@ _HARMLESS = {
 
 
 def read_config(directory: str | os.PathLike) -> LoRAConfig:
-    """The ``LoRAConfig`` of a PEFT adapter directory; a PEFT setting that neo_jax does not implement is a
-    ValueError naming it."""
+    """The ``LoRAConfig`` of a PEFT adapter directory; a PEFT setting that neo_jax does not implement, or a
+    malformed file, is a one-line ValueError naming the file."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"{directory} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of LoRA settings, not {type(data).__name__}")
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {data['peft_type']!r} is not supported; neo_jax reads LORA adapters")
     for key, value in data.items():
@@ -218,26 +223,67 @@ def read_config(directory: str | os.PathLike) -> LoRAConfig:
         targets = list(TARGETS)
     if isinstance(targets, str):
         raise ValueError(f"{path}: target_modules as a pattern ({targets!r}) is not supported; list module names")
-    return LoRAConfig(
-        r=data.get("r", 8),
-        alpha=data.get("lora_alpha", 8),
-        dropout=data.get("lora_dropout", 0.0),
-        targets=tuple(targets),
-        use_rslora=bool(data.get("use_rslora", False)),
-    )
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{path}: target_modules must be a list of module names, got {targets!r}")
+    use_rslora = data.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"{path}: use_rslora must be true or false, got {use_rslora!r}")
+    try:
+        return LoRAConfig(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            dropout=data.get("lora_dropout", 0.0),
+            targets=tuple(targets),
+            use_rslora=use_rslora,
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
-def check_adapter(directory: str | os.PathLike, config: GPTNeoConfig) -> LoRAConfig:
-    """Read a PEFT adapter's settings and check that its tensors fit a model of ``config`` (names and shapes,
-    from the safetensors header alone), before any weights load."""
-    from safetensors import safe_open
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names
+LARGEST = 65504.0  # float16's largest value: no trained adapter holds anything near it
 
-    lora = read_config(directory)
+
+def _open_weights(directory: str | os.PathLike):
+    """The adapter's safetensors file, opened (safetensors checks its header against the file's size)."""
+    from safetensors import SafetensorError, safe_open
+
     weights = Path(directory) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{directory} has no {ADAPTER_WEIGHTS} (adapters saved as .bin are not read)")
-    with safe_open(weights, "np") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    try:
+        return safe_open(weights, "np")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); re-save the adapter") from None
+
+
+def check_adapter(directory: str | os.PathLike, config: GPTNeoConfig, *, tensors: bool = False):
+    """Read a PEFT adapter's settings and check that its tensors fit a model of ``config`` (names, shapes and
+    floating-point dtypes, from the safetensors header) and hold sound values (finite, within ±``LARGEST``),
+    before any weights of the base load: adapters are small. Returns the ``LoRAConfig``, and with
+    ``tensors`` also the tensors by name (float32)."""
+    lora = read_config(directory)
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    with _open_weights(directory) as f:
+        header = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+        shapes = {name: tuple(part.get_shape()) for name, part in header.items()}
+        dtypes = {name: part.get_dtype() for name, part in header.items()}
+        _check_names_and_shapes(directory, config, lora, shapes, dtypes)
+        values = {}
+        for name in shapes:
+            value = f.get_tensor(name).astype(np.float32)
+            if not np.isfinite(value).all() or np.abs(value).max(initial=0) > LARGEST:
+                worst = value.flat[np.argmax(np.where(np.isnan(value), np.inf, np.abs(value)))]
+                raise ValueError(
+                    f"{weights}: {name} holds {worst:g}; adapter weights must be finite and within ±{LARGEST:g}: "
+                    "the adapter is damaged (or diverged in training)"
+                )
+            values[name] = value
+    return (lora, values) if tensors else lora
+
+
+def _check_names_and_shapes(directory, config: GPTNeoConfig, lora: LoRAConfig, shapes: dict, dtypes: dict) -> None:
+    weights = Path(directory) / ADAPTER_WEIGHTS
     expected = _shapes(config, lora)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -251,7 +297,8 @@ def check_adapter(directory: str | os.PathLike, config: GPTNeoConfig) -> LoRACon
                 f"{directory}: {name} has shape {shapes[name]} but this base model needs {shape}: "
                 "the adapter was trained for another base model"
             )
-    return lora
+        if dtypes[name] not in FLOAT_DTYPES:
+            raise ValueError(f"{weights}: {name} is {dtypes[name]}; adapter weights are floating point")
 
 
 def _shapes(config: GPTNeoConfig, lora: LoRAConfig) -> dict[str, tuple[int, ...]]:
@@ -267,20 +314,17 @@ def _shapes(config: GPTNeoConfig, lora: LoRAConfig) -> dict[str, tuple[int, ...]
 
 def load(model, directory: str | os.PathLike):
     """Add the adapters of a PEFT directory to ``model`` (in place) and return it."""
-    from safetensors import safe_open
-
-    lora = check_adapter(directory, model.config)
+    lora, tensors = check_adapter(directory, model.config, tensors=True)
     add(model, lora)
     period = len(model.config.layer_period)
-    with safe_open(Path(directory) / ADAPTER_WEIGHTS, "np") as f:
-        for slot, dense_of in enumerate(model.periods):
-            for target in lora.targets:
-                dense = getattr(getattr(dense_of, TARGETS[target][0]), TARGETS[target][1])
-                stems = _names(model.config, target)[slot::period]
-                for param, which in ((dense.lora.a, "lora_A"), (dense.lora.b, "lora_B")):
-                    stacked = np.stack([f.get_tensor(f"{stem}.{which}.weight").astype(np.float32) for stem in stems])
-                    old = param.get_value()
-                    param.set_value(jax.device_put(stacked, getattr(old, "sharding", None)))
+    for slot, dense_of in enumerate(model.periods):
+        for target in lora.targets:
+            dense = getattr(getattr(dense_of, TARGETS[target][0]), TARGETS[target][1])
+            stems = _names(model.config, target)[slot::period]
+            for param, which in ((dense.lora.a, "lora_A"), (dense.lora.b, "lora_B")):
+                stacked = np.stack([tensors[f"{stem}.{which}.weight"] for stem in stems])
+                old = param.get_value()
+                param.set_value(jax.device_put(stacked, getattr(old, "sharding", None)))
     return model
 
 
