@@ -16,7 +16,7 @@ from flax import nnx
 
 from neo_jax import sharding, validate
 from neo_jax.generation.cache import KVCache, cache_bucket, decode_step, prefill
-from neo_jax.generation.sampling import SamplingParams, check_beams
+from neo_jax.generation.sampling import SamplingParams, check_beams, seed_key
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
 
@@ -211,7 +211,7 @@ def stream(
     Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
     """
     params = SamplingParams.of(**sampling, vocab_size=model.config.vocab_size)
-    validate.integer("seed", seed)
+    key = seed_key(seed)
     if chunk_size is not None:
         validate.integer("chunk_size", chunk_size, least=1)
     request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
@@ -237,7 +237,7 @@ def stream(
             jnp.asarray(request.attention_mask),
             jnp.asarray(seen),
             params,
-            jax.random.key(seed),
+            key,
             eos,
             pad,
             max_len=max_len,

@@ -7,16 +7,39 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neo_jax import validate
 
 NEG_INF = -jnp.inf
+FLOAT32_MAX, FLOAT32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a seed in [-2**63, 2**64), all 64 bits of it: ``jax.random.key(seed)`` keeps only the
+    low 32 bits unless 64-bit mode is on, so seeds 5 and 2**32 + 5 would draw the same samples. Equal to
+    ``jax.random.key(seed)`` for seeds in [0, 2**31)."""
+    validate.integer("seed", seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    seed %= 2**64
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
 
 
 # Small pure functions on float32 logits [batch, vocab], in the order transformers applies them.
 def repetition_penalty(logits, seen, penalty):
-    """Divide positive (multiply negative) logits of tokens already in the sequence by ``penalty``."""
-    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+    """Divide positive (multiply negative) logits of tokens already in the sequence by ``penalty``; kept
+    finite (a tiny penalty would send a logit to infinity)."""
+    penalized = jnp.clip(jnp.where(logits < 0, logits * penalty, logits / penalty), -FLOAT32_MAX, FLOAT32_MAX)
+    return jnp.where(seen, penalized, logits)
+
+
+def temperature(logits, t):
+    """``logits / t``, finite for every accepted ``t`` > 0: the logits are first shifted so that the largest
+    is 0 (softmax, and so sampling, is unchanged), and ``t`` is taken as at least float32's smallest normal
+    number. A tiny temperature then gives the most likely token (a tie is sampled between its tokens) where a
+    plain division would overflow to ``inf - inf`` and sample garbage."""
+    return (logits - logits.max(axis=-1, keepdims=True)) / jnp.maximum(t, FLOAT32_TINY)
 
 
 def top_k(logits, k):
@@ -111,7 +134,7 @@ class SamplingParams:
         if self.use_repetition_penalty:
             logits = repetition_penalty(logits, seen, self.repetition_penalty)
         if self.do_sample:
-            logits = logits / self.temperature
+            logits = temperature(logits, self.temperature)
             if self.top_k:
                 logits = top_k(logits, self.top_k)
             if self.use_top_p:
