@@ -1,9 +1,13 @@
 """The OpenAI-compatible HTTP layer over ``Engine``: ``/v1/completions`` (streamed as server-sent events or
 not), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus) and the playground page at ``/``.
 
-Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request,
-401 for a missing or wrong API key, 404 for an unknown model or path, 413 for an oversized body, 429 when
-the queue is full, 503 while draining.
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
+(naming the field), 401 for a missing or wrong API key, 404 for an unknown model or path, 408 for a body
+that does not arrive in time, 413 for an oversized body, 429 when the queue is full, 503 while draining,
+and 500 (logged, with no traceback in the body) for anything unexpected.
+
+Prompts are tokenized in worker threads, never on the event loop, after their length in characters is
+checked against the most any prompt that fits the context could have.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,22 @@ from neo_jax.serve.engine import Request as EngineRequest
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 MAX_STOP = 4
+BODY_TIMEOUT = 30.0  # seconds a request's body may take to arrive once its headers have
+log = logging.getLogger(__name__)
+
+
+def check_api_key(key: str | None, name: str = "--api-key") -> str | None:
+    """``key`` if it can be matched: not empty, and visible ASCII without spaces. HTTP header values are
+    ASCII and lose surrounding spaces in transit, so any other key could never be sent back exactly (and an
+    empty one would let ``Authorization: Bearer`` with nothing after it in)."""
+    if key is None:
+        return None
+    if not key or not all("!" <= c <= "~" for c in key):
+        raise ValueError(
+            f"{name} must be a non-empty key of visible ASCII characters, without spaces; "
+            "leave it unset to serve without a key"
+        )
+    return key
 
 
 class APIError(Exception):
@@ -41,13 +63,15 @@ def error_body(message: str, type: str, param=None, code=None) -> dict:
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status)
+    # a message may quote the request, and a lone surrogate there could not be encoded as UTF-8
+    message = error.message.encode("utf-8", "backslashreplace").decode()
+    return JSONResponse(error_body(message, error.type, error.param, error.code), status_code=error.status)
 
 
 class CompletionRequest(BaseModel):
     """The fields of OpenAI's ``/v1/completions``, plus ``top_k``, ``min_p`` and ``repetition_penalty``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "4" or true is not an integer
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
@@ -166,7 +190,9 @@ class _Choice:
         return self.logprobs_object(entries)
 
 
-def _prompts(prompt, tokenizer) -> list[list[int]]:
+def _prompts(prompt, tokenizer, max_chars: int) -> list[list[int]]:
+    """Token ids of every prompt in a request; text is checked (valid Unicode, at most ``max_chars``
+    characters) before it is tokenized. Runs in a worker thread."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -174,12 +200,41 @@ def _prompts(prompt, tokenizer) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
+        for text in prompt:
+            if len(text) > max_chars:
+                raise APIError(
+                    400,
+                    f"prompt has {len(text)} characters, more than any prompt that fits this server's context "
+                    f"could have ({max_chars}); shorten it",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                message = (
+                    f"prompt holds an unpaired surrogate ({text[e.start]!r} at character {e.start}): send valid Unicode"
+                )
+                raise APIError(400, message, param="prompt") from None
         return [tokenizer(p)["input_ids"] for p in prompt]
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
     raise APIError(
         400, "prompt must be a string, a list of strings, a list of token ids, or a list of those", param="prompt"
     )
+
+
+def _prompt_count(prompt) -> int:
+    """How many prompts a request's ``prompt`` holds (each gets ``n`` choices)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return 1
+    return len(prompt)
+
+
+def _longest_token(tokenizer) -> int:
+    """The most characters one token can stand for, from the vocabulary's strings (a byte-level BPE string has
+    one character per byte, so at least as many as its text)."""
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=1)
 
 
 def _param_of(message: str) -> str | None:
@@ -201,6 +256,9 @@ def create_app(
     metrics = engine.metrics
     created = int(time.time())
     vocab = engine.model.config.vocab_size
+    api_key = check_api_key(api_key, "api_key")
+    max_chars = engine.max_len * _longest_token(tokenizer)
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="neo-jax-tokenize")  # one tokenizer, used in turn
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -215,6 +273,11 @@ def create_app(
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
         return _error_response(APIError(400, f"{where}: {first.get('msg')}", param=param))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, "the server failed to handle this request", type="server_error"))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -278,7 +341,17 @@ def create_app(
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or not all(stop):
             raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
-        prompts = _prompts(body.prompt, tokenizer)
+        choices_asked = _prompt_count(body.prompt) * body.n
+        if choices_asked > engine.max_queue:
+            raise APIError(
+                400,
+                f"this request asks for {choices_asked} completions (prompts times n), more than this server ever "
+                f"queues ({engine.max_queue}); split it into smaller requests",
+                param="n",
+            )
+        prompts = await asyncio.get_running_loop().run_in_executor(
+            tokenizing, _prompts, body.prompt, tokenizer, max_chars
+        )
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         try:
             for prompt in prompts:
@@ -400,7 +473,7 @@ def create_app(
 
 class _Guard:
     """ASGI middleware in front of every route: 503 while draining, the API key on ``/v1/``, and POST bodies
-    read once with a size limit (413) and handed on to the route."""
+    read once with a size limit (413) and a time limit (408) and handed on to the route."""
 
     def __init__(self, app, *, state, api_key: str | None, max_body_bytes: int):
         self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
@@ -423,14 +496,19 @@ class _Guard:
                 error = _too_large(self.max_body_bytes)
             else:
                 body, more = b"", True
-                while more and error is None:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    body += message.get("body", b"")
-                    more = message.get("more_body", False)
-                    if len(body) > self.max_body_bytes:
-                        error = _too_large(self.max_body_bytes)
+                try:
+                    async with asyncio.timeout(BODY_TIMEOUT):
+                        while more and error is None:
+                            message = await receive()
+                            if message["type"] == "http.disconnect":
+                                return
+                            body += message.get("body", b"")
+                            more = message.get("more_body", False)
+                            if len(body) > self.max_body_bytes:
+                                error = _too_large(self.max_body_bytes)
+                except TimeoutError:
+                    message = f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
+                    error = APIError(408, message, code="request_timeout")
                 receive = _replay(body, receive)
         if error is not None:
             return await _error_response(error)(scope, receive, send)

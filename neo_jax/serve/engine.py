@@ -35,7 +35,7 @@ from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, init_cache, prefill
 from neo_jax.generation.cache import decode_step as model_step
 from neo_jax.generation.loop import Weights, _build
-from neo_jax.generation.sampling import NEG_INF, SamplingParams, min_p, repetition_penalty
+from neo_jax.generation.sampling import NEG_INF, SamplingParams, min_p, repetition_penalty, seed_key, temperature
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
 
@@ -76,7 +76,7 @@ class RowSampling:
             min_p=column("min_p", np.float32),
             repetition_penalty=column("repetition_penalty", np.float32),
             sample=column("sample", bool),
-            key=jax.random.wrap_key_data(jnp.stack([jax.random.key_data(jax.random.key(r["seed"])) for r in rows])),
+            key=jax.random.wrap_key_data(jnp.stack([jax.random.key_data(seed_key(r["seed"])) for r in rows])),
         )
 
 
@@ -132,7 +132,7 @@ def _choose(logits, seen, settings: RowSampling, steps):
         seen,
         s.repetition_penalty[:, None],
     )
-    x = x / s.temperature[:, None]
+    x = temperature(x, s.temperature[:, None])
     x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
     x = jax.lax.cond(jnp.any(sampled & (s.top_p < 1)), top_p_rows, keep, x, s.top_p)
     x = jax.lax.cond(jnp.any(sampled & (s.min_p > 0)), min_p, keep, x, s.min_p[:, None])
@@ -435,7 +435,9 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token")
         if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt):
             raise ValueError("prompt token ids must be integers")
-        validate.token_ids(np.asarray(prompt, np.int64), self.model.config.vocab_size, name="prompt token ids")
+        vocab = self.model.config.vocab_size
+        if bad := [t for t in prompt if not 0 <= t < vocab]:  # in Python: 10**30 overflows any array dtype
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}")
         validate.integer("max_tokens", max_tokens, least=1)
         if len(prompt) + max_tokens > self.max_len:
             raise ValueError(

@@ -1,21 +1,99 @@
 """``neo-jax serve``: load the model, compile every program, then serve it with uvicorn.
 
-SIGTERM drains: new requests get 503, requests in flight finish (up to ``drain_timeout`` seconds, after
-which they are cancelled), and the process exits 0. Ctrl-C (SIGINT) stops at once.
+The port is bound before anything loads, so a port in use is an error at once. SIGTERM drains: new
+requests get 503, requests in flight finish (up to ``drain_timeout`` seconds, after which they are
+cancelled), and the process exits 0. Ctrl-C (SIGINT) stops at once.
+
+Connections are bounded in time and number: a connection that has not sent a complete request's headers
+within ``header_timeout`` seconds of opening (or of starting its next request) is closed, an idle keep-alive
+connection after ``KEEP_ALIVE`` seconds, and past ``max_connections`` open connections new requests get 503
+(uvicorn's ``limit_concurrency``); the process's open-file limit is raised to fit them.
 """
 
 from __future__ import annotations
 
+import resource
 import signal
+import socket
 import sys
 import threading
 import time
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from neo_jax.serve.app import create_app
 from neo_jax.serve.engine import Engine
 from neo_jax.serve.metrics import Metrics
+
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default)
+SPARE_FILES = 64  # open files kept for the model, logs and the like beside the connections
+
+
+def _with_header_deadline(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, plus a deadline for the headers of each request: a client that opens a
+    connection (or starts its next request) and never finishes the headers is cut off, where uvicorn alone
+    would keep it open for ever."""
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            self._deadline = None
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout, self._expire)
+            elif not waiting and self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or an OSError that says what to do."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): check --host") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): stop what holds it, or pick another --port"
+        ) from None
+    return sock
+
+
+def _allow_connections(wanted: int) -> int:
+    """Raise the open-file limit to fit ``wanted`` connections if the hard limit allows; returns how many
+    connections fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - SPARE_FILES))
 
 
 class _DrainingServer(uvicorn.Server):
@@ -57,13 +135,22 @@ def serve(
     served_model_name: str | None = None,
     adapter: str | None = None,
     weights: str | None = None,
+    header_timeout: float = 10.0,
+    max_connections: int = 2048,
 ) -> int:
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
     from neo_jax.hf import load_tokenizer, resolve
+    from neo_jax.serve.app import check_api_key
 
     log = lambda message: print(message, file=sys.stderr, flush=True)
     start = time.perf_counter()
+    check_api_key(api_key)
+    sock = bind(host, port)  # before anything loads: a port in use fails at once
+    port = sock.getsockname()[1]
+    connections = _allow_connections(max_connections)
+    if connections < max_connections:
+        log(f"the open-file limit fits {connections} connections: serving at most that many, not {max_connections}")
     source = resolve(model)
     tokenizer = load_tokenizer(source)  # before the weights: a model without a tokenizer fails fast
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
@@ -73,10 +160,17 @@ def serve(
     engine.start()
     log(f"compiled {len(engine.buckets) + 2} programs in {seconds:.1f}s; ready in {time.perf_counter() - start:.1f}s")
     app = create_app(engine, tokenizer, model_name=served_model_name or model, api_key=api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout + 5)
+    config = uvicorn.Config(
+        app,
+        http=_with_header_deadline(header_timeout),
+        log_level="warning",
+        timeout_graceful_shutdown=drain_timeout + 5,
+        timeout_keep_alive=KEEP_ALIVE,
+        limit_concurrency=connections,
+    )
     server = _DrainingServer(config, app, engine, drain_timeout)
     log(f"serving {served_model_name or model} on http://{host}:{port} ({max_batch} slots of {engine.max_len} tokens)")
-    server.run()
+    server.run(sockets=[sock])
     engine.stop()
     if server.draining:
         log("drained; exiting")
