@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import gc
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +23,7 @@ def convert(args: argparse.Namespace) -> None:
     from neo_jax.checkpoints import check_destination
     from neo_jax.convert import from_pretrained, save_pretrained, trained_lora
     from neo_jax.hf import resolve
+    from neo_jax.quantize import is_quantized
 
     start = time.perf_counter()
     source = resolve(args.src, args.revision)
@@ -45,8 +50,9 @@ def convert(args: argparse.Namespace) -> None:
     if args.merge or lora.has_lora(model):
         lora.merge(model)  # W + scale * B @ A in float32, stored in --dtype
     out = save_pretrained(model, args.dst, format=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    weights = "int8" if is_quantized(model) else args.weights or args.dtype
     print(
-        f"wrote {out} ({args.to}, {args.weights or args.dtype}, {model.config.num_params() / 1e6:.1f}M parameters) "
+        f"wrote {out} ({args.to}, {weights}, {model.config.num_params() / 1e6:.1f}M parameters) "
         f"in {time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
@@ -112,6 +118,8 @@ def generate(args: argparse.Namespace) -> None:
     else:
         continuation = generator.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **options)
         for piece in continuation:
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
             first = first or time.perf_counter() - start
             pieces.append(piece)
             if not args.json:
@@ -158,8 +166,16 @@ def serve(args: argparse.Namespace) -> int:
     validate.real("--drain-timeout", args.drain_timeout)
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
-    if args.api_key is not None and not args.api_key:
-        raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
+    validate.real("--header-timeout", args.header_timeout)
+    if args.header_timeout <= 0:
+        raise ValueError(f"--header-timeout must be > 0 seconds, got {args.header_timeout}")
+    validate.integer("--max-connections", args.max_connections, least=1)
+    from neo_jax.serve.app import check_api_key
+
+    if args.api_key is not None:
+        api_key = check_api_key(args.api_key, "--api-key")
+    else:
+        api_key = check_api_key(os.environ.get("NEO_JAX_API_KEY"), "NEO_JAX_API_KEY")
     if args.mesh:
         sharding.parse_mesh(args.mesh)
     enable_compilation_cache(args.compilation_cache)
@@ -174,11 +190,13 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         dtype=args.dtype,
         mesh=args.mesh,
-        api_key=args.api_key or os.environ.get("NEO_JAX_API_KEY"),
+        api_key=api_key,
         drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name,
         adapter=args.adapter,
         weights=args.weights,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
     )
 
 
@@ -235,6 +253,9 @@ def plan(args: argparse.Namespace) -> None:
         raise ValueError("--batch and --seq are required for --task train (or give --config)")
     if args.task == "generate" and args.batch is None:
         raise ValueError("--batch is required for --task generate")
+    for flag, example in (("topology", "a TPU slice such as v5e-8"), ("mesh", "D,F,T")):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise ValueError(f"--{flag} is empty: give {example}, or leave it out")
     if args.topology is None and args.mesh is None:
         raise ValueError("give --topology (a TPU slice such as v5e-8) or --mesh D,F,T")
     mesh = parse_mesh(args.mesh) if args.mesh else None
@@ -396,6 +417,17 @@ def eval_harness(args: argparse.Namespace) -> None:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}: check the names, or add --include-path DIR with their YAML")
+    for task in tasks:  # read each task and its data before the model loads: a broken one is named
+        try:
+            manager.load([task])
+        except Exception as e:  # noqa: BLE001 (lm-eval and datasets raise anything, StopIteration to IndexError)
+            entry = manager.task_index.get(task)
+            where = getattr(entry, "yaml_path", None)
+            data = ((getattr(entry, "cfg", None) or {}).get("dataset_kwargs") or {}).get("data_files")
+            detail = " ".join(f"{type(e).__name__} {e}".split())[:300]
+            raise ValueError(
+                f"task {task} ({where}{f', data {data}' if data else ''}) could not be read: {detail}; check its files"
+            ) from None
     model_args = {"pretrained": args.model, "dtype": args.dtype, "batch_size": args.batch_size}
     if args.mesh:
         model_args["mesh"] = args.mesh
@@ -491,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="D,F,T: shard the model and the slots over a device mesh")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (or set NEO_JAX_API_KEY)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests in flight")
+    p.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds a client may take to send a request's headers"
+    )
+    p.add_argument("--max-connections", type=int, default=2048, help="open connections served at once (past them: 503)")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply (unmerged)")
     p.add_argument("--compilation-cache", help="JAX compilation cache directory ('none' to disable)")
@@ -610,8 +646,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = threading.Event()  # set by Ctrl-C, even where a library would swallow the KeyboardInterrupt
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether ``frame`` runs a ``__del__`` or a garbage-collection callback (JAX has one), where Python
+    prints an exception and drops it."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    return frame is not None and (frame.f_code.co_name == "__del__" or frame.f_code in callbacks)
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """SIGINT: remember it, then raise KeyboardInterrupt as Python's own handler does, except inside a
+    finalizer, where Python would print and drop it: there the signal is sent again a moment later, to land
+    in ordinary code. Being a handler of our own, it also keeps asyncio.run (inside Orbax and others) from
+    installing one that only cancels a task, which a library may catch and carry on."""
+    INTERRUPTED.set()
+    if _in_finalizer(frame):
+        threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,)).start()
+        return
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_mesh_values_attached(sys.argv[1:] if argv is None else argv))
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         if os.environ.get("NEO_JAX_DISTRIBUTED") == "1":  # set by tpu_scripts/run.sh on every worker
             from neo_jax import distributed
@@ -619,13 +679,20 @@ def main(argv: list[str] | None = None) -> int:
             distributed.initialize()
             if not distributed.is_main_process():  # results are printed once, by process 0
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
-        return args.run(args) or 0
+        status = args.run(args) or 0
+        if INTERRUPTED.is_set():  # a Ctrl-C that something swallowed still stops with 130
+            raise KeyboardInterrupt
+        return status
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"neo-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+            INTERRUPTED.clear()
 
 
 def _mesh_values_attached(argv: list[str]) -> list[str]:

@@ -85,24 +85,34 @@ def _dataset_texts(source: Path | str, split: str, text_field: str) -> Iterator[
 
 def read_documents(patterns: Sequence[str], text_field: str = "text", split: str = "train") -> Iterator[str]:
     """Documents, in order: each line's ``text_field`` of ``.jsonl`` files, each row's ``text_field`` of
-    Hugging Face datasets (their ``split``), each other file whole."""
+    Hugging Face datasets (their ``split``), each other file whole. A file that is not UTF-8 text is a
+    ValueError naming it."""
     for path in expand_paths(patterns):
-        if isinstance(path, str) or path.is_dir():
-            yield from _dataset_texts(path, split, text_field)
-        elif path.suffix == ".jsonl":
-            with path.open() as lines:
-                for number, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{number} is not valid JSON ({e})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{path}:{number} has no string field {text_field!r}")
-                    yield record[text_field]
-        else:
-            yield path.read_text()
+        try:
+            yield from _documents_of(path, text_field, split)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give text files, .jsonl or a dataset"
+            ) from None
+
+
+def _documents_of(path, text_field: str, split: str) -> Iterator[str]:
+    if isinstance(path, str) or path.is_dir():
+        yield from _dataset_texts(path, split, text_field)
+    elif path.suffix == ".jsonl":
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({e})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{path}:{number} has no string field {text_field!r}")
+                yield record[text_field]
+    else:
+        yield path.read_text()
 
 
 def tokenized_documents(
