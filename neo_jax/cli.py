@@ -524,7 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (or set NEO_JAX_API_KEY)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests in flight")
     p.add_argument(
-        "--header-timeout", type=float, default=10.0, help="seconds a client may take to send a request's headers"
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client may take to send a request's headers, and again its body (then 408)",
     )
     p.add_argument("--max-connections", type=int, default=2048, help="open connections served at once (past them: 503)")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")

@@ -34,7 +34,6 @@ from neo_jax.serve.engine import Request as EngineRequest
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 MAX_STOP = 4
-BODY_TIMEOUT = 30.0  # seconds a request's body may take to arrive once its headers have
 log = logging.getLogger(__name__)
 
 
@@ -249,8 +248,10 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = 4 << 20,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
-    """The FastAPI application serving ``engine`` (which the caller starts and stops)."""
+    """The FastAPI application serving ``engine`` (which the caller starts and stops); a request's body must
+    arrive within ``body_timeout`` seconds of its headers."""
     app = FastAPI(title="neo_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
     metrics = engine.metrics
@@ -286,7 +287,9 @@ def create_app(
             APIError(error.status_code, f"{error.detail}: {request.method} {request.url.path}", type=kind)
         )
 
-    app.add_middleware(_Guard, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        _Guard, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout
+    )
 
     @app.get("/health")
     async def health():
@@ -475,8 +478,9 @@ class _Guard:
     """ASGI middleware in front of every route: 503 while draining, the API key on ``/v1/``, and POST bodies
     read once with a size limit (413) and a time limit (408) and handed on to the route."""
 
-    def __init__(self, app, *, state, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, *, state, api_key: str | None, max_body_bytes: int, body_timeout: float):
         self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -497,7 +501,7 @@ class _Guard:
             else:
                 body, more = b"", True
                 try:
-                    async with asyncio.timeout(BODY_TIMEOUT):
+                    async with asyncio.timeout(self.body_timeout):
                         while more and error is None:
                             message = await receive()
                             if message["type"] == "http.disconnect":
@@ -507,7 +511,7 @@ class _Guard:
                             if len(body) > self.max_body_bytes:
                                 error = _too_large(self.max_body_bytes)
                 except TimeoutError:
-                    message = f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
+                    message = f"the request body did not arrive within {self.body_timeout:g} seconds"
                     error = APIError(408, message, code="request_timeout")
                 receive = _replay(body, receive)
         if error is not None:

@@ -5,7 +5,8 @@ requests get 503, requests in flight finish (up to ``drain_timeout`` seconds, af
 cancelled), and the process exits 0. Ctrl-C (SIGINT) stops at once.
 
 Connections are bounded in time and number: a connection that has not sent a complete request's headers
-within ``header_timeout`` seconds of opening (or of starting its next request) is closed, an idle keep-alive
+within ``header_timeout`` seconds of opening (or of starting its next request) is closed, a body that takes
+longer than that again is a 408, an idle keep-alive
 connection after ``KEEP_ALIVE`` seconds, and past ``max_connections`` open connections new requests get 503
 (uvicorn's ``limit_concurrency``); the process's open-file limit is raised to fit them.
 """
@@ -159,7 +160,9 @@ def serve(
     seconds = engine.warm_up(progress=log)
     engine.start()
     log(f"compiled {len(engine.buckets) + 2} programs in {seconds:.1f}s; ready in {time.perf_counter() - start:.1f}s")
-    app = create_app(engine, tokenizer, model_name=served_model_name or model, api_key=api_key)
+    app = create_app(
+        engine, tokenizer, model_name=served_model_name or model, api_key=api_key, body_timeout=header_timeout
+    )
     config = uvicorn.Config(
         app,
         http=_with_header_deadline(header_timeout),
