@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from neo_jax.finetune import FinetuneConfig, finetune
 from tests.conftest import SMALL, make_hf_model
 
 ENGLISH = sorted(str(p) for p in (Path(__file__).parent / "fixtures" / "english").glob("*.txt"))
-PROGRESS = ("data: ",)  # what a command may print on stderr before it finds the mistake
+PROGRESS = ("data: ", "loading ")  # what a command may print on stderr before it finds the mistake
 RUN = dict(steps=1, batch_size=2, seq_len=32, save_every=1, validation_fraction=0.0, dtype="float32")
 
 
@@ -35,6 +37,71 @@ def snapshot(root: Path) -> dict:
         content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
         out[str(path.relative_to(root))] = (content, path.stat().st_mode)
     return out
+
+
+def damage_adapters(root: Path, good: Path) -> None:
+    """PEFT adapter directories beside ``good``, each damaged in one way (see ``ADAPTERS``)."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = good / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    first = next(k for k in header if k != "__metadata__")
+
+    def variant(name: str, config=None, tensors: bytes | None = None):
+        directory = root / "adapters" / name
+        shutil.copytree(good, directory)
+        if config is not None:
+            (directory / "adapter_config.json").write_text(config)
+        if tensors is not None:
+            (directory / "adapter_model.safetensors").write_bytes(tensors)
+
+    def with_header(change) -> bytes:
+        edited = json.loads(json.dumps(header))
+        change(edited[first])
+        text = json.dumps(edited).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text + raw[8 + size :]
+
+    for name, config in (("list", "[]"), ("null", "null"), ("string", '"lora"'), ("bad-json", "{r: 4")):
+        variant(f"config-{name}", config=config)
+    settings = json.loads((good / "adapter_config.json").read_text())
+    variant("targets-int", config=json.dumps(settings | {"target_modules": 5}))
+    variant("rank-string", config=json.dumps(settings | {"r": "4"}))
+    variant("truncated", tensors=raw[: len(raw) // 2])
+    variant("offsets", tensors=with_header(lambda t: t.update(data_offsets=[0, 1 << 40])))
+    variant("shape", tensors=with_header(lambda t: t.update(shape=[t["shape"][0] + 1, t["shape"][1]])))
+    variant("dtype-int", tensors=with_header(lambda t: t.update(dtype="I32")))
+    variant("dtype-size", tensors=with_header(lambda t: t.update(dtype="F64")))
+    variant("header-length", tensors=(1 << 60).to_bytes(8, "little") + raw[8:])
+    tensors = load_file(weights)
+    name = min(k for k in tensors if "lora_B" in k)
+    for label, value in (("nan", np.nan), ("inf", np.inf), ("huge", 1e30)):
+        changed = dict(tensors)
+        changed[name] = changed[name].copy()
+        changed[name].flat[3] = value
+        variant(label)
+        save_file(changed, str(root / "adapters" / label / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+ADAPTERS = {  # damaged adapter -> the one-line error it must give
+    "config-list": "must hold a JSON object of LoRA settings, not list",
+    "config-null": "must hold a JSON object of LoRA settings, not NoneType",
+    "config-string": "must hold a JSON object of LoRA settings, not str",
+    "config-bad-json": "adapter_config.json is not valid JSON",
+    "targets-int": "target_modules must be a list of module names, got 5",
+    "rank-string": "lora rank must be",
+    "truncated": "adapter_model.safetensors is not a readable safetensors file",
+    "offsets": "adapter_model.safetensors is not a readable safetensors file",
+    "shape": "adapter_model.safetensors is not a readable safetensors file",
+    "dtype-int": "is I32; adapter weights are floating point",
+    "dtype-size": "adapter_model.safetensors is not a readable safetensors file",
+    "header-length": "adapter_model.safetensors is not a readable safetensors file",
+    "nan": "holds nan; adapter weights must be finite",
+    "inf": "holds inf; adapter weights must be finite",
+    "huge": "holds 1e+30; adapter weights must be finite and within ±65504",  # finite, but it overflows
+}
 
 
 YAMLS = {  # settings files, each complete but for one mistake, and the error it must give
@@ -91,6 +158,37 @@ def workspace(tmp_path_factory, gpt2_model_dir):
         (root / name).write_text(text if name in ("syntax.yaml", "a-list.yaml") else yaml.safe_dump(complete) + text)
     run = FinetuneConfig.load(None, model=str(root / "m"), data=ENGLISH[:2], output=str(root / "run"), **RUN)
     finetune(run, progress=False)
+
+    # int8 weights whose scales were lost: Orbax alone would read the int8 values as floats
+    neo_jax.save_pretrained(
+        neo_jax.from_pretrained(root / "m", weights="int8", progress=False), root / "int8", format="orbax"
+    )
+    meta = root / "int8" / "params" / "_METADATA"
+    data = json.loads(meta.read_text())
+    quantization_scale = lambda key: "wte_scale" in key or ("_proj', 'scale'" in key or "c_fc', 'scale'" in key)
+    data["tree_metadata"] = {k: v for k, v in data["tree_metadata"].items() if not quantization_scale(k)}
+    meta.write_text(json.dumps(data))
+    # weights holding NaN (Hugging Face) and an infinity (Orbax)
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(root / "m", root / "nan-weights")
+    tensors = load_file(root / "m" / "model.safetensors")
+    tensors["transformer.h.1.mlp.c_fc.weight"][5, 7] = np.nan
+    save_file(tensors, str(root / "nan-weights" / "model.safetensors"), metadata={"format": "pt"})
+    model = neo_jax.from_pretrained(tiny, progress=False)
+    model.ln_f.scale.set_value(model.ln_f.scale[...].at[3].set(np.inf))
+    neo_jax.save_pretrained(model, root / "inf-orbax", format="orbax")
+    # a LoRA adapter for m, then copies of it damaged in every way ADAPTERS lists
+    from neo_jax import lora
+
+    base = neo_jax.from_pretrained(root / "m", progress=False)
+    lora.add(base, lora.LoRAConfig(r=4))
+    for _, dense in lora._layers(base):
+        if dense.lora is not None:
+            dense.lora.b.set_value(dense.lora.b[...] + 0.01)
+    lora.save(base, root / "adapter")
+    damage_adapters(root, root / "adapter")
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     return root
 
 
@@ -99,11 +197,30 @@ def train_args(root: Path, model: str = "m", data=tuple(ENGLISH[:2]), output: st
     return ["train", "--model", str(root / model), "--data", *data, "--output", output, *flags]
 
 
-def bad_inputs(root: Path) -> list[tuple[list[str], str]]:
-    """(argv, a part of the one-line error) for each case."""
+def bad_inputs(root: Path, busy_port: int) -> list[tuple[list[str], str] | tuple[list[str], str, dict]]:
+    """(argv, a part of the one-line error[, environment]) for each case."""
     generate = ["generate", "--model", "m", "--prompt", "Hello"]
     ppl = ["eval", "perplexity", "--model", "m", "--data", "x.txt"]
+    serve = ["serve", "--model", "m", "--max-len", "64"]
     cases = [
+        # int8 weights without their scales, weights holding NaN or an infinity
+        (
+            ["generate", "--model", "int8", "--prompt", "Hi"],
+            "periods.0.attn.k_proj.scale is missing from the checkpoint",
+        ),
+        (["convert", "int8", "out", "--to", "hf"], "periods.0.attn.k_proj.scale is missing from the checkpoint"),
+        (["generate", "--model", "nan-weights", "--prompt", "Hi"], "transformer.h.1.mlp.c_fc.weight in"),
+        (["convert", "inf-orbax", "out", "--to", "hf"], "ln_f.scale holds NaN or infinite values"),
+        # API keys nobody could send, from the flag or the environment; a port already in use
+        ([*serve, "--api-key", "two words"], "--api-key must be a non-empty key of visible ASCII"),
+        (serve, "NEO_JAX_API_KEY must be a non-empty key", {"NEO_JAX_API_KEY": ""}),
+        (serve, "NEO_JAX_API_KEY must be a non-empty key", {"NEO_JAX_API_KEY": "  "}),
+        (serve, "NEO_JAX_API_KEY must be a non-empty key", {"NEO_JAX_API_KEY": "clé"}),
+        ([*serve, "--port", str(busy_port)], f"cannot listen on 127.0.0.1:{busy_port}"),
+        ([*serve, "--header-timeout", "0"], "--header-timeout must be > 0"),
+        # smaller defects
+        (["plan", "--model", "125M", "--topology", "", "--batch", "8", "--seq", "64"], "--topology is empty"),
+        (["eval", "perplexity", "--model", "m", "--data", "binary.txt"], "binary.txt is not UTF-8 text"),
         (["convert", "tiny", ".", "--overwrite"], "replacing it would delete the source"),
         (["convert", "run", ".", "--overwrite"], "replacing it would delete the source"),
         (["convert", "orbax-mismatch", "out", "--to", "hf"], "does not match the parameters"),
@@ -123,24 +240,35 @@ def bad_inputs(root: Path) -> list[tuple[list[str], str]]:
     ]
     for name in sorted(os.listdir(root / "broken")):
         cases.append((["convert", f"broken/{name}", f"out-{name}"], f"broken/{name}/config.json"))
+    commands = [  # every damaged adapter through each command that takes one, in turn
+        lambda adapter: ["convert", "m", "out", "--merge", "--adapter", adapter],
+        lambda adapter: [*serve, "--adapter", adapter],
+        lambda adapter: [*generate, "--adapter", adapter],
+        lambda adapter: [*ppl, "--adapter", adapter],
+    ]
+    for i, (name, message) in enumerate(ADAPTERS.items()):
+        cases.append((commands[i % len(commands)](f"adapters/{name}"), message))
     for name, (_, message) in YAMLS.items():
         cases.append((["train", "--config", name], message))
     return cases
 
 
-def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+def run_cli(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"} | (env or {})
     entry = Path(sys.executable).parent / "neo-jax"  # the console script pip installed
     return subprocess.run([entry, *argv], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace):
     before = snapshot(workspace)
-    cases = bad_inputs(workspace)
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda case: run_cli(case[0], workspace), cases))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = bad_inputs(workspace, busy.getsockname()[1])
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda case: run_cli(case[0], workspace, *case[2:]), cases))
     failures = []
-    for (argv, message), result in zip(cases, results, strict=True):
+    for (argv, message, *_), result in zip(cases, results, strict=True):
         err = result.stderr.strip()
         lines = [line for line in err.splitlines() if not line.startswith(PROGRESS)]
         if result.returncode != 2 or len(lines) != 1 or "Traceback" in err or message not in lines[0]:
@@ -258,3 +386,121 @@ def test_random_finetune_settings_are_valid_or_a_clean_value_error(tmp_path):
             assert "\n" not in str(e)
 
     check()
+
+
+# ------------------------------------------------------------------------------------- Ctrl-C
+# Injected into the installed command through sitecustomize: Ctrl-C at the worst moments, every time.
+CTRL_C = {
+    # while Orbax writes from its background threads
+    "orbax": """
+import os, signal, threading
+import orbax.checkpoint as ocp
+save = ocp.Checkpointer.save
+def interrupted_save(self, *args, **kwargs):
+    threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return save(self, *args, **kwargs)
+ocp.Checkpointer.save = interrupted_save
+""",
+    # inside a garbage-collection callback (JAX has one), where Python prints a KeyboardInterrupt and drops it
+    "gc": """
+import gc, os, signal, sys, time
+sent = []
+def callback(phase, info):
+    generating = "neo_jax.generation.loop" in sys.modules and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    if phase == "start" and generating and not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs here, inside the callback
+gc.callbacks.append(callback)
+""",
+}
+
+
+@pytest.mark.parametrize(
+    "inject, argv",
+    [
+        ("orbax", ["convert", "m", "out"]),
+        (
+            "gc",
+            ["generate", "--model", "m", "--prompt", "Hello", "--max-new-tokens", "200", "--compilation-cache", "none"],
+        ),
+    ],
+)
+def test_ctrl_c_always_stops_with_one_line_and_leaves_nothing(workspace, tmp_path, inject, argv):
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C[inject])
+    before = snapshot(workspace)
+    result = run_cli(argv, workspace, {"PYTHONPATH": str(tmp_path)})
+    lines = [line for line in result.stderr.strip().splitlines() if "loading m" not in line]
+    assert result.returncode == 130 and lines == [f"neo-jax {argv[0]}: interrupted"], result.stderr[-2000:]
+    assert snapshot(workspace) == before  # no output, no temporary directory
+
+
+def test_broken_lm_eval_tasks_are_named_before_the_model_loads(workspace, tmp_path):
+    """Task data that is empty, not JSON, or a multiple-choice row with an empty choice: one line naming the
+    task's files (lm-eval's own log lines may come before it), never a traceback from datasets or lm-eval."""
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    body = (
+        'output_type: multiple_choice\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
+    rows = {
+        "empty": b"",
+        "binary": bytes(range(256)) * 4,
+        "no_choice": json.dumps({"question": "a b", "choices": ["x", "", "y"], "label": 0}).encode() + b"\n",
+    }
+    for name, data in rows.items():
+        (tmp_path / f"{name}.jsonl").write_bytes(data)
+        (tmp_path / f"t_{name}.yaml").write_text(
+            f"task: t_{name}\n" + common.format(path=tmp_path / f"{name}.jsonl") + body
+        )
+    code = (
+        "import sys, contextlib, io\n"
+        "from neo_jax.cli import main\n"
+        "for task in sys.argv[3:]:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        status = main(['eval', 'harness', '--model', sys.argv[1], '--tasks', task, '--include-path', sys.argv[2]])\n"
+        "    print(status, err.getvalue().strip().splitlines()[-1], 'Traceback' in err.getvalue())\n"
+    )
+    tasks = [f"t_{name}" for name in rows]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(workspace / "m"), str(tmp_path), *tasks],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(tasks), out.stderr[-3000:]
+    for task, line in zip(tasks, lines, strict=True):
+        assert line.startswith(f"2 neo-jax eval harness: error: task {task} ({tmp_path / task}.yaml"), line
+        assert line.endswith("check its files False"), line
+
+
+def test_damaged_adapters_and_tiny_temperatures_through_the_python_api(workspace):
+    for name, message in ADAPTERS.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            neo_jax.from_pretrained(workspace / "m", adapter=workspace / "adapters" / name, progress=False)
+    model = neo_jax.from_pretrained(workspace / "m", progress=False)
+    ids = np.array([[464, 2068, 7586]])
+    greedy = neo_jax.generate(model, ids, max_new_tokens=8)
+    for temperature in (1e-30, 1e-38, 1e-45, 1e-300):
+        sampled = neo_jax.generate(model, ids, max_new_tokens=8, do_sample=True, temperature=temperature, seed=3)
+        np.testing.assert_array_equal(sampled, greedy)
+    penalized = neo_jax.generate(model, ids, max_new_tokens=8, do_sample=True, repetition_penalty=1e-38, seed=3)
+    assert (penalized[:, 3:] != 0).any()  # not the token-0 garbage of NaN logits
+    draw = lambda seed: neo_jax.generate(model, ids, max_new_tokens=8, do_sample=True, seed=seed)
+    assert not np.array_equal(draw(5), draw(2**32 + 5))  # every bit of the seed counts
+    np.testing.assert_array_equal(draw(2**64 - 1), draw(-1))  # seeds are taken modulo 2**64
+
+
+def test_tiny_temperatures_through_the_installed_command(workspace):
+    runs = {
+        t: ["generate", "--model", "m", "--prompt", "Once", "--max-new-tokens", "8", "--json", "--temperature", t]
+        for t in ("0", "1e-38", "1e-45")
+    }
+    with ThreadPoolExecutor(3) as pool:
+        results = dict(zip(runs, pool.map(lambda argv: run_cli(argv, workspace), runs.values()), strict=True))
+    completions = {t: json.loads(r.stdout)["completion"] for t, r in results.items()}
+    assert completions["1e-38"] == completions["0"] == completions["1e-45"], completions

@@ -177,6 +177,9 @@ def test_int8_weights_saved_in_orbax_reload_as_they_are(model_dir, tmp_path, cap
         np.testing.assert_array_equal(np.asarray(reloaded(IDS)), np.asarray(quantized(IDS)))
     with pytest.raises(ValueError, match="holds int8 weights"):
         neo_jax.from_pretrained(tmp_path / "int8", weights="float32", progress=False)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "int8"), str(tmp_path / "int8-copy")]) == 0  # says what it wrote
+    assert "(orbax, int8," in capsys.readouterr().err
     assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--to", "hf", "--weights", "int8"]) == 2
     assert "--to orbax" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     # A config that does not describe the saved int8 arrays is one line naming the first that differs.

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -22,6 +23,8 @@ import psutil
 import pytest
 import requests
 import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -29,13 +32,15 @@ from selenium.webdriver.support.ui import WebDriverWait
 import neo_jax
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation import top_k, top_p
-from neo_jax.serve.app import _Choice
+from neo_jax.serve.app import CompletionRequest, _Choice
 from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings, top_k_rows, top_p_rows
 from neo_jax.serve.metrics import Metrics
 from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles
 
 KEY = "test-key-123"
 MAX_LEN = 256  # the fixture model's max_position_embeddings; its local window is 16
+HEADER_TIMEOUT = 3  # seconds the module's server gives a client to send headers (and again a body)
+MAX_CHARS = MAX_LEN * 128  # GPT-2's longest token is 128 characters: no longer prompt fits 256 tokens
 
 
 # ---- the engine, in process -------------------------------------------------------------------------------
@@ -193,7 +198,9 @@ def start_server(model_dir, *extra) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def server(gpt2_model_dir):
     process, url = start_server(
-        gpt2_model_dir, "--max-batch", "4", "--max-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", "neo"
+        gpt2_model_dir,
+        *("--max-batch", "4", "--max-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", "neo"),
+        *("--header-timeout", str(HEADER_TIMEOUT)),
     )
     yield url, process
     process.terminate()
@@ -327,6 +334,20 @@ BAD_BODIES = [  # (body or raw text, status, param)
     ('{"model": "neo", "prompt": "hi", "top_p": Infinity}', 400, "top_p"),
     ('{"model": "neo", "prompt": ', 400, None),
     ("[1, 2]", 400, None),
+    # hostile values: a lone surrogate, ids past int64, strings and booleans for integers, seeds past the range
+    ({"prompt": "a\ud800b"}, 400, "prompt"),
+    ({"prompt": "hi", "model": "neo\ud800"}, 404, "model"),
+    ({"prompt": [10**30]}, 400, "prompt"),
+    ({"prompt": [[1, 10**30]]}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": "4"}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "hi", "n": "2"}, 400, "n"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ({"prompt": "hi", "seed": 2**63}, 400, "seed"),
+    ({"prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
+    ({"prompt": ["hi"] * 17, "n": 16}, 400, "n"),  # 272 completions: more than the queue (256) ever holds
+    ({"prompt": "x" * (MAX_CHARS + 1)}, 400, "prompt"),  # refused by length before it is tokenized
 ]
 
 
@@ -345,13 +366,122 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert requests.post(url + "/v1/completions", data=big, headers=headers).status_code == 413
     r = requests.post(url + "/v1/chat/completions", json={"model": "neo", "messages": []}, headers=headers, timeout=10)
     assert r.status_code == 400 and "base language model" in r.json()["error"]["message"]
-    for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+    for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}, {"Authorization": "Bearer "}):
         r = requests.post(url + "/v1/completions", json={"model": "neo", "prompt": "hi"}, headers=wrong)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(url + "/v1/models").status_code == 401
     r = requests.get(url + "/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     assert client.completions.create(model="neo", prompt="still", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_any_accepted_temperature_or_seed_gives_a_sound_sample(client):
+    """Tiny temperatures give the greedy text (not token 0 from inf - inf), a tiny repetition penalty stays
+    finite, and every bit of a seed counts."""
+    options = dict(model="neo", prompt="Once upon a time", max_tokens=12)
+    greedy = client.completions.create(**options, temperature=0).choices[0].text
+    for temperature in (1e-30, 1e-38, 1e-45, 1e-300):
+        assert client.completions.create(**options, temperature=temperature, seed=1).choices[0].text == greedy
+    penalized = client.completions.create(**options, temperature=1e-38, extra_body={"repetition_penalty": 1e-38})
+    assert penalized.choices[0].finish_reason == "length" and "!!!!" not in penalized.choices[0].text
+    sampled = {s: client.completions.create(**options, temperature=1.0, seed=s).choices[0].text for s in (5, 2**32 + 5)}
+    assert sampled[5] != sampled[2**32 + 5]
+
+
+def test_tokenizing_does_not_stall_the_server(server):
+    """Eighty prompts of the longest length allowed take a while to tokenize, in a worker thread: meanwhile
+    /health answers at once."""
+    url, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "neo", "prompt": ["lorem ipsum " * (MAX_CHARS // 12)] * 80, "max_tokens": 1}
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(requests.post, url + "/v1/completions", json=body, headers=headers, timeout=120)
+        latencies = []
+        while not big.done():
+            start = time.perf_counter()
+            assert requests.get(url + "/health", timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+        response = big.result()
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
+
+
+def test_half_open_connections_time_out_and_do_not_block_others(server, client):
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    stalled = []
+    for _ in range(300):  # headers begun and never finished
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        stalled.append(s)
+    body = socket.create_connection(("127.0.0.1", port))  # headers complete, the body never arrives
+    body.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n".encode())
+    body.sendall(b"Content-Length: 100\r\n\r\n{")
+    try:
+        assert client.completions.create(model="neo", prompt="still here", max_tokens=3).usage.completion_tokens == 3
+        time.sleep(HEADER_TIMEOUT + 1)
+        for s in stalled:
+            s.settimeout(5)
+            assert s.recv(1) == b""  # closed by the server
+        body.settimeout(HEADER_TIMEOUT * 2)
+        assert b"408" in body.recv(1000).split(b"\r\n", 1)[0]
+    finally:
+        for s in [*stalled, body]:
+            s.close()
+    assert client.completions.create(model="neo", prompt="still here", max_tokens=3).usage.completion_tokens == 3
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["\ud800", "neo\udfff"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+FIELDS = [*CompletionRequest.model_fields, "junk"]
+
+
+def test_random_bodies_get_a_completion_or_an_openai_4xx(server, client):
+    url, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    small = st.fixed_dictionaries({"max_tokens": st.integers(1, 4)})  # keep the valid ones quick
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6), small, st.booleans())
+    def check(fields, quick, named):
+        body = quick | fields | ({"model": "neo"} if named else {})
+        r = requests.post(url + "/v1/completions", data=json.dumps(body), headers=headers, timeout=60)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.status_code, r.text)
+        if r.status_code != 200:
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], (body, error)
+
+    check()
+    assert client.completions.create(model="neo", prompt="still", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_an_unexpected_failure_is_a_logged_500_in_openai_s_shape(gpt2_model_dir, caplog):
+    from fastapi.testclient import TestClient
+
+    from neo_jax.serve.app import create_app
+
+    class Broken:
+        model = type("M", (), {"config": SimpleNamespace(vocab_size=50257)})
+        metrics, max_len, max_queue = Metrics(), 64, 8
+
+        def check(self, prompt, max_tokens):
+            raise RuntimeError("a bug deep inside")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_model_dir)
+    with TestClient(create_app(Broken(), tokenizer, model_name="neo"), raise_server_exceptions=False) as http:
+        r = http.post("/v1/completions", json={"model": "neo", "prompt": "hi"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "Traceback" not in r.text and "a bug deep inside" not in r.text
+    assert "a bug deep inside" in caplog.text
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
