@@ -218,3 +218,31 @@ def test_cli_harness_writes_the_results(gpt2_model_dir, tasks, tmp_path, capsys)
     assert json.loads(capsys.readouterr().out) == results
     assert cli.main(["eval", "harness", "--model", str(gpt2_model_dir), "--tasks", "no_such_task"]) == 2
     assert "unknown task(s) ['no_such_task']" in capsys.readouterr().err
+    # Task data that is empty, not JSON, or a multiple-choice row with an empty choice: one line naming the
+    # task's files (lm-eval's own log lines may come before it), before the model loads, never a traceback.
+    broken = {
+        "empty": b"",
+        "binary": bytes(range(256)) * 4,
+        "no_choice": json.dumps({"question": "a b", "choices": ["x", "", "y"], "label": 0}).encode() + b"\n",
+    }
+    mc = (tasks / "toy_mc.yaml").read_text().replace(str(tasks / "mc.jsonl"), "{path}")
+    for name, data in broken.items():
+        (tmp_path / f"{name}.jsonl").write_bytes(data)
+        (tmp_path / f"t_{name}.yaml").write_text(
+            mc.replace("toy_mc", f"t_{name}").format(path=tmp_path / f"{name}.jsonl")
+        )
+        args = [
+            "eval",
+            "harness",
+            "--model",
+            str(gpt2_model_dir),
+            "--tasks",
+            f"t_{name}",
+            "--include-path",
+            str(tmp_path),
+        ]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+            f"neo-jax eval harness: error: task t_{name} ({tmp_path / f't_{name}'}.yaml, data {{'test': '{tmp_path / name}.jsonl'}})"
+        ), err
