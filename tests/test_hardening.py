@@ -240,14 +240,18 @@ def bad_inputs(root: Path, busy_port: int) -> list[tuple[list[str], str] | tuple
     ]
     for name in sorted(os.listdir(root / "broken")):
         cases.append((["convert", f"broken/{name}", f"out-{name}"], f"broken/{name}/config.json"))
-    commands = [  # every damaged adapter through each command that takes one, in turn
-        lambda adapter: ["convert", "m", "out", "--merge", "--adapter", adapter],
-        lambda adapter: [*serve, "--adapter", adapter],
-        lambda adapter: [*generate, "--adapter", adapter],
-        lambda adapter: [*ppl, "--adapter", adapter],
-    ]
-    for i, (name, message) in enumerate(ADAPTERS.items()):
-        cases.append((commands[i % len(commands)](f"adapters/{name}"), message))
+    # each command that takes an adapter, with a different kind of damage (all of them: the Python API test)
+    commands = {
+        "config-null": ["convert", "m", "out", "--merge", "--adapter"],
+        "targets-int": [*serve, "--adapter"],
+        "header-length": [*generate, "--adapter"],
+        "dtype-int": [*ppl, "--adapter"],
+        "nan": ["convert", "m", "out", "--merge", "--adapter"],
+        "inf": [*serve, "--adapter"],
+        "huge": [*generate, "--adapter"],
+    }
+    for name, command in commands.items():
+        cases.append(([*command, f"adapters/{name}"], ADAPTERS[name]))
     for name, (_, message) in YAMLS.items():
         cases.append((["train", "--config", name], message))
     return cases
