@@ -115,7 +115,7 @@ def from_pretrained(
         from neo_jax import lora
 
         adapter = resolve(adapter)
-        lora.check_adapter(adapter, config)
+        checked = lora.check_adapter(adapter, config, tensors=True)  # before the base's weights load
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     graphdef, state = abstract_model(config, dtype, param_dtype, attention, int8=stored_int8)
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
@@ -130,7 +130,7 @@ def from_pretrained(
     model = nnx.merge(graphdef, state)
     _SOURCES[model] = directory
     if adapter is not None:
-        lora.load(model, adapter)
+        lora.load(model, adapter, checked)
     if weights == "int8" and not stored_int8:
         to_int8(model)
     return model

@@ -312,9 +312,10 @@ def _shapes(config: GPTNeoConfig, lora: LoRAConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def load(model, directory: str | os.PathLike):
-    """Add the adapters of a PEFT directory to ``model`` (in place) and return it."""
-    lora, tensors = check_adapter(directory, model.config, tensors=True)
+def load(model, directory: str | os.PathLike, checked: tuple | None = None):
+    """Add the adapters of a PEFT directory to ``model`` (in place) and return it. ``checked``: what
+    ``check_adapter(directory, model.config, tensors=True)`` already returned, so the file is not read again."""
+    lora, tensors = checked or check_adapter(directory, model.config, tensors=True)
     add(model, lora)
     period = len(model.config.layer_period)
     for slot, dense_of in enumerate(model.periods):

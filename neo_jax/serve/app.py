@@ -6,7 +6,7 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
 that does not arrive in time, 413 for an oversized body, 429 when the queue is full, 503 while draining,
 and 500 (logged, with no traceback in the body) for anything unexpected.
 
-Prompts are tokenized in worker threads, never on the event loop, after their length in characters is
+Prompts are tokenized in a worker thread, never on the event loop, after their length in characters is
 checked against the most any prompt that fits the context could have.
 """
 
