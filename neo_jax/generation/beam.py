@@ -12,7 +12,7 @@ import numpy as np
 
 from neo_jax import sharding, validate
 from neo_jax.generation.cache import KVCache, cache_bucket, decode_step, prefill
-from neo_jax.generation.loop import Weights, _build, _prepare, _to_host
+from neo_jax.generation.programs import Weights, build, prepare, to_host
 from neo_jax.model import GPTNeo
 
 
@@ -114,9 +114,9 @@ def _beam_search(
     length_penalty,
     early_stopping,
 ):
-    model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0] // num_beams
-    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len)
+    logits, cache, _ = prefill(model, periods, input_ids, attention_mask, max_len)
     empty = jnp.full((batch, num_beams, max_new), pad, jnp.int32)
     state = BeamState(
         cache=cache,
@@ -139,7 +139,7 @@ def _beam_search(
 
     def body(carry):
         state, arrays = carry
-        model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+        model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
         state, rows, tokens = _beam_step(
             state,
             num_beams=num_beams,
@@ -177,7 +177,7 @@ def beam_search(
     validate.real("length_penalty", length_penalty)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    request = prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return np.zeros((request.input_ids.shape[0], 0), np.int32)
     weights = Weights.of(model)
@@ -195,4 +195,4 @@ def beam_search(
             length_penalty=float(length_penalty),
             early_stopping=early_stopping,
         )
-    return _to_host(new)
+    return to_host(new)

@@ -102,9 +102,10 @@ def _visible(cache: KVCache, length: int, window: int | None):
     return (visible & jnp.take_along_axis(cache.valid, slots, axis=1))[:, None, None, :]
 
 
-def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int, *, return_hidden: bool = False):
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
     """Run the whole (left-padded) prompt into a new cache of ``max_len`` slots; return the last position's
-    logits [batch, vocab] and the cache (and, with ``return_hidden``, every position's final hidden state).
+    logits [batch, vocab], the cache, and every position's final hidden state (unused values cost nothing in a
+    jitted caller: XLA drops them).
     Positions count real tokens only (padding gets 0), as transformers' ``generate`` derives them from the
     attention mask."""
     seq_len = input_ids.shape[1]
@@ -120,7 +121,7 @@ def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int, *, 
     hidden, cache = model.transform(input_ids, position_ids, attention, cache, periods)
     cache = dataclasses.replace(cache, index=jnp.int32(seq_len))
     logits = model.logits(hidden[:, -1:])[:, 0]
-    return (logits, cache, hidden) if return_hidden else (logits, cache)
+    return logits, cache, hidden
 
 
 def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):

@@ -5,69 +5,20 @@ reads per-layer weight copies (``Weights``)."""
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from neo_jax import sharding, validate
+from neo_jax.generation.beam import beam_search
 from neo_jax.generation.cache import KVCache, cache_bucket, decode_step, prefill
+from neo_jax.generation.programs import Weights, build, pad_id, prepare, to_host
 from neo_jax.generation.sampling import SamplingParams, check_beams, seed_key
 from neo_jax.model import GPTNeo
-from neo_jax.shapes import bucket
-
-
-@dataclasses.dataclass(frozen=True)
-class Weights:
-    """The model split for generation programs: its graph and parameters, plus the blocks as one module per
-    period (``periods``) so that generation runs layer by layer with a static index.
-
-    On the CPU the per-period weights are separate buffers: XLA:CPU copies any slice of a stacked weight
-    inside a program, which would double a decode step's memory traffic. They are made once per model
-    (one more copy of the block weights, kept while the model lives) and made again if its parameters are
-    replaced. On accelerators slicing inside the program is free, so ``periods`` is None and the slices
-    are taken there.
-    """
-
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    period_graphdef: nnx.GraphDef
-    periods: list | None
-
-    @classmethod
-    def of(cls, model: GPTNeo) -> Weights:
-        graphdef, params = nnx.split(model)
-        period_graphdef, stacked = nnx.split(model.periods)
-        periods = None
-        if jax.default_backend() == "cpu":
-            leaves = jax.tree.leaves(stacked)
-            cached = _UNSTACKED.get(model)
-            if cached is None or any(a is not b for a, b in zip(cached[0], leaves, strict=True)):
-                cached = _UNSTACKED[model] = (leaves, _unstack_copy(stacked, model.config.num_periods))
-            periods = cached[1]
-        return cls(graphdef, params, period_graphdef, periods)
-
-
-_UNSTACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _unstack(stacked, n: int) -> list:
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
-
-
-_unstack_copy = jax.jit(_unstack, static_argnums=1)  # one dispatch instead of one per tensor
-
-
-def _build(graphdef, params, period_graphdef, periods):
-    """Inside a program: the model and its list of per-period block modules."""
-    model = nnx.merge(graphdef, params)
-    if periods is None:
-        periods = _unstack(nnx.state(model.periods), model.config.num_periods)
-    return model, [nnx.merge(period_graphdef, state) for state in periods]
 
 
 @jax.tree_util.register_dataclass
@@ -103,9 +54,9 @@ def _start(
     graphdefs, arrays, input_ids, attention_mask, seen, params: SamplingParams, key, eos, pad, *, max_len, max_new
 ):
     """Prefill and pick the first new token."""
-    model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     batch = input_ids.shape[0]
-    logits, cache = prefill(model, periods, input_ids, attention_mask, max_len)
+    logits, cache, _ = prefill(model, periods, input_ids, attention_mask, max_len)
     state = LoopState(
         cache=cache,
         tokens=jnp.full((batch, max_new), pad, jnp.int32),
@@ -130,7 +81,7 @@ def _continue(graphdefs, arrays, state: LoopState, stop, params: SamplingParams,
     def body(carry):
         # The weights ride in the carry: NNX wants modules built at the trace level that uses them.
         state, arrays = carry
-        model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+        model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
         logits, cache = decode_step(model, periods, state.last, state.positions, state.cache)
         state = _emit(dataclasses.replace(state, cache=cache), logits, params, eos, pad)
         return dataclasses.replace(state, positions=state.positions + 1), arrays
@@ -141,57 +92,8 @@ def _continue(graphdefs, arrays, state: LoopState, stop, params: SamplingParams,
 def compiled_programs() -> dict[str, int]:
     """How many variants of the prefill and of the decode loop this process has compiled: an inspection hook
     for tests and benchmarks that check that nearby shapes share one program."""
-    return {"prefill": _start._cache_size(), "decode": _continue._cache_size()}
-
-
-def _to_host(array) -> np.ndarray:
-    """A result on the host; in a multi-host run, rows other hosts hold are gathered first."""
-    if array.is_fully_addressable or array.is_fully_replicated:
-        return np.asarray(array)
-    from neo_jax.distributed import gather
-
-    return np.asarray(gather(array))
-
-
-@dataclasses.dataclass
-class _Request:
-    """A validated, bucketed generation request."""
-
-    input_ids: np.ndarray  # [batch, bucketed prompt] left-padded
-    attention_mask: np.ndarray
-    eos: int  # -1: never stop early
-    pad: int
-
-
-def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id) -> _Request:
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"the prompt is empty or not [batch, seq]: input_ids has shape {input_ids.shape}")
-    input_ids = validate.token_ids(input_ids, model.config.vocab_size)
-    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    mask = validate.attention_mask(mask[None] if mask.ndim == 1 else mask, input_ids.shape)
-    max_new_tokens = validate.integer("max_new_tokens", max_new_tokens, least=0)
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if value is not None:
-            validate.integer(name, value)
-    limit = model.config.max_position_embeddings
-    if input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-            f"max_position_embeddings ({limit}); shorten the prompt or ask for fewer tokens"
-        )
-    pad = _pad_id(eos_token_id, pad_token_id)
-    eos = -1 if eos_token_id is None else eos_token_id
-    width = bucket(input_ids.shape[1])
-    left = width - input_ids.shape[1]
-    return _Request(
-        input_ids=np.pad(input_ids, ((0, 0), (left, 0)), constant_values=pad).astype(np.int32),
-        attention_mask=np.pad(mask, ((0, 0), (left, 0))).astype(np.int32),
-        eos=eos,
-        pad=pad,
-    )
+    programs: dict[str, Any] = {"prefill": _start, "decode": _continue}  # jax's jitted functions count their variants
+    return {name: jitted._cache_size() for name, jitted in programs.items()}
 
 
 def stream(
@@ -214,7 +116,7 @@ def stream(
     key = seed_key(seed)
     if chunk_size is not None:
         validate.integer("chunk_size", chunk_size, least=1)
-    request = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    request = prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return
     vocab = model.config.vocab_size
@@ -243,7 +145,7 @@ def stream(
             max_len=max_len,
             max_new=cache_bucket(max_new_tokens),
         )
-    yield _to_host(state.tokens[:, :1])  # right after prefill: time to first token
+    yield to_host(state.tokens[:, :1])  # right after prefill: time to first token
     done = 1
     chunk = chunk_size or max_new_tokens
     while done < max_new_tokens and not bool(state.finished.all()):
@@ -251,7 +153,7 @@ def stream(
         with sharding.use_mesh(mesh):
             state = _continue(graphdefs, arrays, state, jnp.int32(stop), params, eos, pad)
         step = int(state.step)
-        yield _to_host(state.tokens[:, done:step])
+        yield to_host(state.tokens[:, done:step])
         done = step
 
 
@@ -282,8 +184,6 @@ def generate(
     prompt = np.asarray(input_ids)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if num_beams > 1:
-        from neo_jax.generation.beam import beam_search  # beam search builds on this module
-
         new = beam_search(
             model,
             prompt,
@@ -309,11 +209,7 @@ def generate(
             )
         )
         new = np.concatenate(chunks, axis=1) if chunks else np.zeros((prompt.shape[0], 0), np.int32)
-    pad = _pad_id(eos_token_id, pad_token_id)
+    pad = pad_id(eos_token_id, pad_token_id)
     filled = np.full((prompt.shape[0], max_new_tokens), pad, np.int64)
     filled[:, : new.shape[1]] = new
     return np.concatenate([prompt.astype(np.int64), filled], axis=1)
-
-
-def _pad_id(eos_token_id, pad_token_id) -> int:
-    return pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)

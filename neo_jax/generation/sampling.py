@@ -23,7 +23,7 @@ def seed_key(seed: int) -> jax.Array:
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     seed %= 2**64
-    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
+    return jax.random.wrap_key_data(jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32), impl="threefry2x32")
 
 
 # Small pure functions on float32 logits [batch, vocab], in the order transformers applies them.

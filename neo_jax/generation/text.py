@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +48,10 @@ class TextGenerator:
             from neo_jax.convert import source_of
             from neo_jax.hf import load_tokenizer
 
-            if source_of(self.model) is None:
+            directory = source_of(self.model)
+            if directory is None:
                 raise ValueError("this model was not loaded from a directory: pass tokenizer=... explicitly")
-            tokenizer = load_tokenizer(source_of(self.model))
+            tokenizer = load_tokenizer(directory)
         self.tokenizer = tokenizer  # used as given: padding is done here, the tokenizer's settings stay the caller's
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = 0 if pad is None else pad
@@ -72,12 +73,12 @@ class TextGenerator:
     def _ids(self, **sampling):
         return {"eos_token_id": self.model.config.eos_token_id, "pad_token_id": self.pad_token_id, **sampling}
 
-    def decode(self, tokens: np.ndarray, stop: list[str] | None = None) -> str:
+    def decode(self, tokens: Sequence[int] | np.ndarray, stop: list[str] | None = None) -> str:
         eos = self.model.config.eos_token_id
-        tokens = [int(t) for t in tokens]
-        if eos is not None and eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
-        return _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+        ids = [int(t) for t in tokens]
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        return _cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
 
     def __call__(
         self, prompts: str | list[str], *, max_new_tokens: int = 50, stop: list[str] | None = None, **sampling

@@ -34,7 +34,7 @@ from neo_jax import sharding, validate
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, init_cache, prefill
 from neo_jax.generation.cache import decode_step as model_step
-from neo_jax.generation.loop import Weights, _build
+from neo_jax.generation.programs import Weights, build
 from neo_jax.generation.sampling import NEG_INF, SamplingParams, min_p, repetition_penalty, seed_key, temperature
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
@@ -179,11 +179,11 @@ def _admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, see
     0..n-1, write it into row ``slot``, and choose its first token. If ``echo`` (a traced bool) also compute
     the log-probabilities of the prompt's tokens 1..T-1 and their alternatives (else zeros: the branch is
     skipped, so requests that do not ask pay nothing)."""
-    model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     width = input_ids.shape[1]
     n = attention_mask.sum().astype(jnp.int32)
     max_len = slots.cache.valid.shape[1]
-    logits, cache, hidden = prefill(model, periods, input_ids, attention_mask, max_len, return_hidden=True)
+    logits, cache, hidden = prefill(model, periods, input_ids, attention_mask, max_len)
     shift = width - n  # the left padding: roll it out of the way (ring entry r holds slot r mod length)
     put = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(rows, jnp.roll(row, -shift, axis=2), slot, axis=0)
     valid = jax.lax.dynamic_update_slice_in_dim(slots.cache.valid, jnp.roll(cache.valid, -shift, axis=1), slot, 0)
@@ -217,7 +217,7 @@ def _admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, see
 
 def _step(graphdefs, arrays, slots: Slots):
     """One token for every row; rows that are not active keep their state."""
-    model, periods = _build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     logits, cache = model_step(model, periods, slots.last, slots.positions, slots.cache)
     active = slots.active
     cache = dataclasses.replace(cache, index=jnp.where(active, cache.index, slots.cache.index))
@@ -524,7 +524,7 @@ class Engine:
         if self.metrics:
             self.metrics.requests.labels(reason).inc()
 
-    def _deliver(self, request: Request, token: int, logprob: float, top_ids, top_logprobs, now: float) -> bool:
+    def _deliver(self, request: Request, token, logprob, top_ids, top_logprobs, now: float) -> bool:
         """Hand one token to its request; True if the request is over."""
         request.generated += 1
         if self.metrics:
@@ -587,10 +587,10 @@ class Engine:
                         self._lock.wait()
                     if not self._running:
                         return
-                freed = [i for i, r in enumerate(self._requests) if r is not None and r.cancelled]
-                for i in freed:
-                    self._finish(self._requests[i], "cancelled")
-                self._release(freed)
+                cancelled = [(i, r) for i, r in enumerate(self._requests) if r is not None and r.cancelled]
+                for _, request in cancelled:
+                    self._finish(request, "cancelled")
+                self._release([i for i, _ in cancelled])
                 self._admit_waiting()
                 if self.active == 0:
                     continue
