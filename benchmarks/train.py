@@ -5,8 +5,8 @@
 
 Prints one JSON object: tokens/s of a full AdamW step (forward, backward, update) on each side (medians of
 --repeats steps after warm-up), their ratio, neo_jax's first-step (compile) time, and model FLOPs
-utilisation as ``neo-jax train`` reports it: ``neo_jax.plan.train_flops`` (6 x matmul parameters + 12 x layers x
-hidden x seq FLOPs per token) over ``neo_jax.plan.peak_flops`` (a TPU's published peak, elsewhere the best rate
+utilisation as ``neo-jax train`` reports it: ``neo_jax.aot.train_flops`` (6 x matmul parameters + 12 x layers x
+hidden x seq FLOPs per token) over ``neo_jax.aot.peak_flops`` (a TPU's published peak, elsewhere the best rate
 of a large matmul in the same dtype). The reference runs on CUDA when PyTorch sees a
 GPU, with bfloat16 autocast for --dtype bfloat16 (float32 weights and AdamW state on both sides).
 With --lora-rank both sides train LoRA adapters only (alpha 2R): neo_jax.lora against PEFT, and the MFU
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from common import median_seconds, same_weights
 
+from neo_jax.aot import peak_flops, train_flops
 from neo_jax.config import DTYPES, REMAT
-from neo_jax.plan import peak_flops, train_flops
 from neo_jax.train import make_optimizer, train_step
 
 

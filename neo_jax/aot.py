@@ -20,9 +20,11 @@ check of how memory scales in the tests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -187,10 +189,10 @@ def train_program(
     attention: str = "auto",
     lora=None,
     int8: bool = False,
-) -> jax.stages.Lowered:
+) -> Lowered:
     """The full train step ``neo-jax train`` runs (float32 parameters and AdamW state, ``dtype`` compute,
     ``remat``, gradient accumulation, donation), lowered for ``mesh`` with a global batch of ``batch``
-    sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.train.OptimizerConfig`` (default settings);
+    sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.settings.OptimizerConfig`` (default settings);
     ``attention``: the implementation (``neo_jax.attention``); ``lora``: a ``neo_jax.lora.LoRAConfig`` to train
     adapters only, the frozen base stored in ``dtype`` as ``neo-jax train`` stores it (``int8``: in int8, as
     ``--lora-base int8`` stores it)."""
@@ -244,7 +246,7 @@ def generate_programs(
     param_dtype=None,
     attention: str = "auto",
     int8: bool = False,
-) -> dict[str, jax.stages.Lowered]:
+) -> dict[str, Lowered]:
     """The two programs ``neo-jax generate`` runs, lowered for ``mesh``: ``prefill`` (a left-padded prompt of
     ``prompt_len`` tokens, default half of ``max_len``, into a new KV cache, and the first token) and
     ``decode`` (the jitted loop of single-token steps over that cache, up to ``max_len`` positions in all).
@@ -292,7 +294,13 @@ def generate_programs(
     return {"prefill": prefill, "decode": decode}
 
 
-def analyse(lowered: jax.stages.Lowered) -> dict:
+class Lowered(Protocol):
+    """A lowered program, from ``jax.jit`` or ``nnx.jit``: what ``analyse`` compiles."""
+
+    def compile(self) -> Any: ...
+
+
+def analyse(lowered: Lowered) -> dict:
     """Compile ``lowered`` and return XLA's per-device figures: bytes of ``arguments``, ``outputs`` (less
     what aliases the donated arguments), ``temporaries`` and their ``total``; ``flops`` and ``bytes_accessed``
     from the cost analysis; and ``compile_seconds``. Raises ``ValueError`` naming the shortfall when the
@@ -321,3 +329,61 @@ def analyse(lowered: jax.stages.Lowered) -> dict:
         "compile_seconds": round(seconds, 1),
     }
     return result
+
+
+# ---- FLOPs: the MFU numerator (counted from the shapes) and denominator (a chip's peak) ----
+def matmul_params(config: GPTNeoConfig) -> int:
+    """Parameters that take part in a matmul: every block's Linear kernels and the tied LM head."""
+    h = config.hidden_size
+    return config.num_layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
+
+
+def train_flops(config: GPTNeoConfig, batch: int, seq: int, remat: str = "none") -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one train step on ``batch`` sequences of ``seq`` tokens, over all
+    devices. Model FLOPs are the usual 6 x matmul parameters x tokens plus attention's ``q @ k^T`` and
+    ``p @ v`` (12 x layers x seq x hidden per token), the MFU numerator; hardware FLOPs add what remat
+    recomputes (``full``: the layers' forward pass again; ``dots``: the attention matmuls)."""
+    h, layers, tokens = config.hidden_size, config.num_layers, batch * seq
+    matmuls = matmul_params(config)
+    layer_forward = 2 * (matmuls - config.vocab_size * h) + 4 * layers * seq * h
+    model = tokens * (6 * matmuls + 12 * layers * seq * h)
+    recompute = {"none": 0, "full": layer_forward, "dots": 4 * layers * seq * h}[remat]
+    return float(model), float(model + tokens * recompute)
+
+
+# jax's device_kind of each TPU generation -> CHIPS
+TPU_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+}
+
+
+def peak_flops(devices, dtype: str = "bfloat16") -> float:
+    """The peak matmul FLOP/s of ``devices`` together, the MFU denominator: a TPU chip's published bfloat16
+    figure (``CHIPS``) times the chips; elsewhere measured, as the best of a few square matmuls in
+    ``dtype`` on one device, times the devices (CPU devices share the host's cores: one measurement for all)."""
+    devices = list(devices)
+    kind = devices[0].device_kind
+    if kind in TPU_KINDS:
+        return CHIPS[TPU_KINDS[kind]].peak_flops * len(devices)
+    platform = devices[0].platform
+    return _measured_peak(platform, str(dtype)) * (1 if platform == "cpu" else len(devices))
+
+
+@functools.cache
+def _measured_peak(platform: str, dtype: str) -> float:
+    n = 2048 if platform == "cpu" else 8192
+    device = jax.devices(platform)[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        began = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - began)
+    return 2 * n**3 / best

@@ -27,14 +27,6 @@ ORBAX_DIR = "params"
 TRAINING_DIR = "checkpoints"  # a neo-jax train output directory: its latest checkpoint's parameters
 
 
-def latest_trained_params(directory: Path) -> Path:
-    checkpoints = Checkpoints(directory / TRAINING_DIR, read_only=True)
-    step = checkpoints.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{directory / TRAINING_DIR} holds no complete checkpoint yet")
-    return checkpoints.params_directory(step)
-
-
 def _orbax_checkpointer(**options):
     import orbax.checkpoint as ocp
 
@@ -246,11 +238,9 @@ class Checkpoints:
     ) -> bool:
         """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started.
         ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there. What trains
-        is saved (``lora.trainable``): with LoRA adapters, the adapters alone."""
-        from neo_jax.lora import trainable  # (lora reads the name map in hf, which imports this module)
-
+        is saved (what ``optimizer`` updates, its ``wrt``): with LoRA adapters, the adapters alone."""
         args = self._ocp.args.Composite(
-            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, trainable(model)))),
+            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, optimizer.wrt))),
             optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
             metadata=self._ocp.args.JsonSave(metadata or {}),
         )
@@ -271,9 +261,7 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.manager.directory}")
-        from neo_jax.lora import trainable
-
-        states = {"params": nnx.state(model, trainable(model)), "optimizer": nnx.state(optimizer)}
+        states = {"params": nnx.state(model, optimizer.wrt), "optimizer": nnx.state(optimizer)}
         restore = {}
         for name, state in states.items():
             target = nnx.to_pure_dict(state)

@@ -13,29 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from neo_jax import lora, peft
 from neo_jax.attention import check_implementation
-from neo_jax.checkpoints import (
-    ORBAX_DIR,
-    TRAINING_DIR,
-    atomic_directory,
-    check_destination,
-    holds_int8,
-    latest_trained_params,
-    load_orbax,
-    save_orbax,
-)
+from neo_jax.checkpoints import ORBAX_DIR, atomic_directory, check_destination, load_orbax, save_orbax
 from neo_jax.config import GPTNeoConfig
-from neo_jax.hf import (
-    HFCheckpoint,
-    copy_companion_files,
-    has_nonfinite,
-    load_hf,
-    resolve,
-    save_safetensors,
-)
+from neo_jax.hf import HFCheckpoint, copy_companion_files, has_nonfinite, load_hf, missing_weights, save_safetensors
 from neo_jax.model import GPTNeo
 from neo_jax.quantize import check_weights, is_quantized, to_int8
 from neo_jax.sharding import variable_sharding
+from neo_jax.source import Adapter, Source, resolve
 
 __all__ = ["abstract_model", "from_pretrained", "save_pretrained", "source_of"]
 
@@ -54,7 +40,7 @@ def abstract_model(
 
 
 def from_pretrained(
-    src: str | os.PathLike,
+    src: str | os.PathLike | Source,
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
@@ -66,7 +52,8 @@ def from_pretrained(
     adapter: str | os.PathLike | None = None,
     weights: str | None = None,
 ) -> GPTNeo:
-    """Load GPT-Neo from a hub id, a local Hugging Face directory, or a neo_jax Orbax directory.
+    """Load GPT-Neo from a hub id, a local Hugging Face directory, a neo_jax Orbax directory, a ``neo-jax
+    train`` output, or a ``neo_jax.source.Source`` already resolved.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. ``weights``
     ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the weight format: the first two replace
@@ -75,65 +62,53 @@ def from_pretrained(
     (``neo_jax.make_mesh``) each tensor goes straight into its shards as it is read, by the logical-axis
     ``rules`` of ``neo_jax.sharding`` (default ``DEFAULT_RULES``): no device holds a full replicated copy.
     ``attention`` picks the attention implementation (``neo_jax.attention``: auto, dense, blockwise, cudnn).
-    ``adapter``: a PEFT LoRA adapter directory (or hub id) to add, unmerged (``neo_jax.lora``); it is checked
+    ``adapter``: a PEFT LoRA adapter directory (or hub id) to add, unmerged (``neo_jax.peft``); it is checked
     against the base model's shapes before any weights load.
     """
     check_implementation(attention)  # before anything is downloaded or read
     if weights is not None and check_weights(weights) != "int8":  # int8 leaves param_dtype to the rest
         param_dtype = jnp.dtype(weights)
-    directory = resolve(src, revision)
-    run = trained_lora(directory)
-    if run is not None:  # a LoRA run: its base, plus the adapters of its latest checkpoint
-        from neo_jax import lora
-
-        settings, base = run
-        model = from_pretrained(
-            base,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            mesh=mesh,
-            rules=rules,
-            attention=attention,
-            progress=progress,
-            weights=weights,
-        )
-        lora.add(model, settings)
-        placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
-        adapters = load_orbax(latest_trained_params(directory), nnx.state(model, lora.LoRAParam), placement)
-        check_finite(adapters, directory)
-        nnx.update(model, adapters)
-        _SOURCES[model] = directory
-        return model
-    config = GPTNeoConfig.from_json_file(directory / "config.json")
-    stored_int8 = (directory / ORBAX_DIR).is_dir() and holds_int8(directory / ORBAX_DIR)
-    if stored_int8 and weights not in (None, "int8"):
-        raise ValueError(
-            f"{directory} holds int8 weights (saved from weights='int8'): load it with weights='int8', or save "
-            "the model from its float weights instead"
-        )
+    source = src if isinstance(src, Source) else resolve(src, revision)
     if adapter is not None:
-        from neo_jax import lora
-
-        adapter = resolve(adapter)
-        checked = lora.check_adapter(adapter, config, tensors=True)  # before the base's weights load
-    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-    graphdef, state = abstract_model(config, dtype, param_dtype, attention, int8=stored_int8)
+        source = source.with_adapter(adapter)  # checked before the base's weights load
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
-    if (directory / ORBAX_DIR).is_dir():
-        state = load_orbax(directory / ORBAX_DIR, state, placement)
-        check_finite(state, directory)
-    elif (directory / TRAINING_DIR).is_dir():
-        state = load_orbax(latest_trained_params(directory), state, placement)
-        check_finite(state, directory)
-    else:
-        state = load_hf(config, HFCheckpoint(directory), state, param_dtype, placement, progress)
-    model = nnx.merge(graphdef, state)
-    _SOURCES[model] = directory
-    if adapter is not None:
-        lora.load(model, adapter, checked)
-    if weights == "int8" and not stored_int8:
-        to_int8(model)
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    model = _load(source.base or source, placement, progress, dtype, param_dtype, attention, weights)
+    if source.adapter is not None:
+        _add_adapter(model, source.adapter, source.require_directory(), placement)
+    _SOURCES[model] = source.directory
     return model
+
+
+def _load(source: Source, placement, progress: bool, dtype, param_dtype, attention: str, weights) -> GPTNeo:
+    """The weights of ``source`` (a LoRA run's base, itself a source without adapters), as stored."""
+    if source.int8 and weights not in (None, "int8"):
+        raise ValueError(
+            f"{source.directory} holds int8 weights (saved from weights='int8'): load it with weights='int8', or "
+            "save the model from its float weights instead"
+        )
+    if source.weights is None:  # a config alone: no weights to read
+        raise missing_weights(source.require_directory())
+    graphdef, state = abstract_model(source.config, dtype, param_dtype, attention, int8=source.int8)
+    if source.format == "hf":
+        state = load_hf(source.config, HFCheckpoint(source.weights), state, param_dtype, placement, progress)
+    else:
+        state = load_orbax(source.weights, state, placement)
+        check_finite(state, source.require_directory())
+    model = nnx.merge(graphdef, state)
+    return to_int8(model) if weights == "int8" and not source.int8 else model
+
+
+def _add_adapter(model: GPTNeo, adapter: Adapter, directory: Path, placement) -> None:
+    """The adapters onto ``model``, in place: a PEFT directory's, or a LoRA run's (in ``directory``) latest
+    checkpoint's."""
+    if adapter.format == "peft":
+        peft.load(model, adapter.directory, (adapter.lora, adapter.tensors or {}))
+        return
+    lora.add(model, adapter.lora)
+    adapters = load_orbax(adapter.directory, nnx.state(model, lora.LoRAParam), placement)
+    check_finite(adapters, directory)
+    nnx.update(model, adapters)
 
 
 def check_finite(state, directory: Path) -> None:
@@ -148,27 +123,6 @@ def check_finite(state, directory: Path) -> None:
                 f"{directory}: {'.'.join(map(str, path))} holds NaN or infinite values; the weights are damaged "
                 "(or a training run diverged): restore them from a good copy"
             )
-
-
-def trained_lora(directory: Path):
-    """``(LoRAConfig, base model source)`` if ``directory`` is a `neo-jax train` run of LoRA adapters, else
-    None."""
-    run_file = directory / "run.yaml"
-    if not ((directory / TRAINING_DIR).is_dir() and run_file.is_file()):
-        return None
-    import yaml
-
-    from neo_jax.settings import FinetuneConfig
-
-    run = yaml.safe_load(run_file.read_text()) or {}
-    if run.get("adapter"):  # a run that went on training a PEFT adapter
-        from neo_jax.lora import read_config
-
-        return read_config(resolve(run["adapter"])), run["model"]
-    if not run.get("lora_rank"):
-        return None
-    known = {k: v for k, v in run.items() if k in FinetuneConfig.fields()}
-    return FinetuneConfig.load(**known).lora(), run["model"]
 
 
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the directory it was read from
@@ -201,8 +155,6 @@ def save_pretrained(
     """
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
-    from neo_jax import lora
-
     if is_quantized(model) and format != "orbax":
         raise ValueError(
             "int8 weights are saved in Orbax's format only (format='orbax', which from_pretrained reloads without "
@@ -211,19 +163,20 @@ def save_pretrained(
     if lora.has_lora(model):
         raise ValueError(
             "this model has LoRA adapters: fold them in first (neo_jax.lora.merge), or write the adapters alone "
-            "with neo_jax.lora.save"
+            "with neo_jax.peft.save"
         )
     if format == "hf" and jax.process_count() > 1:
         raise ValueError(
             "format='hf' writes from one process: save with format='orbax' (collective), then convert on one "
             "host with `neo-jax convert DIR OUT --to hf`"
         )
-    out_dir = check_destination(out_dir, overwrite, source_of(model))
+    source = source_of(model)
+    out_dir = check_destination(out_dir, overwrite, source)
     with atomic_directory(out_dir) as tmp:
         if jax.process_index() == 0:
             model.config.to_json_file(tmp / "config.json")
-            if source_of(model) is not None:
-                copy_companion_files(source_of(model), tmp)
+            if source is not None:
+                copy_companion_files(source, tmp)
         if format == "hf":
             save_safetensors(model, tmp, max_shard_size, progress and f"writing {out_dir.name}")
         else:

@@ -43,13 +43,14 @@ from tqdm.auto import tqdm
 
 from neo_jax import distributed, validate
 from neo_jax.attention import check_implementation, choose
-from neo_jax.checkpoints import Checkpoints
+from neo_jax.checkpoints import TRAINING_DIR, Checkpoints
 from neo_jax.config import DTYPES, REMAT
 from neo_jax.settings import FinetuneConfig
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
+from neo_jax.source import RUN_FILE, Source, resolve
 from neo_jax.train import learning_rate_schedule, make_optimizer, mean_loss, train_step
 
-CHECKPOINTS, METRICS, RUN_FILE, ADAPTER_DIR, DATA_DIR = "checkpoints", "metrics.jsonl", "run.yaml", "adapter", "data"
+CHECKPOINTS, METRICS, ADAPTER_DIR, DATA_DIR = TRAINING_DIR, "metrics.jsonl", "adapter", "data"
 # Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
 # by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
 RESUME_KEYS = (
@@ -65,12 +66,10 @@ RESUME_KEYS = (
 )
 
 
-def check(config: FinetuneConfig) -> Mesh:
+def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
     """Every setting that can be checked without reading the corpus or loading weights (a prepared data
     directory's manifest and shard sizes are checked against the model); returns the device mesh (``mesh``, by
-    default every device on the fsdp axis)."""
-    from neo_jax.hf import resolve_config
-
+    default every device on the fsdp axis) and the model's source, resolved (with ``adapter`` on it, checked)."""
     positive = {"steps": 1, "batch_size": 1, "seq_len": 2, "grad_accum": 1, "save_every": 1, "keep": 1}
     for key, least in positive.items():
         if getattr(config, key) < least:
@@ -104,21 +103,19 @@ def check(config: FinetuneConfig) -> Mesh:
         raise ValueError(
             f"batch_size {config.batch_size} does not split into grad_accum={config.grad_accum} micro-batches"
         )
-    mesh = make_mesh(**(parse_mesh(config.mesh) if config.mesh else {"data": 1, "fsdp": -1}))
+    mesh = make_mesh(**parse_mesh(config.mesh)) if config.mesh else make_mesh(data=1, fsdp=-1)
     replicas, micro = mesh.shape["data"] * mesh.shape["fsdp"], config.batch_size // config.grad_accum
     if micro % replicas:
         raise ValueError(
             f"the micro-batch of {micro} rows (batch_size / grad_accum) does not divide over the "
             f"{replicas} data-parallel devices (mesh data x fsdp): make it a multiple of {replicas}"
         )
-    model_config = resolve_config(config.model)
+    if config.adapter is not None and config.lora_rank:
+        raise ValueError("give --adapter (it brings its own rank, alpha and targets) or --lora-rank, not both")
+    source = resolve(config.model)
     if config.adapter is not None:
-        from neo_jax.hf import resolve
-        from neo_jax.lora import check_adapter
-
-        if config.lora_rank:
-            raise ValueError("give --adapter (it brings its own rank, alpha and targets) or --lora-rank, not both")
-        check_adapter(resolve(config.adapter), model_config)
+        source = source.with_adapter(config.adapter)
+    model_config = source.config
     dropouts = {name: getattr(model_config, name) for name in ("embed_dropout", "resid_dropout", "attention_dropout")}
     if any(dropouts.values()):
         raise ValueError(
@@ -139,9 +136,9 @@ def check(config: FinetuneConfig) -> Mesh:
         export = Path(config.export_hf).expanduser()
         if export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
-    _check_data(config, model_config)
+    _check_data(config, source)
     _check_output(config, model_config)
-    return mesh
+    return mesh, source
 
 
 def prepared_directory(config: FinetuneConfig) -> Path | None:
@@ -153,33 +150,25 @@ def prepared_directory(config: FinetuneConfig) -> Path | None:
     return None
 
 
-def _check_data(config: FinetuneConfig, model_config) -> None:
+def _check_data(config: FinetuneConfig, source: Source) -> None:
     from neo_jax.data import Batches, TokenData, expand_paths, is_prepared
-    from neo_jax.hf import is_config_only, load_tokenizer, resolve
+    from neo_jax.hf import load_tokenizer
 
     directory = prepared_directory(config)
     if directory is None:
         if any(is_prepared(pattern) for pattern in config.data):
             raise ValueError("a prepared data directory is read alone: pass it as the only --data")
         expand_paths(config.data)
-        if is_config_only(config.model) and not _has_tokenizer(config.model):
+        if source.format == "config" and source.tokenizer is None:
             raise ValueError(
                 f"{config.model} is a config without a tokenizer to read raw text with: prepare the data first "
                 "(neo-jax data prepare FILES... --tokenizer SRC --output DIR) and pass --data DIR"
             )
         return
     data = TokenData(directory)
-    tokenizer = load_tokenizer(resolve(config.model)) if _has_tokenizer(config.model) else None
-    data.check_model(model_config, tokenizer)
+    tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer is not None else None
+    data.check_model(source.config, tokenizer)
     Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)  # enough for a batch?
-
-
-def _has_tokenizer(model: str) -> bool:
-    """Whether a local model source has tokenizer files (a hub id is taken to have them)."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        return True
-    return path.is_dir() and any((path / name).is_file() for name in ("tokenizer.json", "vocab.json"))
 
 
 def _check_output(config: FinetuneConfig, model_config) -> None:
@@ -227,7 +216,7 @@ def _stop_signals():
     130, as kill -9 would (a save in flight is left incomplete, and the next run resumes from the last
     complete checkpoint): raising KeyboardInterrupt wherever the main thread happens to be could leave an
     asynchronous checkpoint write waiting forever."""
-    flag = [None]
+    flag: list[str | None] = [None]
     names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
     previous = {}
 
@@ -400,27 +389,23 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
     "done", or "sigterm" / "sigint" when a SIGTERM / Ctrl-C cut it short after saving. A non-finite loss raises
     ``FloatingPointError`` naming the step, after the checkpoints in flight are complete."""
-    mesh = check(config)
+    mesh, source = check(config)
     with _stop_signals() as stop:  # from here on SIGTERM (TPU preemption) or Ctrl-C stop the run cleanly
-        return _train(config, mesh if mesh.size > 1 else None, stop, progress)
+        return _train(config, source, mesh if mesh.size > 1 else None, stop, progress)
 
 
-def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
-    from neo_jax.config import GPTNeoConfig
+def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
     from neo_jax.convert import from_pretrained
     from neo_jax.data import Batches, Loader, TokenData
-    from neo_jax.hf import is_config_only, resolve, resolve_config
 
-    scratch = is_config_only(config.model)
-    source = None if scratch else resolve(config.model)
-    model_config = resolve_config(config.model) if scratch else GPTNeoConfig.from_json_file(source / "config.json")
+    scratch, model_config = source.format == "config", source.config
     output = Path(config.output).expanduser().absolute()
     directory = prepared_directory(config)
     created = not output.exists()
     try:
         if directory is None:  # raw text: tokenized once, into the run directory
             output.mkdir(parents=True, exist_ok=True)
-            directory = _prepare_raw(config, source or Path(config.model).expanduser(), output)
+            directory = _prepare_raw(config, source.require_directory(), output)
         data = TokenData(directory)
         batches = Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
         _check_resumed_data(output, batches.fingerprint())
@@ -434,7 +419,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     )
     if data.validation.tokens < config.seq_len:
         distributed.log(f"{directory} has no validation split of {config.seq_len} tokens: training without evaluation")
-    output = _prepare_output(config, model_config, directory if scratch else source)
+    output = _prepare_output(config, model_config, directory if scratch else source.require_directory())
     new_adapters = config.lora()
     uses_lora = new_adapters is not None or config.adapter is not None
     if scratch:
@@ -453,7 +438,6 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
             mesh=mesh,
             attention=config.attention,
             progress=progress,
-            adapter=config.adapter,
         )
     if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
         from neo_jax.lora import add
@@ -476,7 +460,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
         distributed.log(f"{output} is already trained to step {start}: raise --steps to go on")
 
     tokens = config.batch_size * config.seq_len
-    from neo_jax.plan import peak_flops, train_flops
+    from neo_jax.aot import peak_flops, train_flops
 
     model_flops = train_flops(model_config, config.batch_size, config.seq_len)[0]
     peak = peak_flops(mesh.devices.flat if mesh is not None else jax.devices()[:1], config.dtype)
@@ -493,7 +477,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     step = start
     dropout_key = jax.random.key(config.seed)
     try:
-        while step < config.steps and not interrupted:
+        while loader is not None and step < config.steps and not interrupted:
             step += 1
             began = time.perf_counter()
             batch, waited = loader.next()
@@ -520,7 +504,7 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
             record = {
                 "step": step,
                 "loss": loss,
-                "lr": float(schedule(step - 1)),
+                "lr": float(jax.device_get(schedule(step - 1))),
                 "grad_norm": grad_norm,
                 "tokens_per_s": round(tokens / seconds, 1),
                 "tokens_seen": step * tokens,
@@ -558,9 +542,9 @@ def _train(config: FinetuneConfig, mesh: Mesh | None, stop: list[str | None], pr
     if stopped == "done" and distributed.is_main_process():
         plot_losses(output / METRICS, output / "loss.png")
         if uses_lora:  # the adapters in PEFT's format, for PeftModel or --adapter
-            from neo_jax import lora
+            from neo_jax import peft
 
-            lora.save(model, output / ADAPTER_DIR, base_model=config.model, overwrite=True)
+            peft.save(model, output / ADAPTER_DIR, base_model=config.model, overwrite=True)
             distributed.log(f"wrote the adapters in PEFT's format to {output / ADAPTER_DIR}")
     if stopped == "done" and config.export_hf is not None:
         from neo_jax.convert import save_pretrained

@@ -1,5 +1,5 @@
 """Hugging Face GPT-Neo checkpoints: the name map between their tensors and neo_jax's parameters, the reader
-of safetensors and ``pytorch_model.bin`` weight sets, hub resolution, the tokenizer, and the safetensors
+of safetensors and ``pytorch_model.bin`` weight sets, the tokenizer, and the safetensors
 writer.
 
 One name map (``LAYER_PARAMS`` / ``TOP_PARAMS``) drives import, export and validation; tensors keep their
@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 def param_layout(config: GPTNeoConfig) -> dict[tuple, list[str]]:
     """Our parameter path -> the Hugging Face tensors stacked into it, in stacking order."""
-    layout = {path: [name] for name, path in TOP_PARAMS.items()}
+    layout: dict[tuple, list[str]] = {path: [name] for name, path in TOP_PARAMS.items()}
     period = len(config.layer_period)
     for slot in range(period):
         for suffix, path in LAYER_PARAMS.items():
@@ -116,10 +117,7 @@ class HFCheckpoint:
                 self.tensors.update(self._load_bin(file))
             self.shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         else:
-            raise FileNotFoundError(
-                f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX} (sharded), {BIN_WEIGHTS} "
-                f"or {BIN_INDEX}, or a '{ORBAX_DIR}/' folder written by save_pretrained(format='orbax')"
-            )
+            raise missing_weights(directory)
         if self.shapes and not any(name.startswith("transformer.") for name in self.shapes):
             # Saved from GPTNeoModel (no LM head): names lack the "transformer." prefix.
             self.renamed = {f"transformer.{name}": name for name in self.shapes}
@@ -173,6 +171,14 @@ class HFCheckpoint:
         return tensor
 
 
+def missing_weights(directory: Path) -> FileNotFoundError:
+    """The error for a model directory without weights, naming what was looked for."""
+    return FileNotFoundError(
+        f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX} (sharded), {BIN_WEIGHTS} "
+        f"or {BIN_INDEX}, or a '{ORBAX_DIR}/' folder written by save_pretrained(format='orbax')"
+    )
+
+
 def _weight_files(directory: Path, index_name: str, single_name: str) -> list[str]:
     """The weight files of a checkpoint: those its index json lists, or its single file."""
     index = directory / index_name
@@ -219,70 +225,6 @@ def check_checkpoint(config: GPTNeoConfig, checkpoint: HFCheckpoint, layout: dic
             f"the weights in {checkpoint.directory} do not match its config.json "
             f"({config.num_layers} layers, hidden_size {config.hidden_size}, vocab_size {config.vocab_size}):\n  {shown}"
         )
-
-
-# ------------------------------------------------------------------------------------------- sources
-def resolve(src: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory for ``src``: the directory itself, or a Hugging Face hub download."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the directory holding config.json and the weights")
-        return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-        raise FileNotFoundError(f"{src} is neither an existing directory nor a Hugging Face hub id like 'org/name'")
-    return _download(str(src), revision)
-
-
-def resolve_config(src: str | os.PathLike, revision: str | None = None) -> GPTNeoConfig:
-    """Only the config of ``src``: a ``config.json`` file itself, or a model's (a hub id fetches just its
-    ``config.json``)."""
-    path = Path(src).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return GPTNeoConfig.from_json_file(path)
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-        return GPTNeoConfig.from_json_file(resolve(src) / "config.json")
-    from huggingface_hub import hf_hub_download
-
-    return GPTNeoConfig.from_json_file(hf_hub_download(str(src), "config.json", revision=revision))
-
-
-def holds_weights(directory: Path) -> bool:
-    """Whether a model directory has weights (Hugging Face files, neo_jax's Orbax parameters or a training
-    run's checkpoints), rather than a config alone."""
-    names = ("params", "checkpoints", SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX, "adapter_config.json")
-    return any((directory / name).exists() for name in names) or any(directory.glob("*.safetensors"))
-
-
-def is_config_only(src: str | os.PathLike) -> bool:
-    """Whether ``src`` names a model to start from random weights: a ``.json`` config file, or a local
-    directory holding a ``config.json`` and no weights."""
-    path = Path(src).expanduser()
-    if path.is_file():
-        return path.suffix == ".json"
-    return path.is_dir() and (path / "config.json").is_file() and not holds_weights(path)
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    """Fetch config, weights (safetensors if the repo has them, else .bin) and tokenizer files only."""
-    from huggingface_hub import list_repo_files, snapshot_download
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    try:
-        files = list_repo_files(repo_id, revision=revision)
-    except OfflineModeIsEnabled:
-        files = None  # take whatever the local cache holds
-    has_safetensors = files is None or any(f.endswith(".safetensors") for f in files)
-    weights = ["*.safetensors", SAFE_INDEX] if has_safetensors else ["pytorch_model*.bin", BIN_INDEX]
-    if files is None:
-        weights += ["pytorch_model*.bin", BIN_INDEX]
-    return Path(
-        snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=["config.json", "adapter_config.json", *COMPANION_FILES, *weights],
-        )
-    )
 
 
 def load_tokenizer(directory: str | os.PathLike):
@@ -369,7 +311,9 @@ def save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: s
         filename_pattern="model{suffix}.safetensors",
         max_shard_size=max_shard_size,
     )
-    bar = tqdm(total=len(tensors), desc=progress or None, unit="tensor", disable=not progress)
+    bar = tqdm(
+        total=len(tensors), desc=progress if isinstance(progress, str) else None, unit="tensor", disable=not progress
+    )
     for filename, names in split.filename_to_tensors.items():
         write_safetensors(directory / filename, {name: shapes[name] for name in names}, tensors, bar.update)
     bar.close()
@@ -391,7 +335,8 @@ def write_safetensors(path: Path, specs: dict[str, jax.ShapeDtypeStruct], tensor
     the host memory of an export; the format (8-byte header length, JSON header, raw little-endian data)
     lets us stream instead. ``metadata.format = "pt"`` is what transformers expects.
     """
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for name, spec in specs.items():
         size = spec.size * spec.dtype.itemsize
         dtype = SAFETENSORS_DTYPES[spec.dtype.name]

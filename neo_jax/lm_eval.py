@@ -14,6 +14,7 @@ commas) shards the model over a device mesh.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 from lm_eval import utils
@@ -46,8 +47,9 @@ class NeoJaxLM(TemplateLM):
     ):
         super().__init__()
         from neo_jax.convert import from_pretrained
-        from neo_jax.hf import load_tokenizer, resolve
+        from neo_jax.hf import load_tokenizer
         from neo_jax.sharding import make_mesh, parse_mesh
+        from neo_jax.source import resolve
 
         if unused:
             logging.getLogger(__name__).warning(
@@ -62,11 +64,11 @@ class NeoJaxLM(TemplateLM):
         placement = None
         if mesh is not None:
             placement = make_mesh(**parse_mesh(mesh))
-        directory = resolve(pretrained, revision)
+        source = resolve(pretrained, revision)
         self.model = from_pretrained(
-            directory, dtype=dtype, param_dtype=dtype, weights=weights, mesh=placement, adapter=peft
+            source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=placement, adapter=peft
         )
-        self.tokenizer = load_tokenizer(directory)
+        self.tokenizer = load_tokenizer(source.require_directory())
         limit = self.model.config.max_position_embeddings
         self.max_length = min(int(max_length or limit), limit)
         self.max_gen_toks = int(max_gen_toks)
@@ -123,12 +125,12 @@ class NeoJaxLM(TemplateLM):
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm)
         for members in groups.values():
-            settings = normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks)
+            settings: dict[str, Any] = dict(normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks))
             until = handle_stop_sequences(settings.pop("until", None), eos=eos)
             max_new = settings.pop("max_gen_toks")
             if max_new >= self.max_length:
                 raise ValueError(f"max_gen_toks {max_new} must be below the model's max_length {self.max_length}")
-            sampling = {"do_sample": bool(settings.pop("do_sample", False))}
+            sampling: dict[str, Any] = {"do_sample": bool(settings.pop("do_sample", False))}
             if sampling["do_sample"]:
                 sampling |= {k: settings[k] for k in ("temperature", "top_k", "top_p") if settings.get(k) is not None}
             contexts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] for i in members}

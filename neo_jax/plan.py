@@ -16,7 +16,6 @@ loop (the layer scan, gradient accumulation, the decode loop) once, whatever its
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from neo_jax.aot import check_train
+from neo_jax.aot import check_train, matmul_params, train_flops
 from neo_jax.attention import BLOCK, choose
 from neo_jax.config import GPTNeoConfig
 from neo_jax.generation.cache import cache_bytes
@@ -103,9 +102,9 @@ def activation_bytes(
     t_heads, t_mlp, t_vocab = _split(heads, t), _split(inner, t), _split(config.vocab_size, t)
     local_batch = batch // (mesh["data"] * mesh["fsdp"])
     scores = (4 + e) * heads / t_heads * seq  # per query: float32 probabilities and their compute-dtype copy
-    attention, transient = (scores, 0) if attention == "dense" else (0, scores * min(BLOCK, seq) / seq)
+    held, transient = (scores, 0) if attention == "dense" else (0, scores * min(BLOCK, seq) / seq)
     linear = e * (4 * h / t_heads + 2 * h + inner / t_mlp)  # outputs of q, k, v, out_proj, c_fc, c_proj
-    per_layer = e * (4 * h + 2 * inner / t_mlp) + linear + attention
+    per_layer = e * (4 * h + 2 * inner / t_mlp) + linear + held
     period = len(config.layer_period)
     if remat == "full":
         per_token = layers / period * e * h + period * per_layer
@@ -115,67 +114,6 @@ def activation_bytes(
         per_token = layers * per_layer
     logits = 5 * 4 * config.vocab_size / t_vocab
     return int(local_batch * seq * (per_token + logits + transient))
-
-
-def _matmul_params(config: GPTNeoConfig) -> int:
-    """Parameters that take part in a matmul: every block's Linear kernels and the tied LM head."""
-    h = config.hidden_size
-    return config.num_layers * (4 * h * h + 2 * h * config.inner_size) + config.vocab_size * h
-
-
-def train_flops(config: GPTNeoConfig, batch: int, seq: int, remat: str = "none") -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one train step on ``batch`` sequences of ``seq`` tokens, over all
-    devices. Model FLOPs are the usual 6 x matmul parameters x tokens plus attention's ``q @ k^T`` and
-    ``p @ v`` (12 x layers x seq x hidden per token), the MFU numerator; hardware FLOPs add what remat
-    recomputes (``full``: the layers' forward pass again; ``dots``: the attention matmuls)."""
-    h, layers, tokens = config.hidden_size, config.num_layers, batch * seq
-    matmul_params = _matmul_params(config)
-    layer_forward = 2 * (matmul_params - config.vocab_size * h) + 4 * layers * seq * h
-    model = tokens * (6 * matmul_params + 12 * layers * seq * h)
-    recompute = {"none": 0, "full": layer_forward, "dots": 4 * layers * seq * h}[remat]
-    return float(model), float(model + tokens * recompute)
-
-
-# jax's device_kind of each TPU generation -> neo_jax.aot.CHIPS
-TPU_KINDS = {
-    "TPU v4": "v4",
-    "TPU v5 lite": "v5e",
-    "TPU v5e": "v5e",
-    "TPU v5": "v5p",
-    "TPU v5p": "v5p",
-    "TPU v6 lite": "v6e",
-}
-
-
-def peak_flops(devices, dtype: str = "bfloat16") -> float:
-    """The peak matmul FLOP/s of ``devices`` together, the MFU denominator: a TPU chip's published bfloat16
-    figure (``neo_jax.aot.CHIPS``) times the chips; elsewhere measured, as the best of a few square matmuls in
-    ``dtype`` on one device, times the devices (CPU devices share the host's cores: one measurement for all)."""
-    devices = list(devices)
-    kind = devices[0].device_kind
-    if kind in TPU_KINDS:
-        from neo_jax.aot import CHIPS
-
-        return CHIPS[TPU_KINDS[kind]].peak_flops * len(devices)
-    platform = devices[0].platform
-    return _measured_peak(platform, str(dtype)) * (1 if platform == "cpu" else len(devices))
-
-
-@functools.cache
-def _measured_peak(platform: str, dtype: str) -> float:
-    import jax
-
-    n = 2048 if platform == "cpu" else 8192
-    device = jax.devices(platform)[0]
-    a = jax.device_put(jnp.ones((n, n), dtype), device)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(a).block_until_ready()
-    best = math.inf
-    for _ in range(5):
-        began = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - began)
-    return 2 * n**3 / best
 
 
 def plan(
@@ -324,7 +262,7 @@ def generation_flops(config: GPTNeoConfig, batch: int, cache: int) -> float:
     """FLOPs of one decode step: 2 x matmul parameters per row plus attention over ``cache`` slots per layer
     (global layers; local ones over their window)."""
     slots = sum(cache if kind == "global" else min(config.window_size, cache) for kind in config.attention_layers)
-    return float(batch * (2 * _matmul_params(config) + 4 * slots * config.hidden_size))
+    return float(batch * (2 * matmul_params(config) + 4 * slots * config.hidden_size))
 
 
 def generation_estimate(
@@ -398,6 +336,14 @@ def roofline(flops_per_chip: float, bytes_per_chip: float, chip, model_flops_per
     }
 
 
+def _mesh_sizes(topology: str | None, mesh: Mapping[str, int] | None) -> dict[str, int]:
+    if topology:
+        return slice_mesh_sizes(topology, mesh)
+    if mesh is None:
+        raise ValueError("give a topology (a TPU slice such as v5e-8) or the mesh sizes to plan for")
+    return dict(mesh)
+
+
 def slice_mesh_sizes(topology: str, mesh: Mapping[str, int] | None = None) -> dict[str, int]:
     """The mesh sizes on a named slice: ``mesh`` (one size may be -1; default every chip on fsdp), checked
     against the slice's chip count."""
@@ -431,7 +377,7 @@ def train_report(
     """Everything ``neo-jax plan`` says of a train step: memory per device (compiled for ``topology`` when
     ``compile``, else estimated), and on a slice the FLOPs, the roofline and whether it fits. ``lora``: a
     ``LoRAConfig`` (adapters train, the base is frozen in ``dtype``, or with ``int8`` in int8)."""
-    mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
+    mesh = _mesh_sizes(topology, mesh)
     options = {
         "remat": remat,
         "grad_accum": grad_accum,
@@ -469,7 +415,7 @@ def generate_report(
     from neo_jax.aot import generation_lengths
 
     max_len, prompt_len = generation_lengths(config, batch, max_len, prompt_len)
-    mesh = slice_mesh_sizes(topology, mesh) if topology else dict(mesh)
+    mesh = _mesh_sizes(topology, mesh)
     dtype = jnp.dtype(dtype)
     if topology and compile:
         result = compiled_generate(config, topology, batch, max_len, prompt_len, mesh=mesh, dtype=dtype, int8=int8)

@@ -1,4 +1,4 @@
-"""Fine-tuning settings (``FinetuneConfig``): the one place their names, types, defaults, help and checks of
+"""Fine-tuning settings (``FinetuneConfig``, and the optimizer's, ``OptimizerConfig``): the one place their names, types, defaults, help and checks of
 form live. ``neo-jax train``'s flags are generated from it, and the YAML files in ``configs/`` use its
 names."""
 
@@ -10,6 +10,24 @@ import typing
 from pathlib import Path
 
 from neo_jax.config import DTYPES, REMAT, WEIGHTS
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay, global-norm clipping, and weight decay on the weight
+    matrices only (never biases or LayerNorms; token/position embeddings when ``decay_embeddings``).
+    Adam's defaults are PyTorch's (``betas=(0.9, 0.999)``, ``eps=1e-8``)."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 0  # the cosine decays over total_steps - warmup_steps; 0 keeps the rate constant
+    final_learning_rate: float = 0.0
+    weight_decay: float = 0.0
+    decay_embeddings: bool = False
+    max_grad_norm: float = 0.0  # 0: no clipping
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
 
 
 def setting(default, help: str, choices: tuple | None = None):
@@ -158,9 +176,7 @@ class FinetuneConfig:
         return LoRAConfig(r=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
 
     def optimizer(self):
-        """The ``neo_jax.train.OptimizerConfig`` of these settings."""
-        from neo_jax.train import OptimizerConfig
-
+        """The ``OptimizerConfig`` of these settings."""
         return OptimizerConfig(
             learning_rate=self.lr,
             warmup_steps=self.warmup,

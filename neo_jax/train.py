@@ -17,25 +17,8 @@ from neo_jax.evaluate import token_logprobs
 from neo_jax.lora import has_dropout, has_lora, trainable, with_dropout
 from neo_jax.model import GPTNeo
 from neo_jax.quantize import is_quantized
+from neo_jax.settings import OptimizerConfig
 from neo_jax.sharding import model_mesh, use_mesh
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay, global-norm clipping, and weight decay on the weight
-    matrices only (never biases or LayerNorms; token/position embeddings when ``decay_embeddings``).
-    Adam's defaults are PyTorch's (``betas=(0.9, 0.999)``, ``eps=1e-8``)."""
-
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    total_steps: int = 0  # the cosine decays over total_steps - warmup_steps; 0 keeps the rate constant
-    final_learning_rate: float = 0.0
-    weight_decay: float = 0.0
-    decay_embeddings: bool = False
-    max_grad_norm: float = 0.0  # 0: no clipping
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:

@@ -318,3 +318,46 @@ def test_sigterm_while_loading_stops_before_training(model_dir, tmp_path, monkey
     assert not (output / "metrics.jsonl").exists() or not metrics(output)
     assert Checkpoints(output / "checkpoints", read_only=True).latest_step() is None
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+
+COUNTING = """
+import json, os, sys
+import neo_jax.source
+
+model = os.path.realpath(sys.argv[1])
+opens, resolved = [], []
+
+def audit(event, args):  # every open of the model's own config.json, by anyone (transformers included)
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        if os.path.realpath(os.fsdecode(args[0])) == os.path.join(model, "config.json"):
+            opens.append(1)
+
+def profile(frame, event, arg):  # every call of neo_jax.source.resolve, however it was imported
+    if event == "call" and frame.f_code is neo_jax.source.resolve.__code__:
+        resolved.append(str(frame.f_locals["src"]))
+
+sys.addaudithook(audit)
+sys.setprofile(profile)
+from neo_jax.cli import main
+
+status = main(sys.argv[2:])
+sys.setprofile(None)
+print(json.dumps({"status": status, "opens": len(opens), "resolved": resolved}))
+"""
+
+
+def test_a_train_start_resolves_its_model_once_and_reads_its_config_once(model_dir, tmp_path):
+    """One `neo-jax train` start (a one-step run on raw text) looks at its --model once: one resolution, and
+    the model's config.json opened at most twice (once by the resolution; transformers' tokenizer loading
+    reads it again to find the tokenizer's class). Before the sources were resolved once: three resolutions
+    and four opens."""
+    args = flags(model_dir, tmp_path / "run", steps=1, batch_size=2, seq_len=32, save_every=1, eval_every=0)
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", COUNTING, str(model_dir), *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    counted = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counted["status"] == 0
+    assert counted["resolved"] == [str(model_dir)]
+    assert 1 <= counted["opens"] <= 2, counted

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neo_jax
+import neo_jax.peft
 from neo_jax.config import GPTNeoConfig
 from neo_jax.finetune import FinetuneConfig, finetune
 from tests.conftest import SMALL, make_hf_model
@@ -183,10 +184,10 @@ def workspace(tmp_path_factory, gpt2_model_dir):
 
     base = neo_jax.from_pretrained(root / "m", progress=False)
     lora.add(base, lora.LoRAConfig(r=4))
-    for _, dense in lora._layers(base):
+    for _, dense in lora.adapted_layers(base):
         if dense.lora is not None:
             dense.lora.b.set_value(dense.lora.b[...] + 0.01)
-    lora.save(base, root / "adapter")
+    neo_jax.peft.save(base, root / "adapter")
     damage_adapters(root, root / "adapter")
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     return root

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import neo_jax
+import neo_jax.peft
 from neo_jax import lora, sharding
 from tests.conftest import SMALL, hf_logits, make_hf_model
 
@@ -59,11 +60,11 @@ def test_a_peft_adapter_gives_peft_logits(base_dir, tmp_path, settings):
 def test_an_adapter_from_here_loads_in_peft_without_warnings_and_merges(base_dir, tmp_path):
     model = neo_jax.from_pretrained(base_dir, progress=False)
     lora.add(model, lora.LoRAConfig(r=4, alpha=12, targets=("k_proj", "out_proj", "c_fc", "c_proj")), seed=3)
-    for _, dense in lora._layers(model):  # train-like: B away from zero
+    for _, dense in lora.adapted_layers(model):  # train-like: B away from zero
         if dense.lora is not None:
             dense.lora.b.set_value(jax.random.normal(jax.random.key(7), dense.lora.b.shape) * 0.1)
     ours = np.asarray(model(IDS))
-    lora.save(model, tmp_path / "out", base_model=str(base_dir))
+    neo_jax.peft.save(model, tmp_path / "out", base_model=str(base_dir))
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 12 and config["base_model_name_or_path"] == str(base_dir)
     with warnings.catch_warnings(record=True) as caught:
@@ -182,7 +183,7 @@ def test_five_adamw_steps_match_peft_and_torch(base_dir, tmp_path):
         torch_adamw.step()
         metrics = train_step(ours, optimizer, batch)
         np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-4, err_msg=f"step {step}")
-    lora.save(ours, tmp_path / "ours")
+    neo_jax.peft.save(ours, tmp_path / "ours")
     from safetensors.numpy import load_file
 
     mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
@@ -248,13 +249,13 @@ def test_lora_dropout_is_peft_s_given_the_same_masks(base_dir, tmp_path):
         assert abs(undropped - loss.item()) > 1e-3  # the masks matter
         metrics = train_step(ours, optimizer, batch, rng=key)
         np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-4, err_msg=f"step {step}")
-    lora.save(ours, tmp_path / "ours")
+    neo_jax.peft.save(ours, tmp_path / "ours")
     reference.save_pretrained(tmp_path / "theirs")
     from safetensors.numpy import load_file
 
     mine, theirs = (
-        load_file(tmp_path / "ours" / lora.ADAPTER_WEIGHTS),
-        load_file(tmp_path / "theirs" / lora.ADAPTER_WEIGHTS),
+        load_file(tmp_path / "ours" / neo_jax.peft.ADAPTER_WEIGHTS),
+        load_file(tmp_path / "theirs" / neo_jax.peft.ADAPTER_WEIGHTS),
     )
     difference = np.sqrt(sum(((mine[k] - theirs[k]) ** 2).sum() for k in theirs))
     assert difference <= 1e-3 * np.sqrt(sum((theirs[k] ** 2).sum() for k in theirs))

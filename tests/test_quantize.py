@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import neo_jax
+import neo_jax.peft
 from neo_jax.quantize import to_int8
 from tests.conftest import SMALL, make_hf_model
 
@@ -199,7 +200,7 @@ def test_lora_on_an_int8_base_trains_as_on_its_dequantized_weights(model_dir, tm
     settings = lora.LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "c_fc"))
     quantized = lora.add(neo_jax.from_pretrained(model_dir, weights="int8", progress=False), settings, seed=3)
     dequantized = neo_jax.from_pretrained(model_dir, progress=False)
-    for ints, floats in zip(lora._layers(quantized), lora._layers(dequantized)):
+    for ints, floats in zip(lora.adapted_layers(quantized), lora.adapted_layers(dequantized)):
         kernel = ints[1].kernel[...].astype(jnp.float32) * ints[1].scale[...][..., None]
         floats[1].kernel.set_value(kernel)
     embedding = quantized.wte.embedding[...].astype(jnp.float32) * quantized.wte_scale[...][:, None]
@@ -220,7 +221,7 @@ def test_lora_on_an_int8_base_trains_as_on_its_dequantized_weights(model_dir, tm
     assert quantized.periods[0].mlp.c_fc.kernel.dtype == jnp.int8  # the base stayed int8 and frozen
     with pytest.raises(ValueError, match="merge the adapters into the float base"):
         lora.merge(quantized)
-    lora.save(quantized, tmp_path / "adapter")
+    neo_jax.peft.save(quantized, tmp_path / "adapter")
     reloaded = neo_jax.from_pretrained(model_dir, weights="int8", adapter=tmp_path / "adapter", progress=False)
     np.testing.assert_allclose(np.asarray(reloaded(IDS)), np.asarray(quantized(IDS)), atol=1e-5, rtol=0)
     merged = lora.merge(neo_jax.from_pretrained(model_dir, adapter=tmp_path / "adapter", progress=False))

@@ -109,6 +109,8 @@ class _Choice:
     """One choice's text as its tokens arrive: incremental decoding, ``stop`` cuts (the stop string is not
     returned), the text that is safe to send while streaming, and OpenAI's legacy ``logprobs`` object."""
 
+    request: EngineRequest  # its engine request, made once the choice exists (the request reports to it)
+
     def __init__(self, index: int, tokenizer, stop: list[str], logprobs: int | None, prefix: str = ""):
         self.index, self.tokenizer, self.stop, self.logprobs = index, tokenizer, stop, logprobs
         self.prefix = prefix  # the echoed prompt
@@ -117,7 +119,6 @@ class _Choice:
         self.sent = 0
         self.finish_reason: str | None = None
         self.generated = 0
-        self.request: EngineRequest | None = None
         self.entries: list[dict] = []  # per token: text, logprob, top, offset
         self.sent_entries = 0
 
@@ -189,7 +190,7 @@ class _Choice:
         return self.logprobs_object(entries)
 
 
-def _prompts(prompt, tokenizer, max_chars: int) -> list[list[int]]:
+def _prompts(prompt, tokenizer, max_chars: int) -> list[list]:
     """Token ids of every prompt in a request; text is checked (valid Unicode, at most ``max_chars``
     characters) before it is tokenized. Runs in a worker thread."""
     if isinstance(prompt, str):
@@ -301,6 +302,8 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus():
+        if metrics is None:
+            raise APIError(404, "this server keeps no metrics")
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)

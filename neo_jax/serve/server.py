@@ -13,6 +13,7 @@ connection after ``KEEP_ALIVE`` seconds, and past ``max_connections`` open conne
 
 from __future__ import annotations
 
+import math
 import resource
 import signal
 import socket
@@ -141,8 +142,9 @@ def serve(
 ) -> int:
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
-    from neo_jax.hf import load_tokenizer, resolve
+    from neo_jax.hf import load_tokenizer
     from neo_jax.serve.app import check_api_key
+    from neo_jax.source import resolve
 
     log = lambda message: print(message, file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -153,7 +155,7 @@ def serve(
     if connections < max_connections:
         log(f"the open-file limit fits {connections} connections: serving at most that many, not {max_connections}")
     source = resolve(model)
-    tokenizer = load_tokenizer(source)  # before the weights: a model without a tokenizer fails fast
+    tokenizer = load_tokenizer(source.require_directory())  # before the weights: a model without a tokenizer fails fast
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
     loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter)
     engine = Engine(loaded, max_batch=max_batch, max_len=max_len, max_queue=max_queue, metrics=Metrics())
@@ -167,7 +169,7 @@ def serve(
         app,
         http=_with_header_deadline(header_timeout),
         log_level="warning",
-        timeout_graceful_shutdown=drain_timeout + 5,
+        timeout_graceful_shutdown=math.ceil(drain_timeout) + 5,
         timeout_keep_alive=KEEP_ALIVE,
         limit_concurrency=connections,
     )

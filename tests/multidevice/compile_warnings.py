@@ -23,8 +23,8 @@ import yaml
 
 from neo_jax import aot, plan
 from neo_jax.config import GPTNeoConfig
-from neo_jax.hf import resolve_config
 from neo_jax.sharding import make_mesh, parse_mesh
+from neo_jax.source import config_of
 
 ROOT = Path(__file__).parents[2]
 
@@ -38,7 +38,7 @@ def cases():
         run = yaml.safe_load(path.read_text())
         model = run["model"]
         config = (
-            resolve_config(path.parent / model)
+            config_of(path.parent / model)
             if model.endswith(".json")
             else GPTNeoConfig.preset(model.rsplit("-", 1)[1])
         )
