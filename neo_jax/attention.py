@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ SPLASH_BLOCK_SIZES = (  # every block size of splash's forward and backward kern
 DENSE_UP_TO = 1024  # `auto` on a CPU: dense attention up to this many tokens, blockwise beyond
 
 _interpret = contextvars.ContextVar("splash_interpret", default=False)
-_target = contextvars.ContextVar("attention_platform", default=None)
+_target: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
 
 
 @contextlib.contextmanager
@@ -220,13 +221,14 @@ def splash(q, k, v, kind: str, window: int, attention_mask=None):
     if attention_mask is not None:
         args += (jnp.pad(jnp.asarray(attention_mask, jnp.int32), ((0, 0), (0, length - t))),)
     interpret = _interpret.get()
+    sizes: dict[str, Any] = dict.fromkeys(SPLASH_BLOCK_SIZES, block)
 
     def run(q, k, v, segments=None):
         shape = (length, length)
         mask = splash_lib.CausalMask(shape) if kind == "global" else splash_lib.LocalMask(shape, (window - 1, 0), 0)
         kernel = splash_lib.make_splash_mha(
             splash_lib.MultiHeadMask([mask] * q.shape[1]),
-            block_sizes=splash_lib.BlockSizes(**dict.fromkeys(SPLASH_BLOCK_SIZES, block)),
+            block_sizes=splash_lib.BlockSizes(**sizes),
             mask_value=float(MASK_VALUE),
             head_shards=1,
             q_seq_shards=1,
@@ -240,7 +242,8 @@ def splash(q, k, v, kind: str, window: int, attention_mask=None):
         split = sharding.spec(("batch", "heads", None, None), q.shape, mesh)
         specs = (split,) * 3 + ((jax.P(split[0], None),) if len(args) == 4 else ())
         run = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)
-    return run(*args)[:, :, :t]
+    out = cast(jax.Array, run(*args))  # splash returns residuals too only when asked to
+    return out[:, :, :t]
 
 
 def self_attention(q, k, v, kind: str, window: int, attention_mask=None, implementation: str = "auto"):

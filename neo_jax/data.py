@@ -354,7 +354,7 @@ class Batches:
                 f"{seq_len}: fewer than one batch of {batch_size}; add text, or lower --batch-size or --seq-len"
             )
         self.steps_per_epoch = self.windows // batch_size
-        self._permutation = (None, None)
+        self._permutation: tuple[int, Permutation] | None = None  # this epoch's, made when first needed
 
     def fingerprint(self) -> str:
         """The data and every setting that decides the batches: what a resumed run must see again."""
@@ -365,7 +365,7 @@ class Batches:
         """The window numbers of rows ``[start, stop)`` of step ``step`` (0-based)."""
         stop = self.batch_size if stop is None else stop
         epoch, index = divmod(step, self.steps_per_epoch)
-        if self._permutation[0] != epoch:
+        if self._permutation is None or self._permutation[0] != epoch:
             self._permutation = (epoch, Permutation(self.windows, (self.seed, epoch)))
         return self._permutation[1](index * self.batch_size + np.arange(start, stop))
 
@@ -409,7 +409,8 @@ class Loader:
 
         shape = (self.batches.batch_size, self.batches.seq_len)
         indices = batch_sharding(self.mesh, shape, self.rules).addressable_devices_indices_map(shape).values()
-        return sorted({(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop) for i in indices})
+        rows = [i[0] for i in indices if i is not None]
+        return sorted({(r.start or 0, shape[0] if r.stop is None else r.stop) for r in rows})
 
     def place(self, step: int):
         """Step ``step``'s batch on the devices, reading only this process's rows."""

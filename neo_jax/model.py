@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.core import Tracer
 
 from neo_jax import attention as attention_impls
 from neo_jax import validate
@@ -38,13 +39,13 @@ class LayerAttention(Protocol):
     inside the layer scan), ``kind`` "global" or "local", q, k, v ``[batch, heads, T, head_dim]``; ``state``
     (a KV cache in generation, None in a forward pass) is threaded through the layers in order."""
 
-    def __call__(self, layer, kind: str, q, k, v, state: Any) -> tuple[jax.Array, Any]: ...
+    def __call__(self, layer, kind: str, q, k, v, state: Any, /) -> tuple[jax.Array, Any]: ...
 
 
 class BlockAttention(Protocol):
     """``LayerAttention`` with its layer bound: what a ``Block`` (and its ``Attention``) calls."""
 
-    def __call__(self, kind: str, q, k, v, state: Any) -> tuple[jax.Array, Any]: ...
+    def __call__(self, kind: str, q, k, v, state: Any, /) -> tuple[jax.Array, Any]: ...
 
 
 # Rematerialisation: what the backward pass keeps of each layer period ("none": everything).
@@ -79,8 +80,8 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_out, d_in), param_dtype), **_axes(*names))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), **_axes(names[0])) if use_bias else None
         self.dtype = dtype
-        self.scale = nnx.data(None)  # int8 weights (neo_jax.quantize): one scale per output channel
-        self.lora = nnx.data(None)  # a LoRA adapter (neo_jax.lora.add), if any
+        self.scale: nnx.Param | None = nnx.data(None)  # int8 weights (neo_jax.quantize): one scale per output channel
+        self.lora: nnx.Module | None = nnx.data(None)  # a LoRA adapter (neo_jax.lora.add), if any
 
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -91,7 +92,7 @@ class Dense(nnx.Module):
 
 def _known(x) -> bool:
     """Whether ``x``'s values can be read here: not a tracer, not partly on other hosts."""
-    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+    return not isinstance(x, Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def _layer_norm(config, dtype, param_dtype, rngs):
@@ -257,8 +258,15 @@ class GPTNeo(nnx.Module):
         return hidden
 
     def transform(
-        self, input_ids, position_ids, attention: LayerAttention, state=None, periods=None, *, remat: str = "none"
-    ):
+        self,
+        input_ids,
+        position_ids,
+        attention: LayerAttention,
+        state: Any = None,
+        periods=None,
+        *,
+        remat: str = "none",
+    ) -> tuple[jax.Array, Any]:
         """Embeddings, every block, final LayerNorm: ``(hidden [batch, seq, embed], state)``.
 
         ``attention(layer, kind, q, k, v, state) -> (out, state)`` is called once per layer, where
@@ -330,7 +338,7 @@ def _reinit_gpt_neo(model: GPTNeo, key) -> None:
     stds = gpt_neo_stds(model.config)
     for number, (path, param) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         if path[-1] in ("kernel", "embedding"):
-            std = next(stds[name] for name in path if name in stds)
+            std = next(stds[str(name)] for name in path if str(name) in stds)
             value = param.get_value()
             noise = jax.random.normal(jax.random.fold_in(key, number), value.shape, jnp.float32)
             param.set_value((std * noise).astype(value.dtype))

@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,8 @@ def describe_sources(patterns: Sequence[str]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- encoding
-_ENCODER = None  # (encode a list of texts -> lists of ids, EOS id), set in each encoding process
+# (encode a list of texts -> lists of ids, EOS id), set in each encoding process by _start_worker
+_ENCODER: tuple[Callable[[list[str]], list[list[int]]], int] | None = None
 
 
 def _start_worker(directory: str, eos: int) -> None:
@@ -111,6 +112,8 @@ def _encode(chunk: tuple[list[str], list[bool], str]) -> tuple[np.ndarray, np.nd
     """A chunk of documents -> (their tokens, each document followed by EOS, in one array; each document's
     length with its EOS; the chunk's validation flags, passed through)."""
     texts, flags, dtype = chunk
+    if _ENCODER is None:
+        raise RuntimeError("_encode runs in an encoding process started with _start_worker")
     encode, eos = _ENCODER
     ids = encode(texts) if texts else []
     for doc in ids:

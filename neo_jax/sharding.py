@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
 import jax
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
@@ -60,25 +61,36 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
     return jax.make_mesh(tuple(sizes), AXES, axis_types, devices=devices)
 
 
-def parse_mesh(text: str) -> dict[str, int]:
+class MeshSizes(TypedDict):
+    """The sizes of a ``("data", "fsdp", "tensor")`` mesh: ``make_mesh(**sizes)``."""
+
+    data: int
+    fsdp: int
+    tensor: int
+
+
+def parse_mesh(text: str) -> MeshSizes:
     """``"D,F,T"`` (or ``"D.F.T"``, where commas are taken) as ``{"data": D, "fsdp": F, "tensor": T}``;
     ``make_mesh`` checks the sizes against the devices."""
     try:
         data, fsdp, tensor = (int(x) for x in str(text).replace(".", ",").split(","))
     except ValueError:
         raise ValueError(f"a mesh is three sizes D,F,T (data, fsdp, tensor), e.g. 1,8,1; got {text!r}") from None
-    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+    return MeshSizes(data=data, fsdp=fsdp, tensor=tensor)
 
 
 def spec(
-    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh | Mapping[str, int], rules: Mapping | None = None
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh | AbstractMesh | Mapping[str, int],
+    rules: Mapping | None = None,
 ) -> PartitionSpec:
     """The ``PartitionSpec`` for an array with logical axis ``names``: each name's mesh axes from ``rules``,
     dropping axes of size 1, axes another dimension already uses, and shardings that do not divide evenly.
     ``mesh`` may also be just the axis sizes, e.g. ``{"data": 1, "fsdp": 8, "tensor": 1}``; rules naming an axis
     the mesh does not have are ignored."""
     rules = DEFAULT_RULES if rules is None else rules
-    sizes = mesh.shape if isinstance(mesh, Mesh | jax.sharding.AbstractMesh) else mesh
+    sizes = mesh.shape if isinstance(mesh, Mesh | AbstractMesh) else mesh
     used, out = set(), []
     for name, size in zip(names, shape, strict=True):
         wanted = rules.get(name, ())
@@ -152,7 +164,8 @@ def model_mesh(model) -> Mesh | None:
     """The mesh the model's parameters live on, or None for a model on one device."""
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
     sharding = getattr(leaf, "sharding", None)
-    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    return mesh if isinstance(mesh, Mesh) else None
 
 
 def place(array: np.ndarray, sharding: NamedSharding | None):
