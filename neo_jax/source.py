@@ -162,8 +162,10 @@ def _lora_run(name: str, directory: Path) -> Source | None:
         from neo_jax.peft import read_config
 
         lora = read_config(local_directory(run["adapter"]))
-    else:
+    elif run.get("lora_rank"):
         lora = FinetuneConfig.load(**{k: v for k, v in run.items() if k in FinetuneConfig.fields()}).lora()
+    else:
+        lora = None
     if lora is None:  # a full fine-tuning run
         return None
     base = resolve(run["model"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
+import neo_jax.cli as neo_jax_cli
 from neo_jax.cli import main
 from tests.conftest import SMALL, TOKENIZER_DIR, hf_logits, make_hf_model, random_ids
 
@@ -158,3 +160,17 @@ def test_weight_formats_on_generate_and_eval(text_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(text_dir), "--prompt", "hi", "--weights", "int4"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_every_command_function_is_short():
+    """The command line reads like a table of contents: one module per command family, no function in it
+    longer than 60 lines."""
+    import ast
+
+    package = Path(neo_jax_cli.__file__).parent
+    long = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert len(list(package.glob("*.py"))) >= 7 and not long, long

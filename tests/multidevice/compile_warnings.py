@@ -38,9 +38,7 @@ def cases():
         run = yaml.safe_load(path.read_text())
         model = run["model"]
         config = (
-            config_of(path.parent / model)
-            if model.endswith(".json")
-            else GPTNeoConfig.preset(model.rsplit("-", 1)[1])
+            config_of(path.parent / model) if model.endswith(".json") else GPTNeoConfig.preset(model.rsplit("-", 1)[1])
         )
         sizes = plan.slice_mesh_sizes(run["topology"], parse_mesh(run["mesh"]) if run.get("mesh") else None)
         settings = dict(batch=run["batch_size"], seq=run["seq_len"], remat=run["remat"], grad_accum=run["grad_accum"])
