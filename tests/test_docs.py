@@ -28,7 +28,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENGLISH = ROOT / "tests" / "fixtures" / "english"
 HUB_IDS = re.compile(r"EleutherAI/gpt-neo-(125M|1\.3B|2\.7B)")
 NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\n```")
-BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def blocks(page: Path, standin: Path) -> tuple[list[tuple[str, str]], list[str]]
     that do not."""
     text = page.read_text()
     skipped = NOT_RUN.findall(text)
-    text = re.sub(r"<!-- not run: .+? -->\n```\w*\n.*?^```\n?", "", text, flags=re.S | re.M)
+    text = re.sub(r"<!-- not run: .+? -->\n```\w*\n.*?^```\n?", "", text, flags=re.DOTALL | re.MULTILINE)
     text = HUB_IDS.sub(str(standin), text)
     found = [(lang, code) for lang in ("python", "bash") for code in mktestdocs.grab_code_blocks(text, lang=lang)]
     order = {code: i for i, (_, code) in enumerate(BLOCK.findall(text))}
