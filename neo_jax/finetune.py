@@ -112,6 +112,7 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
         )
     if config.adapter is not None and config.lora_rank:
         raise ValueError("give --adapter (it brings its own rank, alpha and targets) or --lora-rank, not both")
+    data = _data_files(config)
     source = resolve(config.model)
     if config.adapter is not None:
         source = source.with_adapter(config.adapter)
@@ -136,7 +137,7 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
         export = Path(config.export_hf).expanduser()
         if export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
-    _check_data(config, source)
+    _check_data(config, source, data)
     _check_output(config, model_config)
     return mesh, source
 
@@ -150,22 +151,33 @@ def prepared_directory(config: FinetuneConfig) -> Path | None:
     return None
 
 
-def _check_data(config: FinetuneConfig, source: Source) -> None:
-    from neo_jax.data import Batches, TokenData, expand_paths, is_prepared
-    from neo_jax.hf import load_tokenizer
+def _data_files(config: FinetuneConfig):
+    """The data's files, checked before the model is looked at (a hub model may be a long download): the
+    prepared directory's ``TokenData``, or None for raw text whose files exist."""
+    from neo_jax.data import TokenData, expand_paths, is_prepared
 
     directory = prepared_directory(config)
-    if directory is None:
-        if any(is_prepared(pattern) for pattern in config.data):
-            raise ValueError("a prepared data directory is read alone: pass it as the only --data")
-        expand_paths(config.data)
+    if directory is not None:
+        return TokenData(directory)
+    if any(is_prepared(pattern) for pattern in config.data):
+        raise ValueError("a prepared data directory is read alone: pass it as the only --data")
+    expand_paths(config.data)
+    return None
+
+
+def _check_data(config: FinetuneConfig, source: Source, data) -> None:
+    """The data against the model: raw text needs a tokenizer; prepared data must fit the model's vocabulary
+    (and tokenizer) and hold a batch."""
+    from neo_jax.data import Batches
+    from neo_jax.hf import load_tokenizer
+
+    if data is None:
         if source.format == "config" and source.tokenizer is None:
             raise ValueError(
                 f"{config.model} is a config without a tokenizer to read raw text with: prepare the data first "
                 "(neo-jax data prepare FILES... --tokenizer SRC --output DIR) and pass --data DIR"
             )
         return
-    data = TokenData(directory)
     tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer is not None else None
     data.check_model(source.config, tokenizer)
     Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)  # enough for a batch?

@@ -81,10 +81,7 @@ class Source:
 
 def resolve(src: str | os.PathLike, revision: str | None = None) -> Source:
     """The ``Source`` that ``src`` names: a hub id (downloads config, weights and tokenizer files only), a local
-    directory, a ``neo-jax train`` output, or a ``.json`` config file (GPT-Neo's init). A ``Source`` is
-    returned as is."""
-    if isinstance(src, Source):
-        return src
+    directory, a ``neo-jax train`` output, or a ``.json`` config file (GPT-Neo's init)."""
     path = Path(src).expanduser()
     if path.is_file() and path.suffix == ".json":
         return Source(str(src), "config", GPTNeoConfig.from_json_file(path), None, None)

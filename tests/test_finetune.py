@@ -366,3 +366,13 @@ def test_a_train_start_resolves_its_model_once_and_reads_its_config_once(model_d
     assert counted["status"] == 0
     assert counted["resolved"] == [str(model_dir)]
     assert 1 <= counted["opens"] <= 2, counted
+
+
+def test_missing_data_fails_before_the_model_is_resolved(tmp_path, capsys, monkeypatch):
+    """A hub model may be a long download: the data's files are checked first."""
+    monkeypatch.setattr("neo_jax.finetune.resolve", lambda *a, **k: pytest.fail("the model was resolved"))
+    missing = tmp_path / "missing.txt"
+    argv = ["train", "--model", "EleutherAI/gpt-neo-125M", "--data", str(missing), "--output", str(tmp_path / "r")]
+    assert cli.main(argv) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
