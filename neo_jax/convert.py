@@ -103,7 +103,8 @@ def _add_adapter(model: GPTNeo, adapter: Adapter, directory: Path, placement) ->
     """The adapters onto ``model``, in place: a PEFT directory's, or a LoRA run's (in ``directory``) latest
     checkpoint's."""
     if adapter.format == "peft":
-        peft.load(model, adapter.directory, (adapter.lora, adapter.tensors or {}))
+        checked = None if adapter.tensors is None else (adapter.lora, adapter.tensors)
+        peft.load(model, adapter.directory, checked)  # read again only if no tensors came with the source
         return
     lora.add(model, adapter.lora)
     adapters = load_orbax(adapter.directory, nnx.state(model, lora.LoRAParam), placement)
