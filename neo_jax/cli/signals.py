@@ -11,10 +11,14 @@ INTERRUPTED = threading.Event()  # set by Ctrl-C, even where a library would swa
 
 
 def _in_finalizer(frame) -> bool:
-    """Whether ``frame`` runs a ``__del__`` or a garbage-collection callback (JAX has one), where Python
-    prints an exception and drops it."""
+    """Whether ``frame`` runs inside a ``__del__`` or a garbage-collection callback (JAX has one), at any
+    depth, where Python prints an exception and drops it."""
     callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-    return frame is not None and (frame.f_code.co_name == "__del__" or frame.f_code in callbacks)
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def on_ctrl_c(signum, frame) -> None:
