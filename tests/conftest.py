@@ -92,17 +92,22 @@ def save_hf(tmp_path):
     return save
 
 
-@pytest.fixture(scope="session")
-def gpt2_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer GPT-Neo with GPT-2's vocabulary, saved with the tokenizer, as a hub download would be."""
-    directory = tmp_path_factory.mktemp("gpt2-vocab-model")
+def save_gpt2_vocab_model(directory: Path, **overrides) -> Path:
+    """A 2-layer GPT-Neo with GPT-2's vocabulary, saved with the tokenizer in ``directory``, as a hub download
+    would be."""
     hf = make_hf_model(
         vocab_size=50257,
         num_layers=2,
         attention_types=[[["global", "local"], 1]],
         eos_token_id=50256,
         bos_token_id=50256,
+        **overrides,
     )
     hf.save_pretrained(directory)
     transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2_model_dir(tmp_path_factory) -> Path:
+    return save_gpt2_vocab_model(tmp_path_factory.mktemp("gpt2-vocab-model"))

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import mktestdocs
 import pytest
-import transformers
 
 from neo_jax.cli import main
-from tests.conftest import TOKENIZER_DIR, make_hf_model
+from tests.conftest import save_gpt2_vocab_model
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -35,17 +34,7 @@ BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 def workspace(tmp_path_factory) -> Path:
     """What the examples refer to: the stand-in model, text files, an adapter, a run."""
     root = tmp_path_factory.mktemp("docs-workspace")
-    standin = root / "standin"
-    hf = make_hf_model(
-        vocab_size=50257,
-        num_layers=2,
-        attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=2048,
-        eos_token_id=50256,
-        bos_token_id=50256,
-    )
-    hf.save_pretrained(standin)
-    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(standin)
+    standin = save_gpt2_vocab_model(root / "standin", max_position_embeddings=2048)
     for directory in ("corpus", "heldout"):
         (root / directory).mkdir()
         for text in ENGLISH.glob("*.txt"):
