@@ -58,7 +58,7 @@ class Source:
     def require_directory(self) -> Path:
         """The model's directory; a bare ``config.json`` file has none to read weights or tokenizer files from."""
         if self.directory is None:
-            raise NotADirectoryError(f"{self.name} is a file; pass the directory holding config.json and the weights")
+            raise _a_file(self.name)
         return self.directory
 
     @property
@@ -105,11 +105,15 @@ def local_directory(src: str | os.PathLike, revision: str | None = None) -> Path
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the directory holding config.json and the weights")
+            raise _a_file(path)
         return path
     if not is_hub_id(src):
         raise FileNotFoundError(f"{src} is neither an existing directory nor a Hugging Face hub id like 'org/name'")
     return _download(str(src), revision)
+
+
+def _a_file(name) -> NotADirectoryError:
+    return NotADirectoryError(f"{name} is a file; pass the directory holding config.json and the weights")
 
 
 def is_hub_id(src: str | os.PathLike) -> bool:
@@ -117,11 +121,14 @@ def is_hub_id(src: str | os.PathLike) -> bool:
 
 
 def config_of(src: str | os.PathLike, revision: str | None = None) -> GPTNeoConfig:
-    """Only the config of ``src``, for a plan: a ``config.json`` file, a local source's (as ``resolve`` finds
-    it), or a hub id's ``config.json`` alone (no weights are fetched)."""
+    """Only the config of ``src``, for a plan: a ``config.json`` file, a local directory's ``config.json``
+    (a LoRA run's too: its base is not resolved, nor its checkpoints listed), or a hub id's ``config.json``
+    alone (no weights are fetched)."""
     path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return GPTNeoConfig.from_json_file(path)
     if path.exists() or not is_hub_id(src):
-        return resolve(src).config
+        return _config(local_directory(src))
     from huggingface_hub import hf_hub_download
 
     return GPTNeoConfig.from_json_file(hf_hub_download(str(src), "config.json", revision=revision))
