@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from neo_jax import validate
@@ -93,6 +94,74 @@ class LoRA(nnx.Module):
         return jnp.einsum("...r,or->...o", h, self.b[...].astype(dtype)) * jnp.asarray(self.config.scale, dtype)
 
 
+class AdapterRows(nnx.Variable):
+    """Which adapter each token uses (``Adapters``), set inside a serving program (``select``)."""
+
+
+class Adapters(nnx.Module):
+    """Several adapters on one layer, each token choosing its own (S-LoRA's and Punica's batched LoRA):
+    ``a`` ``[adapters, r, in]`` and ``b`` ``[adapters, out, r]``, ranks padded with zeros to the largest and
+    each adapter's scale folded into its ``b``. ``rows`` (``select``) holds each token's adapter index, -1
+    for none. Every token's input goes through every adapter's ``a`` (``adapters * r`` columns, a few percent
+    of the layer's own), and the one-hot of its index keeps only its own before ``b``."""
+
+    def __init__(self, a: LoRAParam, b: LoRAParam):
+        self.a, self.b = a, b
+        self.rows: AdapterRows | None = nnx.data(None)
+
+    def __call__(self, x, dtype):
+        if self.rows is None:
+            raise ValueError("these layers hold several LoRA adapters: pick each token's with lora.select")
+        pick = jax.nn.one_hot(self.rows[...], self.a.shape[-3], dtype=dtype)
+        h = jnp.einsum("...i,nri->...nr", x.astype(dtype), self.a[...].astype(dtype)) * pick[..., None]
+        return jnp.einsum("...nr,nor->...o", h, self.b[...].astype(dtype))
+
+
+def add_many(model, adapters: list[tuple[LoRAConfig, dict]]):
+    """Put several adapters on ``model``'s layers at once (``Adapters``), in place; returns ``model``. Each
+    adapter is its config and, per target name, ``(a, b)`` stacked over every layer of the model
+    (``[layers, r, in]``, ``[layers, out, r]``, as ``add`` stores one adapter); a layer no adapter targets
+    stays plain. On a mesh the adapters are placed in shards like the weights they adapt."""
+    from neo_jax.sharding import model_mesh, variable_sharding
+
+    if has_lora(model):
+        raise ValueError("this model already has LoRA adapters")
+    mesh = model_mesh(model)
+    rank = max(config.r for config, _ in adapters)
+    period = len(model.config.layer_period)
+    for i, (name, dense) in enumerate(adapted_layers(model)):
+        if not any(name in config.targets for config, _ in adapters):
+            continue
+        slot = i // len(TARGETS)
+        layers, d_out, d_in = dense.kernel.shape
+        a = np.zeros((layers, len(adapters), rank, d_in), np.float32)
+        b = np.zeros((layers, len(adapters), d_out, rank), np.float32)
+        for n, (config, tensors) in enumerate(adapters):
+            if name in config.targets:
+                stacked_a, stacked_b = tensors[name]
+                a[:, n, : config.r] = stacked_a[slot::period]
+                b[:, n, :, : config.r] = stacked_b[slot::period] * config.scale
+        out_axis, in_axis = dense.kernel.get_metadata()["out_sharding"][1:]
+        a = LoRAParam(jnp.asarray(a), out_sharding=("layers", None, None, in_axis), eager_sharding=False)
+        b = LoRAParam(jnp.asarray(b), out_sharding=("layers", None, out_axis, None), eager_sharding=False)
+        if mesh is not None:
+            for param in (a, b):
+                param.set_value(jax.device_put(param.get_value(), variable_sharding(param, mesh)))
+        dense.lora = nnx.data(Adapters(a, b))
+    return model
+
+
+def select(periods, rows) -> None:
+    """Inside a program, give every multi-adapter layer (``Adapters``) of ``periods`` (``build``'s per-period
+    block lists) each token's adapter index ``rows`` (shaped like the token ids), in place."""
+    for blocks in periods:
+        for block in blocks:
+            for block_part, layer in TARGETS.values():
+                dense = getattr(getattr(block, block_part), layer)
+                if isinstance(dense.lora, Adapters):
+                    dense.lora.rows = AdapterRows(rows)
+
+
 def adapted_layers(model):
     """(target name, Dense module) of every adapted position in the layer period."""
     for period in model.periods:
@@ -137,7 +206,7 @@ def with_dropout(model, key):
 
 
 def has_dropout(model) -> bool:
-    return any(dense.lora is not None and dense.lora.config.dropout for _, dense in adapted_layers(model))
+    return any(isinstance(dense.lora, LoRA) and dense.lora.config.dropout for _, dense in adapted_layers(model))
 
 
 def has_lora(model) -> bool:
@@ -162,6 +231,8 @@ def merge(model):
     for _, dense in adapted_layers(model):
         if dense.lora is None:
             continue
+        if isinstance(dense.lora, Adapters):
+            raise ValueError("this model holds several adapters for serving: merge each into its own base instead")
         lora = dense.lora
         delta = jnp.einsum("lor,lri->loi", lora.b[...], lora.a[...]) * lora.config.scale
         dense.kernel.set_value((dense.kernel[...].astype(jnp.float32) + delta).astype(dense.kernel.dtype))

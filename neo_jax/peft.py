@@ -153,6 +153,14 @@ def _shapes(config: GPTNeoConfig, lora: LoRAConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def by_target(config: GPTNeoConfig, checked: tuple[LoRAConfig, dict[str, np.ndarray]]) -> dict:
+    """A checked adapter's tensors (``check_adapter``) as ``{target: (a, b)}``, each stacked over every layer
+    of the model (``[layers, r, in]``, ``[layers, out, r]``): what ``lora.add_many`` takes."""
+    lora, tensors = checked
+    stack = lambda target, which: np.stack([tensors[f"{stem}.{which}.weight"] for stem in _names(config, target)])
+    return {target: (stack(target, "lora_A"), stack(target, "lora_B")) for target in lora.targets}
+
+
 def load(model, directory: str | os.PathLike, checked: tuple[LoRAConfig, dict[str, np.ndarray]] | None = None):
     """Add the adapters of a PEFT directory to ``model`` (in place) and return it. ``checked``: what
     ``check_adapter(directory, model.config)`` already returned, so the file is not read again."""

@@ -33,7 +33,8 @@ import neo_jax
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation import top_k, top_p
 from neo_jax.serve.app import CompletionRequest, _Choice
-from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings, top_k_rows, top_p_rows
+from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings
+from neo_jax.serve.programs import top_k_rows, top_p_rows
 from neo_jax.serve.metrics import Metrics
 from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles
 

@@ -1,16 +1,27 @@
-"""Continuous batching: a fixed number of slots share one KV cache and one compiled decode step.
+"""Continuous batching: a fixed number of slots share one KV cache, and one compiled step advances them all.
 
-Each slot is one row of the cache (``KVCache.index`` holds one slot index per row). A new request is
-prefilled alone at a bucketed length, its cache row shifted so that its real tokens start at slot 0, and
-written into a free row while the other rows keep their state; one compiled step then advances every row.
+Each slot is one row of the cache (``KVCache.index`` holds one slot index per row), its prompt's tokens at
+slots ``0..n-1``. A waiting request takes a free row, and its prompt is prefilled in chunks of a fixed token
+budget (``prefill_chunk``) inside the same step that gives every decoding row its next token
+(``neo_jax.serve.programs.step``): a long prompt no longer stops the running streams, and up to
+``MAX_LANES`` prompts advance per step, each in its own lane (the budget split evenly: one lane of 256
+tokens, two of 128, ...; the step picks the split that prefills the most). The step that holds a prompt's
+end also chooses its first token. ``prefill_chunk=0`` keeps the whole-prompt prefill, one request alone at a
+bucketed length between steps.
+
 A row is freed the moment its request finishes (EOS, ``max_tokens``) or is cancelled, and the next waiting
 request takes it. Sampling settings are per-row arrays and every row draws from its own key
 (``fold_in(key(seed), tokens so far)``), so greedy and sampled requests share one program and a seeded
 request gives the same tokens whatever else is in the batch.
 
-Every program is compiled ahead of time by ``Engine.warm_up`` (one prefill per prompt bucket, one step), so
-no request shape compiles afterwards. The log-probabilities of the prompt's own tokens (``echo`` with
-``logprobs``) are a branch of the same prefill program, taken only when a request asks for them.
+With ``prefix_cache_mb``, the keys and values of whole prompt blocks are kept in a pool on the device
+(``neo_jax.serve.prefix``); a request whose prompt starts with cached blocks has them copied into its row and
+prefills only the rest. With several LoRA adapters on the model (``neo_jax.lora.add_many``), each request
+names its own and rows of different adapters share every step (``Request.adapter``).
+
+Every program is compiled ahead of time by ``Engine.warm_up`` (the decode step, one mixed step per lane
+split, and the helpers), so no request shape compiles afterwards. The log-probabilities of the prompt's own
+tokens (``echo`` with ``logprobs``) are a branch of the same step, taken only when a request asks for them.
 """
 
 from __future__ import annotations
@@ -26,22 +37,23 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neo_jax import sharding, validate
-from neo_jax.evaluate import token_logprobs
-from neo_jax.generation.cache import KVCache, init_cache, prefill
-from neo_jax.generation.cache import decode_step as model_step
-from neo_jax.generation.programs import Weights, build
-from neo_jax.generation.sampling import NEG_INF, SamplingParams, min_p, repetition_penalty, seed_key, temperature
+from neo_jax.generation.programs import Weights
+from neo_jax.generation.sampling import SamplingParams
+from neo_jax.lora import Adapters, adapted_layers
 from neo_jax.model import GPTNeo
+from neo_jax.serve import programs
+from neo_jax.serve.prefix import PrefixCache, hashes
+from neo_jax.serve.programs import BLOCK, NEUTRAL, Lanes, RowSampling
 from neo_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
 
-TOP_LOGPROBS = 5  # the most alternatives per token OpenAI's completions API returns
+DEFAULT_PREFILL_CHUNK = 128  # tokens per step: on a 2-core CPU, 125M at 16 slots, about one decode step's time
+MAX_LANES = 4
 
 
 class QueueFull(RuntimeError):
@@ -50,192 +62,6 @@ class QueueFull(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is draining or stopped and takes no new requests."""
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RowSampling:
-    """Per-row sampling settings ([rows] arrays). Greedy rows hold neutral values (temperature 1, top_k 0,
-    top_p 1, min_p 0), so the processors leave them alone."""
-
-    temperature: jax.Array
-    top_k: jax.Array  # 0: off
-    top_p: jax.Array
-    min_p: jax.Array
-    repetition_penalty: jax.Array
-    sample: jax.Array  # bool: sample, else the most likely token
-    key: jax.Array  # typed PRNG keys
-
-    @classmethod
-    def of(cls, rows: list[dict]) -> RowSampling:
-        column = lambda name, dtype: jnp.asarray(np.array([r[name] for r in rows], dtype))
-        return cls(
-            temperature=column("temperature", np.float32),
-            top_k=column("top_k", np.int32),
-            top_p=column("top_p", np.float32),
-            min_p=column("min_p", np.float32),
-            repetition_penalty=column("repetition_penalty", np.float32),
-            sample=column("sample", bool),
-            key=jax.random.wrap_key_data(jnp.stack([jax.random.key_data(seed_key(r["seed"])) for r in rows])),
-        )
-
-
-def _threshold(values, enough, low, high, steps: int = 32):
-    """Per row, the largest ``t`` in [low, high] with ``enough(t)`` (monotone: true at ``low``), by bisection:
-    a few masked reductions over the vocabulary, where a sort of it costs XLA:CPU ~200 ms per step."""
-
-    def body(_, bounds):
-        low, high = bounds
-        middle = (low + high) / 2
-        ok = enough(middle[:, None])
-        return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
-
-    return jax.lax.fori_loop(0, steps, body, (low, high))[0][:, None]
-
-
-def top_k_rows(logits, k):
-    """Each row keeps its own ``k`` largest logits (0: all); ties at the k-th value are kept."""
-    kth = _threshold(logits, lambda t: (logits >= t).sum(-1) >= k, logits.min(-1), logits.max(-1), steps=48)
-    return jnp.where((k[:, None] > 0) & (logits < kth), NEG_INF, logits)
-
-
-def top_p_rows(logits, p):
-    """Each row keeps its smallest set of most likely tokens whose probability reaches its own ``p``."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    mass = lambda t: jnp.where(probs >= t, probs, 0).sum(-1) >= p
-    cut = _threshold(probs, mass, jnp.zeros(probs.shape[:1]), probs.max(-1))
-    return jnp.where((p[:, None] < 1) & (probs < cut), NEG_INF, logits)
-
-
-def _sample(logits, keys):
-    """One draw per row from softmax(logits), by inverting the cumulative distribution at a uniform number
-    from the row's own key (one random number per row instead of a Gumbel draw per vocabulary entry)."""
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u = jax.vmap(lambda key: jax.random.uniform(key, (), minval=jnp.finfo(jnp.float32).tiny))(keys)
-    return jnp.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
-
-
-def _choose(logits, seen, settings: RowSampling, steps):
-    """The next token of every row under its own settings, and the raw model's log-probabilities of it and
-    of its ``TOP_LOGPROBS`` most likely alternatives. Each processor runs only when some row uses it, so an
-    all-greedy batch costs an argmax."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-    s = settings
-    sampled = s.sample
-    keep = lambda x, _: x
-    x = jax.lax.cond(
-        jnp.any(s.repetition_penalty != 1),
-        repetition_penalty,
-        lambda x, *_: x,
-        logits,
-        seen,
-        s.repetition_penalty[:, None],
-    )
-    x = temperature(x, s.temperature[:, None])
-    x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
-    x = jax.lax.cond(jnp.any(sampled & (s.top_p < 1)), top_p_rows, keep, x, s.top_p)
-    x = jax.lax.cond(jnp.any(sampled & (s.min_p > 0)), min_p, keep, x, s.min_p[:, None])
-    greedy = jnp.argmax(x, axis=-1)
-    keys = jax.vmap(jax.random.fold_in)(s.key, steps)
-    draw = lambda: jnp.where(sampled, _sample(x, keys), greedy)
-    token = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-    return token, (token, chosen, top_ids.astype(jnp.int32), top_logprobs)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Slots:
-    """The device state of every slot."""
-
-    cache: KVCache  # index: [slots], the next cache slot of each row
-    last: jax.Array  # [slots] the newest token, fed to the next step
-    positions: jax.Array  # [slots] position id of ``last``
-    seen: jax.Array  # [slots, vocab] tokens in the sequence (repetition penalty)
-    steps: jax.Array  # [slots] tokens generated so far (the sampling key's counter)
-    settings: RowSampling
-    active: jax.Array  # [slots] bool
-
-
-def _empty_slots(config, count: int, max_len: int, dtype) -> Slots:
-    cache = init_cache(config, count, max_len, dtype)
-    cache = dataclasses.replace(cache, index=jnp.zeros((count,), jnp.int32))
-    zeros = jnp.zeros((count,), jnp.int32)
-    neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, sample=False, seed=0)
-    return Slots(
-        cache=cache,
-        last=zeros,
-        positions=zeros,
-        seen=sharding.constrain(jnp.zeros((count, config.vocab_size), bool), "batch", None),
-        steps=zeros,
-        settings=RowSampling.of([neutral] * count),
-        active=jnp.zeros((count,), bool),
-    )
-
-
-def _admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen, settings: RowSampling, echo):
-    """Prefill one left-padded prompt [1, T], shift its cache row so that its n real tokens take slots
-    0..n-1, write it into row ``slot``, and choose its first token. If ``echo`` (a traced bool) also compute
-    the log-probabilities of the prompt's tokens 1..T-1 and their alternatives (else zeros: the branch is
-    skipped, so requests that do not ask pay nothing)."""
-    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
-    width = input_ids.shape[1]
-    n = attention_mask.sum().astype(jnp.int32)
-    max_len = slots.cache.valid.shape[1]
-    logits, cache, hidden = prefill(model, periods, input_ids, attention_mask, max_len)
-    shift = width - n  # the left padding: roll it out of the way (ring entry r holds slot r mod length)
-    put = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(rows, jnp.roll(row, -shift, axis=2), slot, axis=0)
-    valid = jax.lax.dynamic_update_slice_in_dim(slots.cache.valid, jnp.roll(cache.valid, -shift, axis=1), slot, 0)
-    cache = KVCache(
-        keys=tuple(put(rows, row) for rows, row in zip(slots.cache.keys, cache.keys, strict=True)),
-        values=tuple(put(rows, row) for rows, row in zip(slots.cache.values, cache.values, strict=True)),
-        valid=valid,
-        index=slots.cache.index.at[slot].set(n),
-    )
-    token, out = _choose(logits, seen[None], settings, jnp.zeros((1,), jnp.int32))
-    at = lambda rows, value: rows.at[slot].set(value)
-    slots = Slots(
-        cache=cache,
-        last=at(slots.last, token[0]),
-        positions=at(slots.positions, n),
-        seen=at(slots.seen, seen.at[token[0]].set(True)),
-        steps=at(slots.steps, 1),
-        settings=jax.tree.map(lambda rows, row: rows.at[slot].set(row[0]), slots.settings, settings),
-        active=at(slots.active, True),
-    )
-
-    def prompt_logprobs():
-        all_logits = model.logits(hidden[:, :-1])[0]
-        logprobs = jax.nn.log_softmax(all_logits, axis=-1)
-        top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-        return token_logprobs(all_logits, input_ids[0, 1:]), top_ids.astype(jnp.int32), top_logprobs
-
-    skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(prompt_logprobs))
-    return slots, (*jax.tree.map(lambda x: x[0], out), jax.lax.cond(echo, prompt_logprobs, skip))
-
-
-def _step(graphdefs, arrays, slots: Slots):
-    """One token for every row; rows that are not active keep their state."""
-    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
-    logits, cache = model_step(model, periods, slots.last, slots.positions, slots.cache)
-    active = slots.active
-    cache = dataclasses.replace(cache, index=jnp.where(active, cache.index, slots.cache.index))
-    token, out = _choose(logits, slots.seen, slots.settings, slots.steps)
-    rows = jnp.arange(token.shape[0])
-    slots = dataclasses.replace(
-        slots,
-        cache=cache,
-        last=jnp.where(active, token, slots.last),
-        positions=slots.positions + active,
-        seen=slots.seen.at[rows, token].set(slots.seen[rows, token] | active),
-        steps=slots.steps + active,
-    )
-    return slots, out
-
-
-def _release(slots: Slots, free):
-    return dataclasses.replace(slots, active=slots.active & ~free)
 
 
 @dataclasses.dataclass
@@ -266,12 +92,16 @@ class Request:
     sampling: dict
     emit: Callable[[object], None]
     echo_logprobs: bool = False
+    adapter: int = -1  # the LoRA adapter (index in ``Engine.adapters``); -1: the base model
     prompt_logprobs: list | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
     generated: int = 0
     last_token_at: float | None = None
     slot: int | None = None
+    done: int = 0  # prompt tokens in the row's cache
+    started: bool = False  # the first chunk has run
+    chain: list = dataclasses.field(default_factory=list)  # prefix-cache hashes of the prompt's whole blocks
 
     def cancel(self) -> None:
         """Stop this request; its slot is freed before the engine's next step."""
@@ -320,10 +150,11 @@ def sampling_settings(
 class Engine:
     """Continuous batching over ``max_batch`` slots of ``max_len`` cache positions each.
 
-    ``submit`` queues a request (at most ``max_queue`` wait); a background thread (``start``) admits waiting
-    requests into free slots and advances every active slot by one token per step. ``generate`` is a
-    blocking convenience. The model may live on a mesh (``from_pretrained(..., mesh=...)``): the slots are
-    then split over its batch axes like any batch.
+    ``submit`` queues a request (at most ``max_queue`` wait); a background thread (``start``) gives waiting
+    requests free slots, prefills them chunk by chunk and advances every decoding slot by one token per
+    step. ``generate`` is a blocking convenience. The model may live on a mesh (``from_pretrained(...,
+    mesh=...)``): the slots are then split over its batch axes like any batch. ``adapters`` names the LoRA
+    adapters a model made with ``lora.add_many`` holds, in order.
     """
 
     def __init__(
@@ -335,6 +166,9 @@ class Engine:
         max_queue: int = 256,
         eos_token_id: int | None = -1,
         metrics=None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_mb: float = 0,
+        adapters: tuple[str, ...] = (),
     ):
         config = model.config
         validate.integer("max_batch", max_batch, least=1)
@@ -345,18 +179,32 @@ class Engine:
             raise ValueError(
                 f"max_len {max_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
             )
+        self.lanes = check_prefill(prefill_chunk, prefix_cache_mb, max_batch)
+        blocks = prefix_blocks(prefix_cache_mb, config, model.dtype)
+        held = {dense.lora.a.shape[-3] for _, dense in adapted_layers(model) if isinstance(dense.lora, Adapters)}
+        if held != ({len(adapters)} if adapters else set()):
+            raise ValueError(
+                f"the model holds {held or 'no'} multi-adapter layers but {len(adapters)} adapter names were given"
+            )
         self.model, self.max_batch, self.max_len, self.max_queue = model, max_batch, max_len, max_queue
+        self.prefill_chunk, self.adapters = prefill_chunk, tuple(adapters)
         self.eos_token_id = config.eos_token_id if eos_token_id == -1 else eos_token_id
         self.metrics = metrics
         self.mesh = sharding.model_mesh(model)
         weights = Weights.of(model)
         self._graphdefs = (weights.graphdef, weights.period_graphdef)
         self._arrays = (weights.params, weights.periods)
-        self.buckets = sorted({min(bucket(n), max_len) for n in range(1, max_len)})
+        self.buckets = sorted({min(bucket(n), max_len) for n in range(1, max_len)}) if not prefill_chunk else []
         with sharding.use_mesh(self.mesh):
-            self._slots = jax.jit(_empty_slots, static_argnums=(0, 1, 2, 3))(config, max_batch, max_len, model.dtype)
+            empty = jax.jit(programs.empty_slots, static_argnums=(0, 1, 2, 3))
+            self._slots = empty(config, max_batch, max_len, model.dtype)
+            self._pool = (
+                jax.jit(programs.empty_pool, static_argnums=(0, 1, 2))(config, blocks, model.dtype) if blocks else None
+            )
+        self.prefix_cache = PrefixCache(blocks, metrics) if blocks else None
         self._programs: dict = {}
         self._requests: list[Request | None] = [None] * max_batch
+        self._prefilling: list[Request] = []  # in the order they took their rows
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -367,62 +215,82 @@ class Engine:
     # ---- compiled programs -------------------------------------------------------------------------------
     def _replicated(self, array):
         """A small input on every device of the mesh (or on the default device)."""
-        array = array if isinstance(array, jax.Array) else jnp.asarray(array)
-        return array if self.mesh is None else jax.device_put(array, NamedSharding(self.mesh, PartitionSpec()))
+        return jax.device_put(array, None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
 
-    def _admit_inputs(self, slot: int, prompt: list[int], sampling: dict, echo: bool):
+    def _admit_inputs(self, slot: int, request: Request):
+        prompt = request.prompt
         width = min(bucket(len(prompt)), self.max_len)
         ids = np.zeros((1, width), np.int32)
         mask = np.zeros((1, width), np.int32)
         ids[0, width - len(prompt) :], mask[0, width - len(prompt) :] = prompt, 1
         seen = np.zeros((self.model.config.vocab_size,), bool)
-        if sampling["repetition_penalty"] != 1.0:
+        if request.sampling["repetition_penalty"] != 1.0:
             seen[prompt] = True
-        return (
-            self._replicated(np.int32(slot)),
-            self._replicated(ids),
-            self._replicated(mask),
-            self._replicated(seen),
-            jax.tree.map(self._replicated, RowSampling.of([sampling])),
-            self._replicated(np.bool_(echo)),
-        )
+        inputs = (slot, ids, mask, seen, RowSampling.of([request.sampling]), request.adapter, request.echo_logprobs)
+        return jax.tree.map(self._replicated, inputs)
 
-    def _program(self, name: str, width: int = 0):
-        """The compiled program ``name`` ("step", "release", or "admit" for a prompt bucket), compiled ahead
-        of time on first use."""
-        key = (name, width)
+    def _lane_inputs(self, lanes: dict, settings: list[dict]) -> Lanes:
+        return jax.tree.map(self._replicated, Lanes(**lanes, settings=RowSampling.of(settings)))
+
+    def _program(self, name: str, size: int = 0):
+        """The compiled program ``name`` ("step", "release", "restore", "mixed" for a number of lanes, or
+        "admit" for a prompt bucket), compiled ahead of time on first use."""
+        key = (name, size)
         if key not in self._programs:
+            replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+            layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._slots)
+            pool_layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._pool)
             with sharding.use_mesh(self.mesh):
-                if name == "step":
-                    fn, args = partial(_step, self._graphdefs), (self._arrays, self._slots)
+                if name in ("step", "mixed"):
+                    fn = partial(programs.step, self._graphdefs)
+                    lanes = None
+                    if name == "mixed":
+                        lanes = self._lane_inputs(
+                            programs.empty_lanes(size, self.prefill_chunk // size, self.max_batch), [NEUTRAL] * size
+                        )
+                    args = (self._arrays, self._slots, self._pool, lanes, self._replicated(np.bool_(False)))
+                    donate, outs = (1, 2), (layout, pool_layout, replicated, replicated)
                 elif name == "release":
-                    fn, args = _release, (self._slots, self._replicated(np.zeros(self.max_batch, bool)))
+                    fn, args = programs.release, (self._slots, self._replicated(np.zeros(self.max_batch, bool)))
+                    donate, outs = (0,), layout
+                elif name == "restore":
+                    blocks = np.zeros(self.max_len // BLOCK, np.int32)
+                    fn, args = (
+                        programs.restore,
+                        (self._slots, self._pool, *map(self._replicated, (np.int32(0), blocks, np.int32(0)))),
+                    )
+                    donate, outs = (0,), layout
                 else:
-                    fn = partial(_admit, self._graphdefs)
+                    fn = partial(programs.admit, self._graphdefs)
                     sampling = sampling_settings(seed=0, vocab_size=self.model.config.vocab_size)
-                    args = (self._arrays, self._slots, *self._admit_inputs(0, [0] * width, sampling, False))
-                donate, out_shardings = (0 if name == "release" else 1), None
-                if self.mesh is not None:  # the slots keep their layout from step to step
-                    layout = jax.tree.map(lambda x: x.sharding, self._slots)
-                    out_shardings = layout if name == "release" else (layout, NamedSharding(self.mesh, PartitionSpec()))
+                    args = (self._arrays, self._slots, *self._admit_inputs(0, Request([0] * size, 1, sampling, print)))
+                    donate, outs = (1,), (layout, replicated)
+                out_shardings = None if self.mesh is None else outs
                 jitted = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings)
                 self._programs[key] = jitted.lower(*args).compile()
         return self._programs[key]
 
+    def _program_names(self) -> list[tuple[str, int]]:
+        names = [("step", 0), ("release", 0)]
+        if self.prefill_chunk:
+            names += [("mixed", lanes) for lanes in self.lanes]
+        else:
+            names += [("admit", w) for w in reversed(self.buckets)]
+        return names + ([("restore", 0)] if self.prefix_cache else [])
+
     def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
-        """Compile the step and one prefill per prompt bucket, two at a time (XLA compiles outside the GIL);
-        return the seconds it took."""
+        """Compile every program, two at a time (XLA compiles outside the GIL); return the seconds it took."""
         start = time.perf_counter()
-        names = [("step", 0), ("release", 0)] + [("admit", w) for w in reversed(self.buckets)]
+        names = self._program_names()
         done = 0
 
-        def compile_one(name_width):
+        def compile_one(name_size):
             nonlocal done
-            self._program(*name_width)
+            self._program(*name_size)
             done += 1
             if progress:
-                name, width = name_width
-                progress(f"compiled {name}{f' {width}' if width else ''} ({done}/{len(names)})")
+                name, size = name_size
+                progress(f"compiled {name}{f' {size}' if size else ''} ({done}/{len(names)})")
 
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(compile_one, names))
@@ -449,6 +317,8 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (checked first); raises QueueFull or EngineStopped when it cannot wait."""
         self.check(request.prompt, request.max_tokens)
+        if not -1 <= request.adapter < len(self.adapters):
+            raise ValueError(f"adapter {request.adapter} is not one of this engine's {len(self.adapters)}")
         with self._lock:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")
@@ -459,7 +329,7 @@ class Engine:
         self._observe()
         return request
 
-    def generate(self, prompt: list[int], max_tokens: int, **sampling) -> tuple[list[int], str]:
+    def generate(self, prompt: list[int], max_tokens: int, *, adapter: int = -1, **sampling) -> tuple[list[int], str]:
         """Blocking: the generated tokens (EOS excluded) and why generation stopped. Needs ``start()``."""
         if not self._running:
             raise RuntimeError("the engine is not running: call engine.start() first")
@@ -474,7 +344,7 @@ class Engine:
                 done.set()
 
         settings = sampling_settings(**sampling, vocab_size=self.model.config.vocab_size)
-        self.submit(Request(list(prompt), max_tokens, settings, emit))
+        self.submit(Request(list(prompt), max_tokens, settings, emit, adapter=adapter))
         done.wait()
         return tokens, finished[0]
 
@@ -516,10 +386,13 @@ class Engine:
             request.emit(Finished("cancelled", request.generated))
         self._waiting.clear()
         self._requests = [None] * self.max_batch
+        self._prefilling = []
 
     def _finish(self, request: Request, reason: str) -> None:
         if request.slot is not None:
             self._requests[request.slot] = None
+        if request in self._prefilling:
+            self._prefilling.remove(request)
         request.emit(Finished(reason, request.generated))
         if self.metrics:
             self.metrics.requests.labels(reason).inc()
@@ -543,24 +416,32 @@ class Engine:
             return True
         return False
 
-    def _admit_waiting(self) -> None:
-        """Prefill waiting requests into free slots."""
+    def _take_waiting(self) -> Request | None:
+        """The next waiting request that is not cancelled, if a row is free for it."""
         while True:
             with self._lock:
-                free = [i for i, r in enumerate(self._requests) if r is None]
-                if not free or not self._waiting:
-                    return
+                if None not in self._requests or not self._waiting:
+                    return None
                 request = self._waiting.popleft()
-            if request.cancelled:
-                self._finish(request, "cancelled")
+            if not request.cancelled:
+                request.slot = self._requests.index(None)
+                self._requests[request.slot] = request
+                if self.metrics:
+                    self.metrics.prompt_tokens.inc(len(request.prompt))
+                return request
+            self._finish(request, "cancelled")
+
+    def _admit_waiting(self) -> None:
+        """Give waiting requests free rows: chunked, to be prefilled by the next steps (their cached prefix
+        copied in first); else prefilled whole, one at a time."""
+        while (request := self._take_waiting()) is not None:
+            if self.prefill_chunk:
+                self._reuse_prefix(request)
+                self._prefilling.append(request)
                 continue
-            slot = free[0]
-            request.slot, self._requests[slot] = slot, request
-            if self.metrics:
-                self.metrics.prompt_tokens.inc(len(request.prompt))
             program = self._program("admit", min(bucket(len(request.prompt)), self.max_len))
-            inputs = self._admit_inputs(slot, request.prompt, request.sampling, request.echo_logprobs)
-            self._slots, out = program(self._arrays, self._slots, *inputs)
+            self._slots, out = program(self._arrays, self._slots, *self._admit_inputs(request.slot, request))
+            request.started, request.done = True, len(request.prompt)
             out = jax.device_get(out)
             if request.echo_logprobs:  # the prompt's tokens 1..n-1 are the last n-1 of the bucket
                 chosen, top_ids, top_logprobs = (x[x.shape[0] - (len(request.prompt) - 1) :] for x in out[4])
@@ -568,8 +449,116 @@ class Engine:
                     zip(chosen.tolist(), top_ids.tolist(), top_logprobs.tolist(), strict=True)
                 )
             if self._deliver(request, *(np.asarray(x) for x in out[:4]), now=time.perf_counter()):
-                self._release([slot])  # done at once: free the row before another request takes the slot
+                self._release([request.slot])  # done at once: free the row before another request takes it
             self._observe()
+
+    def _reuse_prefix(self, request: Request) -> None:
+        """Copy the cached blocks ``request``'s prompt starts with into its row. At least one prompt token is
+        always prefilled (its logits give the first token); with ``echo`` the last cached block is computed
+        again too, its last position giving the log-probability of the next block's first token."""
+        request.prompt_logprobs = [] if request.echo_logprobs else None
+        if self.prefix_cache is None:
+            return
+        request.chain = hashes(request.prompt, request.adapter)
+        found = self.prefix_cache.lookup(request.chain, request.echo_logprobs)
+        usable = min(len(found), (len(request.prompt) - 1) // BLOCK)
+        if request.echo_logprobs:
+            usable = max(0, min(len(found) - 1, usable))
+        self.prefix_cache.record(usable * BLOCK)
+        if not usable:
+            return
+        blocks = np.zeros(self.max_len // BLOCK, np.int32)
+        blocks[:usable] = [block.index for block in found[:usable]]
+        inputs = map(self._replicated, (np.int32(request.slot), blocks, np.int32(usable)))
+        self._slots = self._program("restore")(self._slots, self._pool, *inputs)
+        request.done = usable * BLOCK
+        if request.echo_logprobs:  # tokens 1..done, the last from the next block (found, not reused)
+            entries = [entry for block in found[: usable + 1] for entry in block.logprobs]
+            request.prompt_logprobs = entries[1 : request.done + 1]
+
+    def _plan_lanes(self) -> tuple[int, list[Request]]:
+        """The lane split that prefills the most prompt tokens this step (ties: fewer lanes), and the requests
+        that get a lane, oldest first."""
+        pending = self._prefilling
+
+        def tokens(lanes):
+            width = self.prefill_chunk // lanes
+            return sum(min(len(r.prompt) - r.done, width) for r in pending[:lanes]), -lanes
+
+        lanes = max(self.lanes, key=tokens)
+        return lanes, pending[:lanes]
+
+    def _lanes(self) -> tuple[int, dict, list[dict], list[tuple[Request, int, int, list]]]:
+        """This step's chunks: the host arrays of the lanes, their settings, and per lane what it holds
+        (request, start, count, and the pool blocks it saves as (block number, hash))."""
+        lanes, chosen = self._plan_lanes()
+        width = self.prefill_chunk // lanes
+        arrays = programs.empty_lanes(lanes, width, self.max_batch)
+        settings, held = [NEUTRAL] * lanes, []
+        for lane, request in enumerate(chosen):
+            prompt, start = request.prompt, request.done
+            count = min(len(prompt) - start, width)
+            arrays["row"][lane], arrays["start"][lane], arrays["count"][lane] = request.slot, start, count
+            arrays["ids"][lane, :count] = prompt[start : start + count]
+            after = prompt[start + 1 : start + count + 1]
+            arrays["targets"][lane, : len(after)] = after
+            arrays["first"][lane], arrays["final"][lane] = not request.started, start + count == len(prompt)
+            arrays["adapter"][lane] = request.adapter
+            settings[lane] = request.sampling
+            saved = []
+            if self.prefix_cache is not None:
+                for j in range(count // BLOCK):
+                    number = start // BLOCK + j
+                    index = self.prefix_cache.allocate(request.chain[number])
+                    if index is not None:
+                        arrays["save"][lane, j] = index
+                    saved.append(number)
+            held.append((request, start, count, saved))
+        return lanes, arrays, settings, held
+
+    def _step(self) -> None:
+        """One step: a token for every decoding row, and the next chunk of the prompts waiting in lanes."""
+        decoding = [r for r in self._requests if r is not None and r.started and r not in self._prefilling]
+        echo = False
+        if self._prefilling:
+            lanes, arrays, settings, held = self._lanes()
+            echo = any(request.echo_logprobs for request, *_ in held)
+            inputs = (self._lane_inputs(arrays, settings), self._replicated(np.bool_(echo)))
+            self._slots, self._pool, out, prompt_out = self._program("mixed", lanes)(
+                self._arrays, self._slots, self._pool, *inputs
+            )
+        else:
+            held = []
+            self._slots, self._pool, out, prompt_out = self._program("step")(
+                self._arrays, self._slots, self._pool, None, self._replicated(np.bool_(False))
+            )
+        tokens, logprobs, top_ids, top_logprobs = jax.device_get(out)
+        prompt_out = jax.device_get(prompt_out) if echo else None
+        now = time.perf_counter()
+        producing = list(decoding)
+        for lane, (request, start, count, saved) in enumerate(held):
+            request.started = True
+            request.done = start + count
+            if request.echo_logprobs:  # position j predicts token start + j + 1
+                known = min(count, len(request.prompt) - 1 - start)
+                chosen, ids, values = (x[lane, :known].tolist() for x in prompt_out)
+                request.prompt_logprobs.extend(zip(chosen, ids, values, strict=True))
+                for number in saved:
+                    first = number * BLOCK
+                    entries = [None if t == 0 else request.prompt_logprobs[t - 1] for t in range(first, first + BLOCK)]
+                    self.prefix_cache.blocks[request.chain[number]].logprobs = entries
+            if request.done == len(request.prompt):
+                self._prefilling.remove(request)
+                producing.append(request)
+        freed = []
+        for request in producing:
+            slot = request.slot
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                freed.append(slot)
+            elif self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot], now):
+                freed.append(slot)
+        self._release(freed)
 
     def _release(self, slots: list[int]) -> None:
         """Mark ``slots`` free on the device (their rows stop advancing until a new request takes them)."""
@@ -587,26 +576,13 @@ class Engine:
                         self._lock.wait()
                     if not self._running:
                         return
-                cancelled = [(i, r) for i, r in enumerate(self._requests) if r is not None and r.cancelled]
-                for _, request in cancelled:
+                cancelled = [r for r in self._requests if r is not None and r.cancelled]
+                for request in cancelled:
                     self._finish(request, "cancelled")
-                self._release([i for i, _ in cancelled])
+                self._release([r.slot for r in cancelled if r.started])
                 self._admit_waiting()
-                if self.active == 0:
-                    continue
-                self._slots, out = self._program("step")(self._arrays, self._slots)
-                tokens, logprobs, top_ids, top_logprobs = jax.device_get(out)
-                now = time.perf_counter()
-                freed = []
-                for slot, request in enumerate(list(self._requests)):
-                    if request is None:
-                        continue
-                    if request.cancelled:
-                        self._finish(request, "cancelled")
-                        freed.append(slot)
-                    elif self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot], now):
-                        freed.append(slot)
-                self._release(freed)
+                if self.active:
+                    self._step()
         except Exception as error:  # a failed program: every request learns it, nothing hangs
             log.exception("engine loop failed")
             with self._lock:
@@ -616,3 +592,38 @@ class Engine:
             for request in pending:
                 request.emit(Finished("error", request.generated))
             self.error = error
+
+
+def check_prefill(prefill_chunk: int, prefix_cache_mb: float, max_batch: int) -> tuple[int, ...]:
+    """The lane counts a prefill budget splits into (widths whole blocks), after checking the settings."""
+    validate.integer("prefill_chunk", prefill_chunk, least=0)
+    if prefill_chunk % BLOCK:
+        raise ValueError(
+            f"prefill_chunk must be a multiple of {BLOCK} tokens (or 0: whole prompts), got {prefill_chunk}"
+        )
+    validate.real("prefix_cache_mb", prefix_cache_mb)
+    if prefix_cache_mb < 0:
+        raise ValueError(f"prefix_cache_mb must be >= 0 (0: no prefix cache), got {prefix_cache_mb}")
+    if prefix_cache_mb and not prefill_chunk:
+        raise ValueError("the prefix cache needs chunked prefill: set prefill_chunk > 0 or leave prefix_cache_mb at 0")
+    lanes, options = 1, []
+    while (
+        lanes <= min(MAX_LANES, max_batch) and prefill_chunk // lanes >= BLOCK and not (prefill_chunk // lanes) % BLOCK
+    ):
+        options.append(lanes)
+        lanes *= 2
+    return tuple(options)
+
+
+def prefix_blocks(prefix_cache_mb: float, config, dtype) -> int:
+    """How many prefix-cache blocks fit ``prefix_cache_mb`` MiB; a budget too small for one is an error."""
+    if not prefix_cache_mb:
+        return 0
+    size = programs.block_bytes(config, dtype)
+    blocks = int(prefix_cache_mb * 2**20 // size)
+    if blocks < 1:
+        raise ValueError(
+            f"prefix_cache_mb {prefix_cache_mb:g} holds no block: one block ({BLOCK} tokens, every layer's keys and "
+            f"values) takes {size / 2**20:.3g} MiB; give at least that, or 0 for no prefix cache"
+        )
+    return blocks

@@ -18,6 +18,16 @@ class Metrics:
         self.generated_tokens = Counter("neo_jax_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("neo_jax_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.requests = Counter("neo_jax_requests", "Finished sequences", ["finish_reason"], registry=r)
+        self.prefix_cache_hits = Counter(
+            "neo_jax_prefix_cache_hits", "Requests that reused cached prompt blocks", registry=r
+        )
+        self.prefix_cache_misses = Counter(
+            "neo_jax_prefix_cache_misses", "Requests that found no cached prompt block", registry=r
+        )
+        self.prefix_cache_tokens = Counter(
+            "neo_jax_prefix_cache_tokens", "Prompt tokens taken from the prefix cache, not prefilled", registry=r
+        )
+        self.prefix_cache_blocks = Gauge("neo_jax_prefix_cache_blocks", "Blocks held by the prefix cache", registry=r)
         self.time_to_first_token = Histogram(
             "neo_jax_time_to_first_token_seconds", "From submission to the first token", buckets=_LATENCY, registry=r
         )

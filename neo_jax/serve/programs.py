@@ -1,0 +1,442 @@
+"""The server's device programs: the state of every slot, the step that advances it, and the per-row samplers.
+
+A slot is one row of one KV cache, its prompt's tokens at cache slots ``0..n-1`` (no padding: every slot
+below a row's ``index`` holds a real token). ``step`` runs one program over
+
+- one token for every decoding row (``[slots, 1]``), and
+- optionally the next chunk of up to ``lanes`` prompts (``Lanes``: ``[lanes, width]`` tokens, one prompt per
+  lane), flattened beside the decoding tokens into one ``[1, slots + lanes * width]`` sequence, so that the
+  weights are read once for both.
+
+A lane's tokens attend to its row's cache as it was before the step (slots below the chunk's start) and to
+the chunk's own earlier tokens, then are written into the row's ring buffers; a local layer's ring keeps
+only its last ``window`` slots, so only the chunk's last ``window`` tokens are written there. When a lane
+holds the end of its prompt, its last token's hidden state takes its row's place before the LM head, so the
+row's first token is chosen by the same per-row sampler, in the same program, as every decoding row's next.
+
+With a prefix cache (``Pool``), a chunk's keys and values are also copied into pool blocks of
+``BLOCK`` tokens (whole blocks only: chunks start at multiples of ``BLOCK``), and ``restore`` copies a
+cached prefix's blocks into a row: every slot of a global layer's ring, the last ``window`` of a local one.
+
+``admit`` is the whole-prompt prefill the server used before chunking (``--prefill-chunk 0``): one prompt
+alone at a bucketed width, between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neo_jax import lora, sharding
+from neo_jax.attention import dense
+from neo_jax.evaluate import token_logprobs
+from neo_jax.generation.cache import KVCache, init_cache, prefill
+from neo_jax.generation.programs import build
+from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty, seed_key, temperature
+
+TOP_LOGPROBS = 5  # the most alternatives per token OpenAI's completions API returns
+BLOCK = 16  # tokens per prefix-cache block; prefill chunks are whole blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowSampling:
+    """Per-row sampling settings ([rows] arrays). Greedy rows hold neutral values (temperature 1, top_k 0,
+    top_p 1, min_p 0), so the processors leave them alone."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # 0: off
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    sample: jax.Array  # bool: sample, else the most likely token
+    key: jax.Array  # typed PRNG keys
+
+    @classmethod
+    def of(cls, rows: list[dict]) -> RowSampling:
+        column = lambda name, dtype: jnp.asarray(np.array([r[name] for r in rows], dtype))
+        return cls(
+            temperature=column("temperature", np.float32),
+            top_k=column("top_k", np.int32),
+            top_p=column("top_p", np.float32),
+            min_p=column("min_p", np.float32),
+            repetition_penalty=column("repetition_penalty", np.float32),
+            sample=column("sample", bool),
+            key=jax.random.wrap_key_data(jnp.stack([jax.random.key_data(seed_key(r["seed"])) for r in rows])),
+        )
+
+
+NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, sample=False, seed=0)
+
+
+def _threshold(values, enough, low, high, steps: int = 32):
+    """Per row, the largest ``t`` in [low, high] with ``enough(t)`` (monotone: true at ``low``), by bisection:
+    a few masked reductions over the vocabulary, where a sort of it costs XLA:CPU ~200 ms per step."""
+
+    def body(_, bounds):
+        low, high = bounds
+        middle = (low + high) / 2
+        ok = enough(middle[:, None])
+        return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
+
+    return jax.lax.fori_loop(0, steps, body, (low, high))[0][:, None]
+
+
+def top_k_rows(logits, k):
+    """Each row keeps its own ``k`` largest logits (0: all); ties at the k-th value are kept."""
+    kth = _threshold(logits, lambda t: (logits >= t).sum(-1) >= k, logits.min(-1), logits.max(-1), steps=48)
+    return jnp.where((k[:, None] > 0) & (logits < kth), NEG_INF, logits)
+
+
+def top_p_rows(logits, p):
+    """Each row keeps its smallest set of most likely tokens whose probability reaches its own ``p``."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    mass = lambda t: jnp.where(probs >= t, probs, 0).sum(-1) >= p
+    cut = _threshold(probs, mass, jnp.zeros(probs.shape[:1]), probs.max(-1))
+    return jnp.where((p[:, None] < 1) & (probs < cut), NEG_INF, logits)
+
+
+def _sample(logits, keys):
+    """One draw per row from softmax(logits), by inverting the cumulative distribution at a uniform number
+    from the row's own key (one random number per row instead of a Gumbel draw per vocabulary entry)."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), minval=jnp.finfo(jnp.float32).tiny))(keys)
+    return jnp.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
+
+
+def _choose(logits, seen, settings: RowSampling, steps):
+    """The next token of every row under its own settings, and the raw model's log-probabilities of it and
+    of its ``TOP_LOGPROBS`` most likely alternatives. Each processor runs only when some row uses it, so an
+    all-greedy batch costs an argmax."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    s = settings
+    sampled = s.sample
+    keep = lambda x, _: x
+    x = jax.lax.cond(
+        jnp.any(s.repetition_penalty != 1),
+        repetition_penalty,
+        lambda x, *_: x,
+        logits,
+        seen,
+        s.repetition_penalty[:, None],
+    )
+    x = temperature(x, s.temperature[:, None])
+    x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
+    x = jax.lax.cond(jnp.any(sampled & (s.top_p < 1)), top_p_rows, keep, x, s.top_p)
+    x = jax.lax.cond(jnp.any(sampled & (s.min_p > 0)), min_p, keep, x, s.min_p[:, None])
+    greedy = jnp.argmax(x, axis=-1)
+    keys = jax.vmap(jax.random.fold_in)(s.key, steps)
+    draw = lambda: jnp.where(sampled, _sample(x, keys), greedy)
+    token = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+    return token, (token, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+    """The device state of every slot."""
+
+    cache: KVCache  # index: [slots], the next cache slot of each row (``valid`` is not used: see the module)
+    last: jax.Array  # [slots] the newest token, fed to the next step
+    positions: jax.Array  # [slots] position id of ``last``
+    seen: jax.Array  # [slots, vocab] tokens in the sequence (repetition penalty)
+    steps: jax.Array  # [slots] tokens generated so far (the sampling key's counter)
+    settings: RowSampling
+    adapter: jax.Array  # [slots] the row's LoRA adapter (-1: the base model)
+    active: jax.Array  # [slots] bool: decoding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Pool:
+    """The prefix cache's blocks: per layer, ``[blocks, heads, BLOCK, head_dim]`` keys and values."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Lanes:
+    """One step's prompt chunks, one per lane (``[lanes]`` or ``[lanes, width]``). An empty lane has
+    ``row`` = the number of slots (every write of it is dropped) and ``count`` 0."""
+
+    row: jax.Array
+    start: jax.Array  # cache slot (= position) of the chunk's first token, a multiple of BLOCK
+    ids: jax.Array  # [lanes, width] the chunk's tokens, then padding
+    targets: jax.Array  # [lanes, width] the prompt token after each one (echo's log-probabilities)
+    count: jax.Array  # real tokens in the chunk
+    first: jax.Array  # bool: the prompt's first chunk (the row's settings are set)
+    final: jax.Array  # bool: the prompt's last chunk (the row's first token is chosen)
+    settings: RowSampling
+    adapter: jax.Array
+    save: jax.Array  # [lanes, width // BLOCK] pool block that takes each whole block of the chunk (else: no block)
+
+
+def empty_slots(config, count: int, max_len: int, dtype) -> Slots:
+    cache = init_cache(config, count, max_len, dtype)
+    cache = dataclasses.replace(cache, index=jnp.zeros((count,), jnp.int32))
+    zeros = jnp.zeros((count,), jnp.int32)
+    return Slots(
+        cache=cache,
+        last=zeros,
+        positions=zeros,
+        seen=sharding.constrain(jnp.zeros((count, config.vocab_size), bool), "batch", None),
+        steps=zeros,
+        settings=RowSampling.of([NEUTRAL] * count),
+        adapter=zeros - 1,
+        active=jnp.zeros((count,), bool),
+    )
+
+
+def empty_pool(config, blocks: int, dtype) -> Pool:
+    shape = (blocks, config.num_heads, BLOCK, config.head_dim)
+    layers = range(config.num_layers)
+    return Pool(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
+
+
+def block_bytes(config, dtype) -> int:
+    """Bytes of one prefix-cache block: keys and values of ``BLOCK`` tokens in every layer."""
+    return 2 * config.num_layers * BLOCK * config.hidden_size * jnp.dtype(dtype).itemsize
+
+
+def empty_lanes(count: int, width: int, slots: int) -> dict:
+    """Host arrays of ``count`` empty lanes (the engine fills some in)."""
+    return dict(
+        row=np.full(count, slots, np.int32),
+        start=np.zeros(count, np.int32),
+        ids=np.zeros((count, width), np.int32),
+        targets=np.zeros((count, width), np.int32),
+        count=np.zeros(count, np.int32),
+        first=np.zeros(count, bool),
+        final=np.zeros(count, bool),
+        adapter=np.full(count, -1, np.int32),
+        save=np.full((count, width // BLOCK), np.iinfo(np.int32).max, np.int32),
+    )
+
+
+def _ring_slots(end, length: int):
+    """``[..., length]``: the sequence slot ring entry r holds once slots ``0..end-1`` are written (the latest
+    ``s < end`` with ``s % length == r``; negative: none). ``end`` broadcasts against ``[..., 1]``."""
+    r = jnp.arange(length)
+    return end - 1 - (end - 1 - r) % length
+
+
+def _decode_attention(cache: KVCache, layer: int, q, k, v, writing, visible):
+    """Each decoding row's token (``[slots, heads, 1, head_dim]``) written at its row's slot and attending to
+    its row; rows not ``writing`` are left as they are."""
+    keys, values = cache.keys[layer], cache.values[layer]
+    rows = jnp.where(writing, jnp.arange(k.shape[0]), k.shape[0])  # out of range: dropped
+    ring = cache.index % keys.shape[2]
+    keys = keys.at[rows, :, ring].set(k[:, :, 0].astype(keys.dtype), mode="drop")
+    values = values.at[rows, :, ring].set(v[:, :, 0].astype(values.dtype), mode="drop")
+    return dense(q, keys, values, visible), keys, values
+
+
+def _lane_attention(keys, values, q, k, v, lanes: Lanes, window: int | None):
+    """Each lane's chunk (``[lanes, heads, width, head_dim]``) attending to its row's earlier slots and to
+    itself, then written into its row (a ring of ``length`` entries takes only the chunk's last ``length``
+    tokens)."""
+    slots, length = keys.shape[0], keys.shape[2]
+    width = q.shape[2]
+    row = jnp.minimum(lanes.row, slots - 1)  # an empty lane reads some row and writes nothing
+    start = lanes.start[:, None]
+    j = jnp.arange(width)
+    old = _ring_slots(start, length)[:, None, :]  # [lanes, 1, length]
+    query = (start + j)[:, :, None]  # [lanes, width, 1]
+    see_old = (old >= 0) & (query >= 0 if window is None else old > query - window)  # [lanes, width, length]
+    real = j[None, :] < lanes.count[:, None]  # [lanes, width]
+    see_new = (j[None, :] <= j[:, None])[None] & real[:, None, :]
+    if window is not None:
+        see_new = see_new & (j[None, :] > j[:, None] - window)[None]
+    mask = jnp.concatenate([see_old, see_new], axis=-1)[:, None]
+    both = lambda cached, new: jnp.concatenate([cached[row], new.astype(cached.dtype)], axis=2)
+    out = dense(q, both(keys, k), both(values, v), mask)
+    keep = real & (j[None, :] >= lanes.count[:, None] - length)
+    rows = jnp.where(keep, lanes.row[:, None], slots)
+    ring = (start + j) % length
+    keys = keys.at[rows, :, ring].set(k.swapaxes(1, 2).astype(keys.dtype), mode="drop")
+    values = values.at[rows, :, ring].set(v.swapaxes(1, 2).astype(values.dtype), mode="drop")
+    return out, keys, values
+
+
+def _to_blocks(x):
+    """``[lanes, heads, width, head_dim]`` -> ``[lanes * width / BLOCK, heads, BLOCK, head_dim]``."""
+    lanes, heads, width, dim = x.shape
+    return x.reshape(lanes, heads, width // BLOCK, BLOCK, dim).swapaxes(1, 2).reshape(-1, heads, BLOCK, dim)
+
+
+def _set(items: tuple, i: int, value) -> tuple:
+    return (*items[:i], value, *items[i + 1 :])
+
+
+def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None, echo):
+    """One token for every decoding row and, with ``lanes``, one chunk of each lane's prompt. Returns the new
+    slots and pool, each row's (token, log-probability, top ids, top log-probabilities), meaningful for the
+    rows that were decoding or whose prompt ended in this step, and, if ``echo`` (a traced bool), the
+    log-probabilities of each lane's ``targets`` with their alternatives (else zeros: the branch is skipped)."""
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    count = slots.last.shape[0]
+    config = model.config
+    decoding = slots.active
+    windows = {"global": None, "local": config.window_size}
+    lengths = {kind: length for kind, length in zip(config.attention_layers, (k.shape[2] for k in slots.cache.keys))}
+    index = slots.cache.index[:, None]
+    visible = {}  # per layer kind, once per step: [slots, 1, 1, length]
+    for kind, length in lengths.items():
+        held = _ring_slots(index + 1, length)
+        see = held >= 0 if windows[kind] is None else (held >= 0) & (held > index - windows[kind])
+        visible[kind] = see[:, None, None, :]
+    if lanes is None:
+        tokens, positions, adapters = slots.last[:, None], slots.positions[:, None], slots.adapter[:, None]
+    else:
+        width = lanes.ids.shape[1]
+        flat = lambda decode, lane: jnp.concatenate([decode, lane.reshape(-1)])[None]
+        tokens = flat(slots.last, lanes.ids)
+        positions = flat(slots.positions, lanes.start[:, None] + jnp.arange(width))
+        adapters = flat(slots.adapter, jnp.repeat(lanes.adapter, width))
+    lora.select(periods, adapters)
+
+    def attention(layer, kind, q, k, v, state):
+        cache, pool = state
+        if lanes is None:
+            out, keys, values = _decode_attention(cache, layer, q, k, v, decoding, visible[kind])
+        else:
+            decode = lambda x: x[0, :, :count].swapaxes(0, 1)[:, :, None]
+            heads, dim = q.shape[1], q.shape[3]
+            lane = lambda x: x[0, :, count:].reshape(heads, -1, width, dim).swapaxes(0, 1)
+            out, keys, values = _decode_attention(
+                cache, layer, decode(q), decode(k), decode(v), decoding, visible[kind]
+            )
+            chunk, keys, values = _lane_attention(keys, values, lane(q), lane(k), lane(v), lanes, windows[kind])
+            chunk = chunk.swapaxes(0, 1).reshape(heads, -1, dim)
+            out = jnp.concatenate([out[:, :, 0].swapaxes(0, 1), chunk], axis=1)[None]
+            if pool is not None:
+                at = lanes.save.reshape(-1)
+                pool = Pool(
+                    _set(pool.keys, layer, pool.keys[layer].at[at].set(_to_blocks(lane(k)), mode="drop")),
+                    _set(pool.values, layer, pool.values[layer].at[at].set(_to_blocks(lane(v)), mode="drop")),
+                )
+        cache = dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+        return out, (cache, pool)
+
+    cache = slots.cache
+    seen, settings, steps, adapter = slots.seen, slots.settings, slots.steps, slots.adapter
+    if lanes is not None:  # a prompt's first chunk sets its row up; every chunk's tokens are seen
+        starting = jnp.where(lanes.first, lanes.row, count)
+        settings = jax.tree.map(lambda rows, new: rows.at[starting].set(new, mode="drop"), settings, lanes.settings)
+        seen = seen.at[starting].set(False, mode="drop")
+        steps = steps.at[starting].set(0, mode="drop")
+        adapter = adapter.at[starting].set(lanes.adapter, mode="drop")
+        real = jnp.arange(width)[None, :] < lanes.count[:, None]
+        seen = seen.at[jnp.where(real, lanes.row[:, None], count), lanes.ids].set(True, mode="drop")
+    hidden, (cache, pool) = model.transform(tokens, positions, attention, (cache, pool), periods)
+    if lanes is None:
+        rows_hidden = hidden[:, 0]
+        ending = jnp.zeros((count,), bool)
+        end = cache.index
+    else:
+        rows_hidden = hidden[0, :count]
+        chunks = hidden[0, count:].reshape(-1, width, hidden.shape[-1])
+        last = chunks[jnp.arange(chunks.shape[0]), jnp.maximum(lanes.count - 1, 0)]
+        finishing = jnp.where(lanes.final, lanes.row, count)
+        rows_hidden = rows_hidden.at[finishing].set(last, mode="drop")
+        ending = jnp.zeros((count,), bool).at[finishing].set(True, mode="drop")
+        end = cache.index.at[finishing].set(lanes.start + lanes.count, mode="drop")
+    logits = model.logits(rows_hidden[:, None])[:, 0]
+    token, out = _choose(logits, seen, settings, steps)
+    produced = decoding | ending
+    rows = jnp.arange(count)
+    slots = Slots(
+        cache=dataclasses.replace(cache, index=jnp.where(decoding, cache.index + 1, end)),
+        last=jnp.where(produced, token, slots.last),
+        positions=jnp.where(decoding, slots.positions + 1, jnp.where(ending, end, slots.positions)),
+        seen=seen.at[rows, token].set(seen[rows, token] | produced),
+        steps=steps + produced,
+        settings=settings,
+        adapter=adapter,
+        active=produced,
+    )
+    if lanes is None:
+        return slots, pool, out, None
+
+    def prompt_logprobs():
+        all_logits = model.logits(chunks)
+        logprobs = jax.nn.log_softmax(all_logits, axis=-1)
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+        return token_logprobs(all_logits, lanes.targets), top_ids.astype(jnp.int32), top_logprobs
+
+    skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(prompt_logprobs))
+    return slots, pool, out, jax.lax.cond(echo, prompt_logprobs, skip)
+
+
+def _restore_layer(pooled, cached, row, blocks, end):
+    """One layer's ring for ``row`` with slots ``0..end-1`` taken from pool ``blocks`` (in order)."""
+    heads, dim = pooled.shape[1], pooled.shape[3]
+    sequence = pooled[blocks].swapaxes(0, 1).reshape(heads, -1, dim)  # [heads, blocks * BLOCK, dim]
+    held = _ring_slots(end, cached.shape[2])  # the slot each ring entry holds
+    taken = sequence[:, jnp.clip(held, 0, sequence.shape[1] - 1)]
+    return cached.at[row].set(jnp.where((held >= 0)[None, :, None], taken, cached[row]))
+
+
+def restore(slots: Slots, pool: Pool, row, blocks, count):
+    """Copy pool ``blocks[:count]`` (the first ``count`` blocks of a prompt, in order) into ``row``'s cache."""
+    end = count * BLOCK
+    fill = lambda pooled, cached: tuple(
+        _restore_layer(p, c, row, blocks, end) for p, c in zip(pooled, cached, strict=True)
+    )
+    cache = dataclasses.replace(
+        slots.cache, keys=fill(pool.keys, slots.cache.keys), values=fill(pool.values, slots.cache.values)
+    )
+    return dataclasses.replace(slots, cache=cache)
+
+
+def release(slots: Slots, free):
+    return dataclasses.replace(slots, active=slots.active & ~free)
+
+
+def admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen, settings: RowSampling, adapter, echo):
+    """The whole-prompt prefill (``--prefill-chunk 0``): prefill one left-padded prompt [1, T], shift its cache
+    row so that its n real tokens take slots 0..n-1, write it into row ``slot``, and choose its first token.
+    If ``echo`` (a traced bool) also compute the log-probabilities of the prompt's tokens 1..T-1 and their
+    alternatives (else zeros: the branch is skipped, so requests that do not ask pay nothing)."""
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    width = input_ids.shape[1]
+    n = attention_mask.sum().astype(jnp.int32)
+    max_len = slots.cache.valid.shape[1]
+    lora.select(periods, jnp.full(input_ids.shape, adapter))
+    logits, cache, hidden = prefill(model, periods, input_ids, attention_mask, max_len)
+    shift = width - n  # the left padding: roll it out of the way (ring entry r holds slot r mod length)
+    put = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(rows, jnp.roll(row, -shift, axis=2), slot, axis=0)
+    cache = KVCache(
+        keys=tuple(put(rows, row) for rows, row in zip(slots.cache.keys, cache.keys, strict=True)),
+        values=tuple(put(rows, row) for rows, row in zip(slots.cache.values, cache.values, strict=True)),
+        valid=slots.cache.valid,
+        index=slots.cache.index.at[slot].set(n),
+    )
+    token, out = _choose(logits, seen[None], settings, jnp.zeros((1,), jnp.int32))
+    at = lambda rows, value: rows.at[slot].set(value)
+    slots = Slots(
+        cache=cache,
+        last=at(slots.last, token[0]),
+        positions=at(slots.positions, n),
+        seen=at(slots.seen, seen.at[token[0]].set(True)),
+        steps=at(slots.steps, 1),
+        settings=jax.tree.map(lambda rows, row: rows.at[slot].set(row[0]), slots.settings, settings),
+        adapter=at(slots.adapter, adapter),
+        active=at(slots.active, True),
+    )
+
+    def prompt_logprobs():
+        all_logits = model.logits(hidden[:, :-1])[0]
+        logprobs = jax.nn.log_softmax(all_logits, axis=-1)
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+        return token_logprobs(all_logits, input_ids[0, 1:]), top_ids.astype(jnp.int32), top_logprobs
+
+    skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(prompt_logprobs))
+    return slots, (*jax.tree.map(lambda x: x[0], out), jax.lax.cond(echo, prompt_logprobs, skip))
