@@ -34,8 +34,8 @@ from neo_jax.evaluate import token_logprobs
 from neo_jax.generation import top_k, top_p
 from neo_jax.serve.app import CompletionRequest, _Choice
 from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings
-from neo_jax.serve.programs import top_k_rows, top_p_rows
 from neo_jax.serve.metrics import Metrics
+from neo_jax.serve.programs import top_k_rows, top_p_rows
 from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles
 
 KEY = "test-key-123"
@@ -150,6 +150,155 @@ def test_logprobs_match_evaluate(engine, model):
         top = np.argsort(-row)[:5]
         np.testing.assert_array_equal([i for i, _ in token.top], top)
         np.testing.assert_allclose([lp for _, lp in token.top], row[top], atol=1e-4)
+
+
+# ---- chunked prefill, the prefix cache, many adapters ---------------------------------------------------------
+def jobs_at_every_boundary(seed: int) -> list[tuple[list[int], int]]:
+    """Prompts around every chunk and block boundary (16, 32, 64), the local window (16) crossed many times,
+    and one that ends on the last slot of a row."""
+    rng = np.random.default_rng(seed)
+    lengths = [1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 100, 129, 200, MAX_LEN - 12]
+    return [(rng.integers(1, 50000, n).tolist(), min(12, MAX_LEN - n)) for n in lengths]
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunked_prefill_is_token_identical_to_generate(model, chunk):
+    """16: one lane of one block per step; 64: one, two or four lanes of 64, 32 or 16 tokens. The engine
+    fixture runs the default 128 (lanes of 128, 64, 32) through every other engine test."""
+    engine = Engine(model, max_batch=4, max_len=MAX_LEN, eos_token_id=None, prefill_chunk=chunk).start()
+    try:
+        jobs = jobs_at_every_boundary(chunk)
+        results = run_all(engine, [(p, n, {"temperature": 0}) for p, n in jobs])
+    finally:
+        engine.stop()
+    for (prompt, n), (tokens, reason) in zip(jobs, results, strict=True):
+        alone = np.asarray(neo_jax.generate(model, np.array(prompt), max_new_tokens=n))[0, len(prompt) :]
+        assert tokens == alone.tolist() and reason == "length", len(prompt)
+
+
+def test_whole_prompt_prefill_is_still_there_and_exact(model):
+    engine = Engine(model, max_batch=4, max_len=MAX_LEN, eos_token_id=None, prefill_chunk=0).start()
+    try:
+        jobs = jobs_at_every_boundary(3)[::3]
+        results = run_all(engine, [(p, n, {"temperature": 0}) for p, n in jobs])
+    finally:
+        engine.stop()
+    for (prompt, n), (tokens, _) in zip(jobs, results, strict=True):
+        assert (
+            tokens == np.asarray(neo_jax.generate(model, np.array(prompt), max_new_tokens=n))[0, len(prompt) :].tolist()
+        )
+
+
+def echo_request(engine: Engine, prompt: list[int], **sampling) -> tuple[list, list[Token]]:
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if isinstance(event, Finished):
+            done.set()
+
+    settings = sampling_settings(**{"temperature": 0, **sampling}, vocab_size=50257)
+    request = engine.submit(Request(prompt, 6, settings, emit, echo_logprobs=True))
+    assert done.wait(60)
+    return request.prompt_logprobs, [e for e in events if isinstance(e, Token)]
+
+
+def test_the_prefix_cache_changes_no_output_and_keeps_echo_logprobs(model, engine):
+    """Shared prefixes of many lengths, greedy and seeded sampling, echo with logprobs on hits and misses, and a
+    pool of 12 blocks, so that blocks are evicted and reused while the test runs."""
+    metrics = Metrics()
+    budget = 12 * 2 * 2 * 16 * 64 * 4 / 2**20  # 12 blocks: 2 layers' keys and values of 16 tokens of width 64
+    cached = Engine(model, max_batch=4, max_len=MAX_LEN, eos_token_id=None, prefill_chunk=32, prefix_cache_mb=budget)
+    assert cached.prefix_cache.capacity == 12
+    cached.metrics = cached.prefix_cache.metrics = metrics
+    cached.start()
+    try:
+        rng = np.random.default_rng(11)
+        shared = rng.integers(1, 50000, 150).tolist()
+        prompts = [
+            shared[:n] + rng.integers(1, 50000, k).tolist()
+            for n, k in [(150, 5), (150, 40), (47, 3), (16, 1), (100, 60)]
+        ]
+        prompts.append(shared[:150])  # the whole prompt cached: its last token is still prefilled
+        for options in ({"temperature": 0}, {"temperature": 0.9, "top_k": 20, "seed": 3}):
+            for prompt in prompts + prompts:  # the second time round, every prompt's prefix is cached
+                ours, theirs = cached.generate(prompt, 10, **options), engine.generate(prompt, 10, **options)
+                assert ours == theirs, (len(prompt), options)
+        assert (
+            metric_value(metrics.prefix_cache_hits) >= len(prompts) and metric_value(metrics.prefix_cache_tokens) > 500
+        )
+        for prompt in prompts[:3] + prompts[:3]:  # echo: a hit returns the log-probabilities a miss computed
+            (hit_logprobs, hit_tokens), (miss_logprobs, miss_tokens) = (
+                echo_request(cached, prompt),
+                echo_request(engine, prompt),
+            )
+            assert [t.id for t in hit_tokens] == [t.id for t in miss_tokens]
+            assert len(hit_logprobs) == len(miss_logprobs) == len(prompt) - 1
+            for (lp, ids, lps), (lp2, ids2, lps2) in zip(hit_logprobs, miss_logprobs, strict=True):
+                assert ids == ids2
+                np.testing.assert_allclose([lp, *lps], [lp2, *lps2], atol=2e-5)
+    finally:
+        cached.stop()
+
+
+def metric_value(counter) -> float:
+    return next(iter(counter.collect())).samples[0].value
+
+
+@pytest.fixture(scope="module")
+def adapters(gpt2_model_dir, tmp_path_factory) -> dict:
+    """Three PEFT adapters of different ranks and targets, with weights big enough to change greedy output."""
+    from neo_jax import lora, peft
+
+    specs = {"small": (2, ("q_proj", "v_proj")), "mlp": (8, ("c_fc", "c_proj")), "all": (4, tuple(lora.TARGETS))}
+    directories = {}
+    for seed, (name, (rank, targets)) in enumerate(specs.items()):
+        model = neo_jax.from_pretrained(gpt2_model_dir, progress=False)
+        lora.add(model, lora.LoRAConfig(r=rank, alpha=2 * rank, targets=targets), seed=seed)
+        for i, (_, dense) in enumerate(lora.adapted_layers(model)):
+            if dense.lora is not None:
+                b = dense.lora.b
+                b.set_value(0.3 * jax.random.normal(jax.random.key(100 * seed + i), b.shape))
+        directories[name] = peft.save(model, tmp_path_factory.mktemp(name), base_model=str(gpt2_model_dir))
+    return directories
+
+
+def test_many_adapters_share_a_batch_and_each_row_equals_its_merged_model(gpt2_model_dir, adapters, model):
+    from neo_jax import lora, peft
+
+    base = neo_jax.from_pretrained(gpt2_model_dir, progress=False)
+    checked = [peft.check_adapter(d, base.config) for d in adapters.values()]
+    lora.add_many(base, [(c[0], peft.by_target(base.config, c)) for c in checked])
+    engine = Engine(base, max_batch=4, max_len=MAX_LEN, eos_token_id=None, prefill_chunk=32, adapters=tuple(adapters))
+    engine.start()
+    try:
+        rng = np.random.default_rng(4)
+        jobs = [(rng.integers(1, 50000, n).tolist(), a) for n in (5, 40, 70) for a in (-1, 0, 1, 2)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: engine.generate(job[0], 10, adapter=job[1], temperature=0)[0], jobs))
+    finally:
+        engine.stop()
+    merged = [model] + [
+        lora.merge(neo_jax.from_pretrained(gpt2_model_dir, adapter=d, progress=False)) for d in adapters.values()
+    ]
+    for (prompt, a), tokens in zip(jobs, results, strict=True):
+        expected = np.asarray(neo_jax.generate(merged[a + 1], np.array(prompt), max_new_tokens=10))[0, len(prompt) :]
+        assert tokens == expected.tolist(), (len(prompt), a)
+    by_adapter = [tuple(tokens) for tokens in results[:4]]  # one prompt under the base and each adapter
+    assert len(set(by_adapter)) == 4  # each adapter changes the output: the test can tell them apart
+
+
+def test_prefill_and_prefix_cache_settings_are_checked(model):
+    for options, message in [
+        ({"prefill_chunk": 24}, "multiple of 16"),
+        ({"prefill_chunk": -16}, "prefill_chunk"),
+        ({"prefix_cache_mb": 0.01}, "holds no block"),
+        ({"prefix_cache_mb": 1, "prefill_chunk": 0}, "needs chunked prefill"),
+        ({"prefix_cache_mb": -1}, "prefix_cache_mb must be >= 0"),
+        ({"adapters": ("a",)}, "adapter names"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Engine(model, max_batch=2, max_len=64, **options)
 
 
 def test_stop_strings_cut_as_openai_documents():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from neo_jax.cli.common import ADAPTER_HELP, CACHE_HELP, MODEL_HELP, WEIGHTS_HELP, enable_compilation_cache
+from neo_jax.cli.common import CACHE_HELP, MODEL_HELP, WEIGHTS_HELP, enable_compilation_cache
 from neo_jax.config import DTYPES, WEIGHTS
+
+BLOCK = 16  # neo_jax.serve.programs.BLOCK: prefix-cache blocks and prefill chunks (a test keeps them equal)
+DEFAULT_PREFILL_CHUNK = 128  # neo_jax.serve.engine's (the CLI loads no JAX before checking flags)
 
 
 def add_parser(commands) -> None:
@@ -34,15 +37,49 @@ def add_parser(commands) -> None:
     )
     p.add_argument("--max-connections", type=int, default=2048, help="open connections served at once (past them: 503)")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
-    p.add_argument("--adapter", help=ADAPTER_HELP)
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="a PEFT LoRA adapter: NAME=DIR (repeatable) serves it as model NAME beside the base, every adapter "
+        "and the base sharing each batch; a bare DIR applies one adapter (unmerged) to every request",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help=f"prompt tokens prefilled per step, inside the decode step (a multiple of {BLOCK}; default "
+        f"{DEFAULT_PREFILL_CHUNK}); 0 prefills each prompt whole, alone, between steps",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=0,
+        help="MiB of device memory that keep the keys and values of prompt blocks for later requests that start "
+        "the same way (least recently used out first; default 0: no prefix cache)",
+    )
     p.add_argument("--compilation-cache", help=CACHE_HELP)
     p.set_defaults(run=serve)
+
+
+def _adapters(values: list[str] | None) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """``--adapter`` values: one bare DIR (applied to every request), or any number of NAME=DIR."""
+    values = values or []
+    named = tuple((v.split("=", 1)[0], v.split("=", 1)[1]) for v in values if "=" in v)
+    bare = [v for v in values if "=" not in v]
+    if bare and (named or len(bare) > 1):
+        raise ValueError("--adapter: give one bare DIR (applied to every request) or any number of NAME=DIR, not both")
+    for name, directory in named:
+        if not name or not directory or any(c.isspace() for c in name):
+            raise ValueError(f"--adapter {name}={directory}: give NAME=DIR with a name without spaces and a directory")
+    return (bare[0] if bare else None), named
 
 
 def _check(args: argparse.Namespace) -> str | None:
     """Every flag, before anything loads; returns the API key (from --api-key or NEO_JAX_API_KEY), checked."""
     from neo_jax import sharding, validate
     from neo_jax.serve.app import check_api_key
+    from neo_jax.serve.engine import check_prefill
 
     validate.integer("--port", args.port, least=0, most=65535)
     validate.integer("--max-batch", args.max_batch, least=1)
@@ -62,6 +99,8 @@ def _check(args: argparse.Namespace) -> str | None:
         api_key = check_api_key(os.environ.get("NEO_JAX_API_KEY"), "NEO_JAX_API_KEY")
     if args.mesh:
         sharding.parse_mesh(args.mesh)
+    _adapters(args.adapter)
+    check_prefill(args.prefill_chunk, args.prefix_cache_mb, args.max_batch)
     return api_key
 
 
@@ -75,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
     enable_compilation_cache(args.compilation_cache)
     from neo_jax.serve.server import serve as run
 
+    adapter, adapters = _adapters(args.adapter)
     return run(
         args.model,
         host=args.host,
@@ -87,7 +127,10 @@ def serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name,
-        adapter=args.adapter,
+        adapter=adapter,
+        adapters=adapters,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache_mb=args.prefix_cache_mb,
         weights=args.weights,
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,

@@ -311,16 +311,20 @@ def create_app(
     async def playground():
         return HTMLResponse(PLAYGROUND.read_text())
 
+    names = {model_name: -1, **{name: i for i, name in enumerate(engine.adapters)}}  # name -> adapter index
+
     @app.get("/v1/models")
     async def models():
-        entry = {
-            "id": model_name,
+        entry = lambda name, parent: {
+            "id": name,
             "object": "model",
             "created": created,
             "owned_by": "neo_jax",
+            "root": name,
+            "parent": parent,
             "max_model_len": engine.max_len,
         }
-        return {"object": "list", "data": [entry]}
+        return {"object": "list", "data": [entry(model_name, None), *(entry(a, model_name) for a in engine.adapters)]}
 
     @app.post("/v1/chat/completions")
     async def chat():
@@ -334,10 +338,13 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
-        if body.model != model_name:
+        if body.model not in names:
+            served = f"'{model_name}'" + (
+                f" and its adapters {', '.join(map(repr, engine.adapters))}" if engine.adapters else ""
+            )
             raise APIError(
                 404,
-                f"the model '{body.model}' does not exist; this server serves '{model_name}'",
+                f"the model '{body.model}' does not exist; this server serves {served}",
                 param="model",
                 code="model_not_found",
             )
@@ -392,7 +399,9 @@ def create_app(
                         pass
 
                 settings = dict(base, seed=(base["seed"] + index) % 2**63)
-                choice.request = EngineRequest(prompt, max_tokens, settings, emit, echo_logprobs=echo_logprobs)
+                choice.request = EngineRequest(
+                    prompt, max_tokens, settings, emit, echo_logprobs=echo_logprobs, adapter=names[body.model]
+                )
                 choices.append(choice)
         submitted = []
         try:
@@ -436,7 +445,7 @@ def create_app(
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
-                _stream(choices, events, take, request_id, model_name, usage, include_usage, http),
+                _stream(choices, events, take, request_id, body.model, usage, include_usage, http),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -462,7 +471,7 @@ def create_app(
             "id": request_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": model_name,
+            "model": body.model,
             "choices": [
                 {
                     "index": c.index,

@@ -93,12 +93,12 @@ class Request:
     emit: Callable[[object], None]
     echo_logprobs: bool = False
     adapter: int = -1  # the LoRA adapter (index in ``Engine.adapters``); -1: the base model
-    prompt_logprobs: list | None = None
+    prompt_logprobs: list = dataclasses.field(default_factory=list)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
     generated: int = 0
     last_token_at: float | None = None
-    slot: int | None = None
+    slot: int = -1  # its row, once it has one
     done: int = 0  # prompt tokens in the row's cache
     started: bool = False  # the first chunk has run
     chain: list = dataclasses.field(default_factory=list)  # prefix-cache hashes of the prompt's whole blocks
@@ -389,7 +389,7 @@ class Engine:
         self._prefilling = []
 
     def _finish(self, request: Request, reason: str) -> None:
-        if request.slot is not None:
+        if request.slot >= 0:
             self._requests[request.slot] = None
         if request in self._prefilling:
             self._prefilling.remove(request)
@@ -456,7 +456,6 @@ class Engine:
         """Copy the cached blocks ``request``'s prompt starts with into its row. At least one prompt token is
         always prefilled (its logits give the first token); with ``echo`` the last cached block is computed
         again too, its last position giving the log-probability of the next block's first token."""
-        request.prompt_logprobs = [] if request.echo_logprobs else None
         if self.prefix_cache is None:
             return
         request.chain = hashes(request.prompt, request.adapter)
@@ -473,7 +472,7 @@ class Engine:
         self._slots = self._program("restore")(self._slots, self._pool, *inputs)
         request.done = usable * BLOCK
         if request.echo_logprobs:  # tokens 1..done, the last from the next block (found, not reused)
-            entries = [entry for block in found[: usable + 1] for entry in block.logprobs]
+            entries = [entry for block in found[: usable + 1] for entry in block.logprobs or ()]
             request.prompt_logprobs = entries[1 : request.done + 1]
 
     def _plan_lanes(self) -> tuple[int, list[Request]]:
@@ -494,7 +493,7 @@ class Engine:
         lanes, chosen = self._plan_lanes()
         width = self.prefill_chunk // lanes
         arrays = programs.empty_lanes(lanes, width, self.max_batch)
-        settings, held = [NEUTRAL] * lanes, []
+        settings, held, allocated = [NEUTRAL] * lanes, [], 0
         for lane, request in enumerate(chosen):
             prompt, start = request.prompt, request.done
             count = min(len(prompt) - start, width)
@@ -505,14 +504,16 @@ class Engine:
             arrays["first"][lane], arrays["final"][lane] = not request.started, start + count == len(prompt)
             arrays["adapter"][lane] = request.adapter
             settings[lane] = request.sampling
-            saved = []
-            if self.prefix_cache is not None:
-                for j in range(count // BLOCK):
-                    number = start // BLOCK + j
-                    index = self.prefix_cache.allocate(request.chain[number])
-                    if index is not None:
-                        arrays["save"][lane, j] = index
-                    saved.append(number)
+            saved, cache = [], self.prefix_cache
+            for j in range(count // BLOCK):
+                if cache is None or allocated == cache.capacity:  # more would evict blocks this step writes
+                    break
+                number = start // BLOCK + j
+                index = cache.allocate(request.chain[number])
+                if index is not None:
+                    arrays["save"][lane, j] = index
+                    allocated += 1
+                saved.append(number)
             held.append((request, start, count, saved))
         return lanes, arrays, settings, held
 
@@ -539,14 +540,8 @@ class Engine:
         for lane, (request, start, count, saved) in enumerate(held):
             request.started = True
             request.done = start + count
-            if request.echo_logprobs:  # position j predicts token start + j + 1
-                known = min(count, len(request.prompt) - 1 - start)
-                chosen, ids, values = (x[lane, :known].tolist() for x in prompt_out)
-                request.prompt_logprobs.extend(zip(chosen, ids, values, strict=True))
-                for number in saved:
-                    first = number * BLOCK
-                    entries = [None if t == 0 else request.prompt_logprobs[t - 1] for t in range(first, first + BLOCK)]
-                    self.prefix_cache.blocks[request.chain[number]].logprobs = entries
+            if request.echo_logprobs:
+                self._keep_prompt_logprobs(request, [x[lane] for x in prompt_out or ()], start, count, saved)
             if request.done == len(request.prompt):
                 self._prefilling.remove(request)
                 producing.append(request)
@@ -559,6 +554,19 @@ class Engine:
             elif self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot], now):
                 freed.append(slot)
         self._release(freed)
+
+    def _keep_prompt_logprobs(self, request: Request, computed: list, start: int, count: int, saved: list[int]) -> None:
+        """Add a chunk's log-probabilities of the prompt's tokens to ``request`` (position j predicts token
+        ``start + j + 1``), and keep those of the blocks it ``saved`` in the prefix cache."""
+        known = min(count, len(request.prompt) - 1 - start)
+        request.prompt_logprobs.extend(zip(*(x[:known].tolist() for x in computed), strict=True))
+        for number in saved:
+            block = self.prefix_cache.blocks.get(request.chain[number]) if self.prefix_cache else None
+            if block is not None:
+                first = number * BLOCK
+                block.logprobs = [
+                    None if t == 0 else request.prompt_logprobs[t - 1] for t in range(first, first + BLOCK)
+                ]
 
     def _release(self, slots: list[int]) -> None:
         """Mark ``slots`` free on the device (their rows stop advancing until a new request takes them)."""

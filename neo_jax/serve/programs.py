@@ -298,7 +298,8 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         width = lanes.ids.shape[1]
         flat = lambda decode, lane: jnp.concatenate([decode, lane.reshape(-1)])[None]
         tokens = flat(slots.last, lanes.ids)
-        positions = flat(slots.positions, lanes.start[:, None] + jnp.arange(width))
+        real = jnp.arange(width)[None, :] < lanes.count[:, None]
+        positions = flat(slots.positions, jnp.where(real, lanes.start[:, None] + jnp.arange(width), 0))  # padding: 0
         adapters = flat(slots.adapter, jnp.repeat(lanes.adapter, width))
     lora.select(periods, adapters)
 
@@ -333,7 +334,6 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         seen = seen.at[starting].set(False, mode="drop")
         steps = steps.at[starting].set(0, mode="drop")
         adapter = adapter.at[starting].set(lanes.adapter, mode="drop")
-        real = jnp.arange(width)[None, :] < lanes.count[:, None]
         seen = seen.at[jnp.where(real, lanes.row[:, None], count), lanes.ids].set(True, mode="drop")
     hidden, (cache, pool) = model.transform(tokens, positions, attention, (cache, pool), periods)
     if lanes is None:

@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from neo_jax.serve.app import create_app
-from neo_jax.serve.engine import Engine
+from neo_jax.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from neo_jax.serve.metrics import Metrics
 
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default)
@@ -122,6 +122,30 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True  # uvicorn then lets open responses finish and exits
 
 
+def check_adapters(source, adapters: tuple[tuple[str, str], ...], served: str) -> dict:
+    """Each named adapter (``(name, directory)``) read and checked against the base's config: ``{name: (LoRAConfig,
+    tensors)}``. A ValueError that names the adapter if one does not fit the base, a name is used twice or is
+    the served model's, or the base is a LoRA run (which brings its own)."""
+    from neo_jax.peft import check_adapter
+    from neo_jax.source import local_directory
+
+    if adapters and source.adapter is not None:
+        raise ValueError(
+            f"{source.name} is a LoRA run and brings its own adapters: serve its base with --adapter NAME=DIR"
+        )
+    named = {}
+    for name, directory in adapters:
+        if name in named or name == served:
+            raise ValueError(
+                f"--adapter {name}: the name is already taken (by another adapter or the served model); give each its own"
+            )
+        try:
+            named[name] = check_adapter(local_directory(directory), source.config)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--adapter {name}={directory}: {e}") from None
+    return named
+
+
 def serve(
     model: str,
     *,
@@ -136,6 +160,9 @@ def serve(
     drain_timeout: float = 30.0,
     served_model_name: str | None = None,
     adapter: str | None = None,
+    adapters: tuple[tuple[str, str], ...] = (),
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefix_cache_mb: float = 0,
     weights: str | None = None,
     header_timeout: float = 10.0,
     max_connections: int = 2048,
@@ -143,6 +170,8 @@ def serve(
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
     from neo_jax.hf import load_tokenizer
+    from neo_jax.lora import add_many
+    from neo_jax.peft import by_target
     from neo_jax.serve.app import check_api_key
     from neo_jax.source import resolve
 
@@ -156,12 +185,26 @@ def serve(
         log(f"the open-file limit fits {connections} connections: serving at most that many, not {max_connections}")
     source = resolve(model)
     tokenizer = load_tokenizer(source.require_directory())  # before the weights: a model without a tokenizer fails fast
+    named = check_adapters(source, adapters, served_model_name or model)  # before the weights too: adapters are small
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
     loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter)
-    engine = Engine(loaded, max_batch=max_batch, max_len=max_len, max_queue=max_queue, metrics=Metrics())
+    if named:
+        add_many(loaded, [(checked[0], by_target(source.config, checked)) for checked in named.values()])
+    engine = Engine(
+        loaded,
+        max_batch=max_batch,
+        max_len=max_len,
+        max_queue=max_queue,
+        metrics=Metrics(),
+        prefill_chunk=prefill_chunk,
+        prefix_cache_mb=prefix_cache_mb,
+        adapters=tuple(named),
+    )
     seconds = engine.warm_up(progress=log)
     engine.start()
-    log(f"compiled {len(engine.buckets) + 2} programs in {seconds:.1f}s; ready in {time.perf_counter() - start:.1f}s")
+    log(
+        f"compiled {len(engine._program_names())} programs in {seconds:.1f}s; ready in {time.perf_counter() - start:.1f}s"
+    )
     app = create_app(
         engine, tokenizer, model_name=served_model_name or model, api_key=api_key, body_timeout=header_timeout
     )
