@@ -1,27 +1,33 @@
-"""Serving load: `neo-jax serve` under 16 concurrent streaming clients, against the same requests one at a
-time through `neo_jax.generate` and against transformers' `generate` in static left-padded batches.
+"""Serving load: `neo-jax serve` under concurrent streaming clients, in three workloads, each side by side in
+one run on the same random 125M-shape weights (seed 0), float32.
 
-    python benchmarks/serve.py [--requests 64] [--concurrency 16] [--max-batch 16] [--max-len 1024]
-                               [--skip-baselines]
+    python benchmarks/serve.py [--workloads burst,prefix,adapters] [--requests 64] [--concurrency 16]
+                               [--max-batch 16] [--max-len 1024] [--prefill-chunk 128] [--skip-baselines]
 
-The same random 125M-shape weights (seed 0) everywhere, float32. The workload is seeded: prompt lengths
-uniform in [16, 512] tokens (random ids), ``max_tokens`` uniform in [16, 256], greedy. Prints one JSON
-object:
-
-- "server": generated tokens/s over the whole run (first request sent to last token received), time to
-  first token p50/p99 and inter-token latency p50/p99 as the clients saw them (gaps between streamed
-  chunks), and the startup time from process start to a healthy server, compilation included;
-- "one_at_a_time": the same requests in order through ``neo_jax.generate``, tokens/s with the time spent
-  compiling (measured through ``jax.monitoring``) left out, so that the ratio is not flattered by it;
-- "transformers_static_batches": ``GPTNeoForCausalLM.generate`` on batches of ``--concurrency`` requests,
-  left-padded, each batch run to its longest request; only the tokens each request asked for count.
+- "burst": prompt lengths uniform in [16, 512] tokens (random ids), ``max_tokens`` uniform in [16, 256],
+  greedy, all sent at once by ``--concurrency`` clients; the server with whole-prompt prefill
+  (``--prefill-chunk 0``, the scheduling before chunking) against chunked prefill. Per server: generated
+  tokens/s over the whole run (first request sent to last token received), time to first token p50/p99
+  and inter-token latency p50/p99 as the clients saw them (gaps between streamed chunks), and the startup
+  time, compilation included. Unless ``--skip-baselines``, also the same requests one at a time through
+  ``neo_jax.generate`` (compile time left out) and transformers' ``generate`` in static left-padded batches.
+- "prefix": lm-eval's own ``local-completions`` model running a multiple-choice task (a shared few-shot
+  text of ~400 tokens before each question, four choices: lm-eval sends one echo request per choice)
+  through the server, without and with ``--prefix-cache-mb``; wall time and the cache's hit metrics.
+- "adapters": requests spread over four rank-16 LoRA adapters (q, v, c_fc) served as ``--adapter NAME=DIR``
+  by one server, against the base model alone on the same requests, and against four servers of the
+  adapters merged into the base, ``--max-batch / 4`` slots each (the same total), each request sent to its
+  adapter's server.
+Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -59,12 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def drive(url: str, model: str, jobs, concurrency: int) -> dict:
+async def drive(urls, jobs, concurrency: int) -> dict:
+    """``jobs``: (prompt, max_tokens, model name, index into ``urls``)."""
     gate = asyncio.Semaphore(concurrency)
     ttft, gaps, tokens = [], [], []
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600) as client:
+    clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600) for url in urls]
+    try:
 
-        async def one(prompt, max_tokens):
+        async def one(prompt, max_tokens, model, server):
+            client = clients[server]
             async with gate:
                 start = time.perf_counter()
                 stream = await client.completions.create(
@@ -88,8 +97,11 @@ async def drive(url: str, model: str, jobs, concurrency: int) -> dict:
                         last = now
 
         start = time.perf_counter()
-        await asyncio.gather(*(one(p, n) for p, n in jobs))
+        await asyncio.gather(*(one(*job) for job in jobs))
         seconds = time.perf_counter() - start
+    finally:
+        for client in clients:
+            await client.close()
     return {
         "generated_tokens": sum(tokens),
         "seconds": round(seconds, 2),
@@ -149,17 +161,217 @@ def static_batches(reference, jobs, batch: int) -> dict:
     return {"generated_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
 
 
+@contextlib.contextmanager
+def server(directory, *extra: str):
+    """A ``neo-jax serve`` process on ``directory``; yields its URL and startup seconds (to healthy)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "neo_jax.cli", "serve", "--model", str(directory), "--port", str(port)]
+    command += ["--compilation-cache", "none", *extra]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"the server exited during startup: {' '.join(command)}")
+            try:
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield url, round(time.perf_counter() - start, 1)
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def metrics(url: str, *names: str) -> dict:
+    lines = requests.get(url + "/metrics", timeout=10).text.splitlines()
+    return {n: float(line.rsplit(" ", 1)[1]) for n in names for line in lines if line.startswith(n + " ")}
+
+
+def burst(directory, args) -> dict:
+    jobs = [(p, n, "neo", 0) for p, n in workload(args.requests)]
+    flags = ["--served-model-name", "neo", "--max-batch", str(args.max_batch), "--max-len", str(args.max_len)]
+    result = {}
+    for name, chunk in (("whole_prompt_prefill", 0), ("chunked_prefill", args.prefill_chunk)):
+        with server(directory, *flags, "--prefill-chunk", str(chunk)) as (url, startup):
+            result[name] = asyncio.run(drive([url], jobs, args.concurrency)) | {
+                "prefill_chunk": chunk,
+                "startup_s": startup,
+            }
+    before, after = result["whole_prompt_prefill"], result["chunked_prefill"]
+    result["ratios"] = {
+        key: round(after[key] / before[key], 2)
+        for key in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "inter_token_p50_s", "inter_token_p99_s")
+    }
+    return result
+
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "had",
+    "it",
+    "not",
+]
+
+
+def prefix(directory, args) -> dict:
+    """lm-eval's local-completions model on a multiple-choice task with a long shared few-shot text."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    rng = random.Random(0)
+    sentence = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))
+    shots = sentence(380)
+    with tempfile.TemporaryDirectory() as tasks:
+        rows = [
+            {
+                "question": sentence(rng.randint(5, 20)),
+                "choices": [sentence(rng.randint(1, 4)) for _ in range(4)],
+                "label": i % 4,
+            }
+            for i in range(args.prefix_docs)
+        ]
+        Path(tasks, "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        Path(tasks, "shared_prefix_mc.yaml").write_text(
+            "task: shared_prefix_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {Path(tasks, 'mc.jsonl')}\ntest_split: test\noutput_type: multiple_choice\n"
+            f'doc_to_text: "{shots}\\nQuestion: {{{{question}}}}\\nAnswer:"\n'
+            'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+        )
+        flags = ["--served-model-name", "neo", "--max-batch", str(args.max_batch), "--max-len", "512"]
+        result = {}
+        for name, budget in (("no_prefix_cache", 0), ("prefix_cache", 256)):
+            with server(directory, *flags, "--prefix-cache-mb", str(budget)) as (url, startup):
+                start = time.perf_counter()
+                out = lm_eval.simple_evaluate(
+                    model="local-completions",
+                    model_args={
+                        "model": "neo",
+                        "base_url": url + "/v1/completions",
+                        "tokenizer": str(directory),
+                        "tokenizer_backend": "huggingface",
+                        "num_concurrent": args.concurrency,
+                        "max_retries": 1,
+                    },
+                    tasks=["shared_prefix_mc"],
+                    task_manager=TaskManager(include_path=tasks),
+                )
+                seconds = time.perf_counter() - start
+                names = (
+                    "neo_jax_prefix_cache_hits_total",
+                    "neo_jax_prefix_cache_misses_total",
+                    "neo_jax_prefix_cache_tokens_total",
+                    "neo_jax_prompt_tokens_total",
+                )
+                result[name] = {
+                    "seconds": round(seconds, 2),
+                    "acc": out["results"]["shared_prefix_mc"]["acc,none"],
+                    "startup_s": startup,
+                } | metrics(url, *names)
+    result["speedup"] = round(result["no_prefix_cache"]["seconds"] / result["prefix_cache"]["seconds"], 2)
+    result["same_accuracy"] = result["no_prefix_cache"]["acc"] == result["prefix_cache"]["acc"]
+    result["requests"] = 4 * args.prefix_docs
+    return result
+
+
+def make_adapters(directory, root: Path, count: int) -> tuple[list[Path], list[Path]]:
+    """``count`` random rank-16 PEFT adapters of the base in ``directory``, and each merged into the base."""
+    import jax
+
+    from neo_jax import lora, peft
+
+    adapters, merged = [], []
+    for i in range(count):
+        model = neo_jax.from_pretrained(directory, progress=False)
+        lora.add(model, lora.LoRAConfig(r=16, alpha=32, targets=("q_proj", "v_proj", "c_fc")), seed=i)
+        for j, (_, dense) in enumerate(lora.adapted_layers(model)):
+            if dense.lora is not None:
+                dense.lora.b.set_value(0.02 * jax.random.normal(jax.random.key(100 * i + j), dense.lora.b.shape))
+        adapters.append(peft.save(model, root / f"adapter-{i}", base_model=str(directory)))
+        neo_jax.save_pretrained(lora.merge(model), root / f"merged-{i}", progress=False)
+        transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER).save_pretrained(root / f"merged-{i}")
+        merged.append(root / f"merged-{i}")
+    return adapters, merged
+
+
+def mixed_adapters(directory, args) -> dict:
+    count = 4
+    rng = np.random.default_rng(1)
+    prompts = [
+        (rng.integers(1, 50000, int(rng.integers(16, 129))).tolist(), int(rng.integers(32, 97)))
+        for _ in range(args.requests)
+    ]
+    base = ["--max-batch", str(args.max_batch), "--max-len", "512", "--served-model-name", "neo"]
+    result = {}
+    with tempfile.TemporaryDirectory() as root:
+        adapters, merged = make_adapters(directory, Path(root), count)
+        with server(directory, *base) as (url, startup):
+            result["base_alone"] = asyncio.run(drive([url], [(p, n, "neo", 0) for p, n in prompts], args.concurrency))
+        named = [flag for i, a in enumerate(adapters) for flag in ("--adapter", f"a{i}={a}")]
+        with server(directory, *base, *named) as (url, startup):
+            jobs = [(p, n, f"a{i % count}", 0) for i, (p, n) in enumerate(prompts)]
+            result["four_adapters_one_server"] = asyncio.run(drive([url], jobs, args.concurrency)) | {
+                "startup_s": startup
+            }
+        with contextlib.ExitStack() as stack:
+            slots = [
+                "--max-batch",
+                str(max(1, args.max_batch // count)),
+                "--max-len",
+                "512",
+                "--served-model-name",
+                "neo",
+            ]
+            urls = [stack.enter_context(server(m, *slots))[0] for m in merged]
+            jobs = [(p, n, "neo", i % count) for i, (p, n) in enumerate(prompts)]
+            result["four_merged_servers"] = asyncio.run(drive(urls, jobs, args.concurrency))
+    tokens = lambda name: result[name]["tokens_per_s"]
+    result["ratio_adapters_vs_base"] = round(tokens("four_adapters_one_server") / tokens("base_alone"), 2)
+    result["ratio_adapters_vs_merged_servers"] = round(
+        tokens("four_adapters_one_server") / tokens("four_merged_servers"), 2
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/gpt-neo-125M.json")
+    parser.add_argument("--workloads", default="burst,prefix,adapters")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--skip-baselines", action="store_true", help="the server only")
+    parser.add_argument("--prefill-chunk", type=int, default=64)
+    parser.add_argument("--prefix-docs", type=int, default=16, help="documents of the prefix workload's task")
+    parser.add_argument("--skip-baselines", action="store_true", help="no one-at-a-time or transformers runs")
     args = parser.parse_args()
 
-    jobs = workload(args.requests)
+    workloads = args.workloads.split(",")
     reference, model = same_weights(args.config)
     result = {
         "benchmark": "serve",
@@ -173,32 +385,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
         transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER).save_pretrained(directory)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "neo_jax.cli", "serve", "--model", directory, "--port", str(port)]
-        command += ["--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--compilation-cache", "none"]
-        start = time.perf_counter()
-        server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-        try:
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit("the server exited during startup")
-                try:
-                    if requests.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
-            startup = time.perf_counter() - start
-            served = asyncio.run(drive(url, directory, jobs, args.concurrency))
-            served["startup_s"] = round(startup, 1)
-            result["server"] = served
-        finally:
-            server.terminate()
-            server.wait(60)
-    if not args.skip_baselines:
+        runs = {"burst": burst, "prefix": prefix, "adapters": mixed_adapters}
+        for name in workloads:
+            result[name] = runs[name](directory, args)
+            print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
+    if "burst" in workloads and not args.skip_baselines:
+        jobs = workload(args.requests)
         result["one_at_a_time"] = one_at_a_time(model, jobs)
         result["transformers_static_batches"] = static_batches(reference, jobs, args.concurrency)
-        tokens_per_s = result["server"]["tokens_per_s"]
+        tokens_per_s = result["burst"]["chunked_prefill"]["tokens_per_s"]
         result["ratio_vs_one_at_a_time"] = round(tokens_per_s / result["one_at_a_time"]["tokens_per_s"], 2)
         result["ratio_vs_transformers"] = round(tokens_per_s / result["transformers_static_batches"]["tokens_per_s"], 2)
     print(json.dumps(result, indent=1))

@@ -294,6 +294,51 @@ def generate_programs(
     return {"prefill": prefill, "decode": decode}
 
 
+def serve_programs(
+    config: GPTNeoConfig,
+    mesh: Mesh,
+    *,
+    slots: int,
+    max_len: int,
+    prefill_chunk: int,
+    dtype=jnp.bfloat16,
+    adapters: int = 0,
+    lora=None,
+) -> dict[str, Lowered]:
+    """The two step programs ``neo-jax serve`` runs, lowered for ``mesh``: ``step`` (one token for each of
+    ``slots`` rows of ``max_len`` cache positions) and ``mixed`` (the same plus one lane of ``prefill_chunk``
+    prompt tokens, the echo branch included). Weights stored in ``dtype``; with ``adapters``, that many LoRA
+    adapters of ``lora`` (a ``LoRAConfig``: rank and targets; default rank 16 on q_proj and v_proj) on every
+    step's tokens, as ``--adapter NAME=DIR`` serves them."""
+    from neo_jax import lora as lora_layers
+    from neo_jax.generation import batching
+
+    model = abstract_model(config, mesh, dtype=dtype, param_dtype=dtype)
+    if adapters:
+        _place(lora_layers.add_abstract(model, adapters, lora or lora_layers.LoRAConfig(r=16)), mesh)
+    graphdefs = (nnx.graphdef(model), nnx.graphdef(model.periods))
+    arrays = (nnx.state(model), None)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with jax.set_mesh(mesh), attention_impls.compiling_for(_platform(mesh)):
+        empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4))
+        empty = empty.lower(config, slots, max_len, dtype, prefill_chunk)
+        state = jax.tree.map(
+            lambda info, placed: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=placed),
+            empty.out_info,
+            empty.compile().output_shardings,
+        )
+        lanes = batching.Lanes(
+            **batching.empty_lanes(1, prefill_chunk, slots), settings=batching.RowSampling.of([batching.NEUTRAL])
+        )
+        lanes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), lanes)
+        echo = jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated)
+        step = jax.jit(functools.partial(batching.step, graphdefs), donate_argnums=(1,))
+        return {
+            "step": step.lower(arrays, state, None, None, echo),
+            "mixed": step.lower(arrays, state, None, lanes, echo),
+        }
+
+
 class Lowered(Protocol):
     """A lowered program, from ``jax.jit`` or ``nnx.jit``: what ``analyse`` compiles."""
 

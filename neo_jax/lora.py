@@ -141,14 +141,31 @@ def add_many(model, adapters: list[tuple[LoRAConfig, dict]]):
                 stacked_a, stacked_b = tensors[name]
                 a[:, n, : config.r] = stacked_a[slot::period]
                 b[:, n, :, : config.r] = stacked_b[slot::period] * config.scale
-        out_axis, in_axis = dense.kernel.get_metadata()["out_sharding"][1:]
-        a = LoRAParam(jnp.asarray(a), out_sharding=("layers", None, None, in_axis), eager_sharding=False)
-        b = LoRAParam(jnp.asarray(b), out_sharding=("layers", None, out_axis, None), eager_sharding=False)
+        dense.lora = nnx.data(_adapters_of(dense, jnp.asarray(a), jnp.asarray(b)))
         if mesh is not None:
-            for param in (a, b):
+            for param in (dense.lora.a, dense.lora.b):
                 param.set_value(jax.device_put(param.get_value(), variable_sharding(param, mesh)))
-        dense.lora = nnx.data(Adapters(a, b))
     return model
+
+
+def add_abstract(model, count: int, config: LoRAConfig):
+    """``count`` adapters of ``config``'s rank and targets on an abstract model (``ShapeDtypeStruct``
+    weights, as ``neo_jax.aot`` compiles), laid out as ``add_many`` lays them out; returns ``model``."""
+    for name, dense in adapted_layers(model):
+        if name in config.targets:
+            layers, d_out, d_in = dense.kernel.shape
+            a = jax.ShapeDtypeStruct((layers, count, config.r, d_in), jnp.float32)
+            b = jax.ShapeDtypeStruct((layers, count, d_out, config.r), jnp.float32)
+            dense.lora = nnx.data(_adapters_of(dense, a, b))
+    return model
+
+
+def _adapters_of(dense, a, b) -> Adapters:
+    """``Adapters`` for ``dense``: stacked ``a`` and ``b`` with the logical axes of the weight they adapt."""
+    out_axis, in_axis = dense.kernel.get_metadata()["out_sharding"][1:]
+    a = LoRAParam(a, out_sharding=("layers", None, None, in_axis), eager_sharding=False)
+    b = LoRAParam(b, out_sharding=("layers", None, out_axis, None), eager_sharding=False)
+    return Adapters(a, b)
 
 
 def select(periods, rows) -> None:

@@ -34,7 +34,16 @@ from neo_jax.sharding import AXES, shard_shape, spec
 
 GIB = 2**30
 # The per-device byte counts a report prints, in order.
-BYTES = ("parameters", "optimizer_state", "gradients", "kv_cache", "activations", "arguments", "temporaries")
+BYTES = (
+    "parameters",
+    "adapters",
+    "optimizer_state",
+    "gradients",
+    "kv_cache",
+    "activations",
+    "arguments",
+    "temporaries",
+)
 # Memory per chip of common accelerators, GiB.
 DEVICES = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "GPU 80 GB": 80}
 
@@ -432,6 +441,68 @@ def generate_report(
     return result
 
 
+def serve_report(
+    config: GPTNeoConfig,
+    *,
+    slots: int,
+    max_len: int | None = None,
+    prefill_chunk: int = 128,
+    adapters: int = 0,
+    lora=None,
+    topology: str | None = None,
+    mesh: Mapping[str, int] | None = None,
+    dtype="bfloat16",
+    compile: bool = True,
+) -> dict:
+    """Everything ``neo-jax plan --task serve`` says: weights, ``adapters`` LoRA adapters (``lora``: their rank
+    and targets), the slots' KV cache, and on a slice XLA:TPU's memory of the server's decode step and its
+    step with a prefill chunk, per chip; else the estimate (weights, adapters, cache and one chunk's
+    activations)."""
+    from neo_jax import lora as lora_layers
+
+    max_len = config.max_position_embeddings if max_len is None else max_len
+    mesh = _mesh_sizes(topology, mesh)
+    dtype = jnp.dtype(dtype)
+    lora = lora or lora_layers.LoRAConfig(r=16)
+    estimate = generation_estimate(config, mesh, slots, max_len, prefill_chunk, dtype=dtype)
+    # float32 A [r, in] and B [out, r] per layer and target (on one device: the upper bound under sharding)
+    per_adapter = sum(config.num_layers * lora.r * sum(_dense_shape(config, target)) * 4 for target in lora.targets)
+    result = {
+        "parameters": estimate["parameters"],
+        "adapters": adapters * per_adapter,
+        "kv_cache": estimate["kv_cache"],
+        "mesh": mesh,
+        "max_len": max_len,
+    }
+    if topology and compile:
+        from neo_jax import aot
+
+        device_mesh = aot.slice_mesh(topology, **mesh)
+        programs = aot.serve_programs(
+            config, device_mesh, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk, dtype=dtype,
+            adapters=adapters, lora=lora,
+        )  # fmt: skip
+        for name, lowered in programs.items():
+            compiled = aot.analyse(lowered)
+            result[name] = {k: compiled[k] for k in ("arguments", "temporaries", "total")}
+        result["total"] = max(result["step"]["total"], result["mixed"]["total"])
+    else:
+        result["activations"] = estimate["activations"]
+        result["total"] = result["parameters"] + result["adapters"] + result["kv_cache"] + result["activations"]
+    if topology:
+        from neo_jax import aot
+
+        chip = aot.slice_chip(topology)
+        result["chip"] = {"name": chip.name, "hbm_gib": chip.hbm_bytes / GIB}
+    return result
+
+
+def _dense_shape(config: GPTNeoConfig, target: str) -> tuple[int, int]:
+    """(out, in) of a LoRA target layer."""
+    d, inner = config.hidden_size, config.inner_size
+    return {"c_fc": (inner, d), "c_proj": (d, inner)}.get(target, (d, d))
+
+
 def _on_slice(result: dict, topology: str | None, model_flops: float, flops: float, step_bytes: float) -> dict:
     """Add the chip, the FLOPs per chip, the roofline and whether the total fits, for a named slice."""
     if topology is None:
@@ -455,12 +526,12 @@ def _on_slice(result: dict, topology: str | None, model_flops: float, flops: flo
 def describe(result: dict) -> str:
     """``report``'s table, plus the roofline line on a slice."""
     printable = {k: result[k] for k in BYTES if k in result}
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "decode", "step", "mixed"):
         if name in result:
             printable |= {f"{name} temporaries": result[name]["temporaries"], f"{name} total": result[name]["total"]}
     chip = result.get("chip")
     lines = [report(printable | {"total": result["total"]}, None if chip is None else int(chip["hbm_gib"] * GIB))]
-    if chip is not None:
+    if chip is not None and "roofline" in result:
         line = result["roofline"]
         rate = f", at most {line['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in line else ""
         lines.append(

@@ -109,3 +109,25 @@ def test_int8_parameter_estimate_is_the_loaded_model_s(tmp_path, capsys):
     qlora = plan(GPTNeoConfig.preset("125M"), ONE, 1, 128, lora=adapters, int8=True)
     lora = plan(GPTNeoConfig.preset("125M"), ONE, 1, 128, lora=adapters)
     assert qlora["parameters"] < 0.6 * lora["parameters"] and qlora["optimizer_state"] == lora["optimizer_state"]
+
+
+def test_serving_adapters_cost_their_own_bytes_compiled_for_a_tpu(gpt2_model_dir, capsys):
+    """``--task serve`` compiles the server's two steps for a v5e-1: adapters add their own bytes (A and B
+    in float32) to the arguments, and the cache is the slots' (exact)."""
+    from neo_jax import lora
+    from neo_jax.generation.cache import cache_bytes
+
+    argv = ["plan", "--task", "serve", "--model", str(gpt2_model_dir), "--topology", "v5e-1", "--batch", "4"]
+    argv += ["--max-len", "128", "--prefill-chunk", "32", "--dtype", "float32", "--json"]
+    results = {}
+    for count in (0, 8):
+        assert main([*argv, "--adapters", str(count), "--lora-rank", "16", "--lora-targets", "q_proj,c_fc"]) == 0
+        results[count] = json.loads(capsys.readouterr().out)
+    config = GPTNeoConfig.from_json_file(gpt2_model_dir / "config.json")
+    per_adapter = config.num_layers * 16 * (2 * config.hidden_size + config.inner_size + config.hidden_size) * 4
+    assert results[8]["adapters"] == 8 * per_adapter and results[0]["adapters"] == 0
+    assert results[0]["kv_cache"] == cache_bytes(config, 4, 128, "float32")
+    for program in ("step", "mixed"):
+        grown = results[8][program]["arguments"] - results[0][program]["arguments"]
+        assert grown == 8 * per_adapter, (program, grown)
+    assert lora.LoRAConfig(r=16).targets == ("q_proj", "v_proj")  # the default when --lora-targets is left out

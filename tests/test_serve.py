@@ -32,13 +32,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 import neo_jax
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation import top_k, top_p
+from neo_jax.generation.batching import top_k_rows, top_p_rows
 from neo_jax.serve.app import CompletionRequest, _Choice
 from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings
 from neo_jax.serve.metrics import Metrics
-from neo_jax.serve.programs import top_k_rows, top_p_rows
-from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles
+from tests.conftest import SMALL, TOKENIZER_DIR, backend_compiles, save_gpt2_vocab_model
 
 KEY = "test-key-123"
+ADAPTERS = ("small", "mlp", "all")  # the adapters fixture's, in order
 MAX_LEN = 256  # the fixture model's max_position_embeddings; its local window is 16
 HEADER_TIMEOUT = 3  # seconds the module's server gives a client to send headers (and again a body)
 MAX_CHARS = MAX_LEN * 128  # GPT-2's longest token is 128 characters: no longer prompt fits 256 tokens
@@ -161,10 +162,15 @@ def jobs_at_every_boundary(seed: int) -> list[tuple[list[int], int]]:
     return [(rng.integers(1, 50000, n).tolist(), min(12, MAX_LEN - n)) for n in lengths]
 
 
-@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("chunk", [16, 128])
 def test_chunked_prefill_is_token_identical_to_generate(model, chunk):
-    """16: one lane of one block per step; 64: one, two or four lanes of 64, 32 or 16 tokens. The engine
-    fixture runs the default 128 (lanes of 128, 64, 32) through every other engine test."""
+    """16: one lane of one block per step; 128: one, two or four lanes of 128, 64 or 32 tokens. The engine
+    fixture runs the default 64 (lanes of 64, 32, 16) through every other engine test."""
+    from neo_jax.cli import serve as cli
+    from neo_jax.generation.batching import BLOCK
+    from neo_jax.serve.engine import DEFAULT_PREFILL_CHUNK
+
+    assert (cli.BLOCK, cli.DEFAULT_PREFILL_CHUNK) == (BLOCK, DEFAULT_PREFILL_CHUNK)  # the CLI's copies
     engine = Engine(model, max_batch=4, max_len=MAX_LEN, eos_token_id=None, prefill_chunk=chunk).start()
     try:
         jobs = jobs_at_every_boundary(chunk)
@@ -251,6 +257,7 @@ def adapters(gpt2_model_dir, tmp_path_factory) -> dict:
     from neo_jax import lora, peft
 
     specs = {"small": (2, ("q_proj", "v_proj")), "mlp": (8, ("c_fc", "c_proj")), "all": (4, tuple(lora.TARGETS))}
+    assert tuple(specs) == ADAPTERS
     directories = {}
     for seed, (name, (rank, targets)) in enumerate(specs.items()):
         model = neo_jax.from_pretrained(gpt2_model_dir, progress=False)
@@ -346,11 +353,14 @@ def start_server(model_dir, *extra) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_model_dir):
+def server(gpt2_model_dir, adapters):
+    """The module's server: the base as "neo" beside three adapters, with a prefix cache, so that every server
+    test also runs through them."""
     process, url = start_server(
         gpt2_model_dir,
         *("--max-batch", "4", "--max-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", "neo"),
-        *("--header-timeout", str(HEADER_TIMEOUT)),
+        *("--header-timeout", str(HEADER_TIMEOUT), "--prefix-cache-mb", "2", "--prefill-chunk", "64"),
+        *(flag for name, directory in adapters.items() for flag in ("--adapter", f"{name}={directory}")),
     )
     yield url, process
     process.terminate()
@@ -371,7 +381,7 @@ def metric(url: str, name: str) -> float:
 
 def test_models_health_and_metrics(server, client):
     url, _ = server
-    assert [m.id for m in client.models.list()] == ["neo"]
+    assert [(m.id, m.parent) for m in client.models.list()] == [("neo", None)] + [(a, "neo") for a in ADAPTERS]
     assert requests.get(url + "/health").json()["status"] == "ok"
     for name in ("neo_jax_queue_length", "neo_jax_active_slots", "neo_jax_generated_tokens_total"):
         metric(url, name)
@@ -398,6 +408,107 @@ def test_greedy_through_the_server_equals_generate(server, client, model, gpt2_m
     ids = tokenizer(texts[1])["input_ids"]  # token ids in, echo: the prompt's text comes back first
     echoed = client.completions.create(model="neo", prompt=ids, max_tokens=20, temperature=0, echo=True)
     assert echoed.choices[0].text == texts[1] + sorted(response.choices, key=lambda c: c.index)[1].text
+
+
+def test_each_adapter_through_the_server_equals_its_merged_model(server, client, gpt2_model_dir, adapters):
+    from neo_jax import lora
+
+    prompt = list(range(100, 140))
+    for name, directory in adapters.items():
+        merged = lora.merge(neo_jax.from_pretrained(gpt2_model_dir, adapter=directory, progress=False))
+        expected = neo_jax.generate(merged, np.array(prompt), max_new_tokens=12)[0, len(prompt) :]
+        response = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+        assert response.model == name and response.choices[0].text == merged_text(gpt2_model_dir, expected)
+    r = requests.post(
+        server[0] + "/v1/completions",
+        json={"model": "nope", "prompt": "hi"},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=10,
+    )
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["param"] == "model" and all(name in error["message"] for name in adapters)
+
+
+def merged_text(model_dir, ids) -> str:
+    return transformers.AutoTokenizer.from_pretrained(model_dir).decode(ids)
+
+
+def test_lm_eval_local_completions_equals_the_hf_backend(server, gpt2_model_dir, tmp_path, monkeypatch):
+    """lm-eval's own API client (``local-completions``: echo, logprobs, token ids) on a multiple-choice task
+    with a shared few-shot text (which the server's prefix cache serves), against lm-eval's ``hf`` backend."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    rng = random.Random(0)
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "for",
+        "on",
+        "that",
+        "with",
+        "as",
+        "by",
+        "at",
+        "from",
+        "his",
+        "her",
+        "an",
+        "were",
+        "are",
+    ]
+    sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
+    shots = sentence(60)
+    rows = [
+        {
+            "question": sentence(rng.randint(2, 12)),
+            "choices": [sentence(rng.randint(1, 5)) for _ in range(4)],
+            "label": i % 4,
+        }
+        for i in range(8)
+    ]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "shared_mc.yaml").write_text(
+        f"task: shared_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        f'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{shots}\\nQ: {{{{question}}}}\\nA:"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    run = lambda model, model_args, **kw: lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["shared_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+        **kw,
+    )
+    hits = metric(server[0], "neo_jax_prefix_cache_hits_total")
+    ours = run(
+        "local-completions",
+        {
+            "model": "neo",
+            "base_url": server[0] + "/v1/completions",
+            "tokenizer": str(gpt2_model_dir),
+            "tokenizer_backend": "huggingface",
+            "num_concurrent": 4,
+            "max_length": MAX_LEN,
+        },
+    )
+    theirs = run("hf", {"pretrained": str(gpt2_model_dir), "dtype": "float32"}, batch_size=4, device="cpu")
+    assert metric(server[0], "neo_jax_prefix_cache_hits_total") > hits  # the shared text came from the cache
+    compared = 0
+    for a, b in zip(theirs["samples"]["shared_mc"], ours["samples"]["shared_mc"], strict=True):
+        assert a["doc_id"] == b["doc_id"]
+        for reference, mine in zip(a["resps"], b["resps"], strict=True):  # per choice: [(loglikelihood, greedy)]
+            ((loglikelihood, greedy),), ((ours, ours_greedy),) = reference, mine
+            assert abs(ours - loglikelihood) <= 1e-4 and ours_greedy == greedy
+            compared += 1
+    assert compared == 4 * len(rows)
 
 
 def test_async_clients_stream_concurrently(server):
@@ -762,28 +873,43 @@ def test_a_model_without_tokenizer_files_is_refused_before_loading(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_serve_flags_are_checked_before_loading(tmp_path):
+def test_serve_flags_are_checked_before_loading(tmp_path, gpt2_model_dir):
+    """Flags, then what needs the model's config (an adapter of another base, a prefix cache too small for one
+    block): each a one-line error and exit 2 before any weights load (the port stays free, nothing is written)."""
+    from neo_jax import lora, peft
+
+    other = neo_jax.from_pretrained(save_gpt2_vocab_model(tmp_path / "other", num_layers=4), progress=False)
+    other_adapter = peft.save(lora.add(other, lora.LoRAConfig(r=2)), tmp_path / "other-adapter")
+    missing, model = str(tmp_path / "missing"), str(gpt2_model_dir)
     cases = [
-        (["--max-batch", "0"], "--max-batch"),
-        (["--port", "70000"], "--port"),
-        (["--drain-timeout", "nan"], "--drain-timeout"),
-        (["--api-key", ""], "--api-key"),
-        (["--mesh", "2,x,1"], "mesh"),
+        (missing, ["--max-batch", "0"], "--max-batch"),
+        (missing, ["--port", "70000"], "--port"),
+        (missing, ["--drain-timeout", "nan"], "--drain-timeout"),
+        (missing, ["--api-key", ""], "--api-key"),
+        (missing, ["--mesh", "2,x,1"], "mesh"),
+        (missing, ["--prefill-chunk", "24"], "--prefill-chunk must be a multiple of 16"),
+        (missing, ["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0"),
+        (missing, ["--prefix-cache-mb", "8", "--prefill-chunk", "0"], "--prefix-cache-mb"),
+        (missing, ["--adapter", "a=x", "--adapter", "y"], "--adapter"),
+        (missing, ["--adapter", "=x"], "--adapter"),
+        (model, ["--adapter", f"x={other_adapter}"], f"--adapter x={other_adapter}: "),
+        (model, ["--adapter", f"x={tmp_path / 'nothing'}"], "--adapter x="),
+        (model, ["--adapter", f"neo={other_adapter}", "--served-model-name", "neo"], "already taken"),
+        (model, ["--prefix-cache-mb", "0.001"], "holds no block"),
     ]
     code = (
         "import sys, contextlib, io\n"
         "from neo_jax.cli import main\n"
-        "for extra in __import__('json').loads(sys.argv[1]):\n"
+        "for model, extra in __import__('json').loads(sys.argv[1]):\n"
         "    err = io.StringIO()\n"
         "    with contextlib.redirect_stderr(err):\n"
-        "        status = main(['serve', '--model', sys.argv[2], *extra])\n"
+        "        status = main(['serve', '--model', model, '--port', '0', *extra])\n"
         "    print(status, err.getvalue().strip().replace('\\n', ' | '))\n"
     )
-    args = json.dumps([extra for extra, _ in cases])
-    command = [sys.executable, "-c", code, args, str(tmp_path / "missing")]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == len(cases), out.stderr
-    for line, (_, name) in zip(lines, cases, strict=True):
+    args = json.dumps([(model, extra) for model, extra, _ in cases])
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.strip().splitlines() if line[:2] in ("0 ", "1 ", "2 ")]
+    assert len(lines) == len(cases), out.stdout + out.stderr
+    for line, (_, _, name) in zip(lines, cases, strict=True):
         assert line.startswith("2 neo-jax serve: error:") and name in line and "|" not in line, line
-    assert not os.listdir(tmp_path)
+    assert not os.path.exists(missing)

@@ -22,12 +22,14 @@ def add_parser(commands) -> None:
     p.add_argument("--config", help="a fine-tuning YAML (configs/finetune-*.yaml): its settings, flags override")
     p.add_argument("--topology", help="TPU slice to compile for: v5e-1, v5e-8, v4-8, v5p-8, v6e-8, v5e-256, ...")
     p.add_argument("--mesh", help="D,F,T: data, fsdp and tensor sizes (default with --topology: every chip on fsdp)")
-    p.add_argument("--task", choices=("train", "generate"), default="train")
-    p.add_argument("--batch", type=int, help="global batch size (sequences)")
+    p.add_argument("--task", choices=("train", "generate", "serve"), default="train")
+    p.add_argument("--batch", type=int, help="global batch size (sequences; serve: slots)")
     p.add_argument("--seq", type=int, help="train: sequence length")
     p.add_argument("--grad-accum", type=int, help="train: micro-batches per step (default 1)")
     p.add_argument("--remat", choices=REMAT, help="train: recompute activations (default none)")
-    p.add_argument("--max-len", type=int, help="generate: positions in all (default: the model's maximum)")
+    p.add_argument("--max-len", type=int, help="generate, serve: positions in all (default: the model's maximum)")
+    p.add_argument("--prefill-chunk", type=int, help="serve: prompt tokens per step (default 128)")
+    p.add_argument("--adapters", type=int, help="serve: LoRA adapters served at once (--lora-rank, --lora-targets)")
     p.add_argument("--prompt-len", type=int, help="generate: prompt tokens (default: half of --max-len)")
     p.add_argument("--dtype", choices=DTYPES, help="train: compute dtype (weights float32); generate: weights")
     p.add_argument("--attention", help=ATTENTION_HELP + " (default auto)")
@@ -93,8 +95,13 @@ def _where(args: argparse.Namespace) -> dict:
         raise ValueError("--model (or --config) is required")
     if args.task == "train" and (args.batch is None or args.seq is None):
         raise ValueError("--batch and --seq are required for --task train (or give --config)")
-    if args.task == "generate" and args.batch is None:
-        raise ValueError("--batch is required for --task generate")
+    if args.task in ("generate", "serve") and args.batch is None:
+        raise ValueError(f"--batch is required for --task {args.task}")
+    if args.task == "serve":
+        from neo_jax.validate import integer
+
+        integer("--adapters", args.adapters or 0, least=0)
+        integer("--prefill-chunk", args.prefill_chunk or 128, least=16)
     for flag, example in (("topology", "a TPU slice such as v5e-8"), ("mesh", "D,F,T")):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             raise ValueError(f"--{flag} is empty: give {example}, or leave it out")
@@ -127,6 +134,11 @@ def plan(args: argparse.Namespace) -> None:
             config, batch=args.batch, seq=args.seq, remat=args.remat, grad_accum=args.grad_accum,
             attention=args.attention, lora=lora, int8=int8, **where,
         )  # fmt: skip
+    elif args.task == "serve":
+        result = planning.serve_report(
+            config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk or 128,
+            adapters=args.adapters or 0, lora=_lora(args, serving=True), **where,
+        )  # fmt: skip
     else:
         result = planning.generate_report(
             config, batch=args.batch, max_len=args.max_len, prompt_len=args.prompt_len, int8=int8, **where
@@ -143,13 +155,13 @@ def plan(args: argparse.Namespace) -> None:
     print(planning.describe(result))
 
 
-def _lora(args: argparse.Namespace):
-    if not args.lora_rank:
+def _lora(args: argparse.Namespace, serving: bool = False):
+    if not args.lora_rank and not (serving and args.adapters):
         return None
     from neo_jax.lora import LoRAConfig
 
     targets = tuple(t.strip() for t in (args.lora_targets or "q_proj,v_proj").split(",") if t.strip())
-    return LoRAConfig(r=args.lora_rank, targets=targets, dropout=args.lora_dropout or 0.0)
+    return LoRAConfig(r=args.lora_rank or 16, targets=targets, dropout=args.lora_dropout or 0.0)
 
 
 def _config(model: str):
@@ -162,6 +174,9 @@ def _config(model: str):
 
 
 def _describe(args, result) -> str:
+    if args.task == "serve":
+        adapters = f", {args.adapters} LoRA adapters of rank {args.lora_rank or 16}" if args.adapters else ""
+        return f"{args.batch} slots of {result['max_len']} positions, {args.dtype} weights{adapters}"
     if args.task == "generate":
         weights = "int8" if args.weights == "int8" else args.dtype
         return (

@@ -8,8 +8,8 @@ import os
 from neo_jax.cli.common import CACHE_HELP, MODEL_HELP, WEIGHTS_HELP, enable_compilation_cache
 from neo_jax.config import DTYPES, WEIGHTS
 
-BLOCK = 16  # neo_jax.serve.programs.BLOCK: prefix-cache blocks and prefill chunks (a test keeps them equal)
-DEFAULT_PREFILL_CHUNK = 128  # neo_jax.serve.engine's (the CLI loads no JAX before checking flags)
+BLOCK = 16  # neo_jax.generation.batching.BLOCK: prefix-cache blocks and prefill chunks (a test keeps them equal)
+DEFAULT_PREFILL_CHUNK = 64  # neo_jax.serve.engine's (the CLI loads no JAX before checking flags)
 
 
 def add_parser(commands) -> None:
@@ -100,7 +100,12 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.mesh:
         sharding.parse_mesh(args.mesh)
     _adapters(args.adapter)
-    check_prefill(args.prefill_chunk, args.prefix_cache_mb, args.max_batch)
+    try:
+        check_prefill(args.prefill_chunk, args.prefix_cache_mb, args.max_batch)
+    except ValueError as e:  # in the flags' names
+        raise ValueError(
+            str(e).replace("prefill_chunk", "--prefill-chunk").replace("prefix_cache_mb", "--prefix-cache-mb")
+        ) from None
     return api_key
 
 

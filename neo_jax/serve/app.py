@@ -29,9 +29,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from neo_jax.generation.batching import TOP_LOGPROBS
 from neo_jax.serve.engine import Engine, EngineStopped, Finished, QueueFull, sampling_settings
 from neo_jax.serve.engine import Request as EngineRequest
-from neo_jax.serve.programs import TOP_LOGPROBS
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 MAX_STOP = 4

@@ -3,9 +3,9 @@
 Each slot is one row of the cache (``KVCache.index`` holds one slot index per row), its prompt's tokens at
 slots ``0..n-1``. A waiting request takes a free row, and its prompt is prefilled in chunks of a fixed token
 budget (``prefill_chunk``) inside the same step that gives every decoding row its next token
-(``neo_jax.serve.programs.step``): a long prompt no longer stops the running streams, and up to
-``MAX_LANES`` prompts advance per step, each in its own lane (the budget split evenly: one lane of 256
-tokens, two of 128, ...; the step picks the split that prefills the most). The step that holds a prompt's
+(``neo_jax.generation.batching.step``): a long prompt no longer stops the running streams, and up to
+``MAX_LANES`` prompts advance per step, each in its own lane (the budget split evenly: one lane of 64
+tokens, two of 32, four of 16; the step picks the split that prefills the most). The step that holds a prompt's
 end also chooses its first token. ``prefill_chunk=0`` keeps the whole-prompt prefill, one request alone at a
 bucketed length between steps.
 
@@ -41,18 +41,18 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neo_jax import sharding, validate
+from neo_jax.generation import batching
+from neo_jax.generation.batching import BLOCK, NEUTRAL, Lanes, RowSampling
 from neo_jax.generation.programs import Weights
 from neo_jax.generation.sampling import SamplingParams
 from neo_jax.lora import Adapters, adapted_layers
 from neo_jax.model import GPTNeo
-from neo_jax.serve import programs
 from neo_jax.serve.prefix import PrefixCache, hashes
-from neo_jax.serve.programs import BLOCK, NEUTRAL, Lanes, RowSampling
 from neo_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 128  # tokens per step: on a 2-core CPU, 125M at 16 slots, about one decode step's time
+DEFAULT_PREFILL_CHUNK = 64  # tokens per step: on a 2-core CPU, 125M at 16 x 1024 slots, a step of 1.8 decode steps
 MAX_LANES = 4
 
 
@@ -180,6 +180,7 @@ class Engine:
                 f"max_len {max_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
             )
         self.lanes = check_prefill(prefill_chunk, prefix_cache_mb, max_batch)
+        self.idle_lanes = tuple(n for n in (2, 4) if prefill_chunk and n <= min(MAX_LANES, max_batch))
         blocks = prefix_blocks(prefix_cache_mb, config, model.dtype)
         held = {dense.lora.a.shape[-3] for _, dense in adapted_layers(model) if isinstance(dense.lora, Adapters)}
         if held != ({len(adapters)} if adapters else set()):
@@ -196,10 +197,10 @@ class Engine:
         self._arrays = (weights.params, weights.periods)
         self.buckets = sorted({min(bucket(n), max_len) for n in range(1, max_len)}) if not prefill_chunk else []
         with sharding.use_mesh(self.mesh):
-            empty = jax.jit(programs.empty_slots, static_argnums=(0, 1, 2, 3))
-            self._slots = empty(config, max_batch, max_len, model.dtype)
+            empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4))
+            self._slots = empty(config, max_batch, max_len, model.dtype, prefill_chunk)
             self._pool = (
-                jax.jit(programs.empty_pool, static_argnums=(0, 1, 2))(config, blocks, model.dtype) if blocks else None
+                jax.jit(batching.empty_pool, static_argnums=(0, 1, 2))(config, blocks, model.dtype) if blocks else None
             )
         self.prefix_cache = PrefixCache(blocks, metrics) if blocks else None
         self._programs: dict = {}
@@ -233,7 +234,8 @@ class Engine:
         return jax.tree.map(self._replicated, Lanes(**lanes, settings=RowSampling.of(settings)))
 
     def _program(self, name: str, size: int = 0):
-        """The compiled program ``name`` ("step", "release", "restore", "mixed" for a number of lanes, or
+        """The compiled program ``name`` ("step", "release", "restore", "mixed" for a number of lanes that split
+        the prefill budget, "idle" for a number of lanes of a whole budget each, or
         "admit" for a prompt bucket), compiled ahead of time on first use."""
         key = (name, size)
         if key not in self._programs:
@@ -241,27 +243,26 @@ class Engine:
             layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._slots)
             pool_layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._pool)
             with sharding.use_mesh(self.mesh):
-                if name in ("step", "mixed"):
-                    fn = partial(programs.step, self._graphdefs)
+                if name in ("step", "mixed", "idle"):
+                    fn = partial(batching.step, self._graphdefs)
                     lanes = None
-                    if name == "mixed":
-                        lanes = self._lane_inputs(
-                            programs.empty_lanes(size, self.prefill_chunk // size, self.max_batch), [NEUTRAL] * size
-                        )
+                    if name != "step":
+                        width = self.prefill_chunk // (size if name == "mixed" else 1)
+                        lanes = self._lane_inputs(batching.empty_lanes(size, width, self.max_batch), [NEUTRAL] * size)
                     args = (self._arrays, self._slots, self._pool, lanes, self._replicated(np.bool_(False)))
                     donate, outs = (1, 2), (layout, pool_layout, replicated, replicated)
                 elif name == "release":
-                    fn, args = programs.release, (self._slots, self._replicated(np.zeros(self.max_batch, bool)))
+                    fn, args = batching.release, (self._slots, self._replicated(np.zeros(self.max_batch, bool)))
                     donate, outs = (0,), layout
                 elif name == "restore":
                     blocks = np.zeros(self.max_len // BLOCK, np.int32)
                     fn, args = (
-                        programs.restore,
+                        batching.restore,
                         (self._slots, self._pool, *map(self._replicated, (np.int32(0), blocks, np.int32(0)))),
                     )
                     donate, outs = (0,), layout
                 else:
-                    fn = partial(programs.admit, self._graphdefs)
+                    fn = partial(batching.admit, self._graphdefs)
                     sampling = sampling_settings(seed=0, vocab_size=self.model.config.vocab_size)
                     args = (self._arrays, self._slots, *self._admit_inputs(0, Request([0] * size, 1, sampling, print)))
                     donate, outs = (1,), (layout, replicated)
@@ -273,7 +274,7 @@ class Engine:
     def _program_names(self) -> list[tuple[str, int]]:
         names = [("step", 0), ("release", 0)]
         if self.prefill_chunk:
-            names += [("mixed", lanes) for lanes in self.lanes]
+            names += [("mixed", lanes) for lanes in self.lanes] + [("idle", lanes) for lanes in self.idle_lanes]
         else:
             names += [("admit", w) for w in reversed(self.buckets)]
         return names + ([("restore", 0)] if self.prefix_cache else [])
@@ -475,24 +476,25 @@ class Engine:
             entries = [entry for block in found[: usable + 1] for entry in block.logprobs or ()]
             request.prompt_logprobs = entries[1 : request.done + 1]
 
-    def _plan_lanes(self) -> tuple[int, list[Request]]:
-        """The lane split that prefills the most prompt tokens this step (ties: fewer lanes), and the requests
-        that get a lane, oldest first."""
+    def _lane_programs(self, decoding: bool) -> list[tuple[str, int, int]]:
+        """The mixed programs a step may run, as (name, lanes, width): the budget split into lanes; and when no
+        row is decoding (no stream waits on the step), up to ``MAX_LANES`` lanes of a whole budget each."""
+        split = [("mixed", lanes, self.prefill_chunk // lanes) for lanes in self.lanes]
+        return split + ([] if decoding else [("idle", lanes, self.prefill_chunk) for lanes in self.idle_lanes])
+
+    def _lanes(self, decoding: bool) -> tuple[str, int, dict, list[dict], list[tuple[Request, int, int, list]]]:
+        """This step's chunks: the program that prefills the most prompt tokens (ties: the fewest computed), the
+        oldest prompts first; the host arrays of its lanes, their settings, and per lane what it holds
+        (request, start, count, and the pool blocks it saves as (block number, hash))."""
         pending = self._prefilling
 
-        def tokens(lanes):
-            width = self.prefill_chunk // lanes
-            return sum(min(len(r.prompt) - r.done, width) for r in pending[:lanes]), -lanes
+        def tokens(program):
+            _, lanes, width = program
+            return sum(min(len(r.prompt) - r.done, width) for r in pending[:lanes]), -lanes * width
 
-        lanes = max(self.lanes, key=tokens)
-        return lanes, pending[:lanes]
-
-    def _lanes(self) -> tuple[int, dict, list[dict], list[tuple[Request, int, int, list]]]:
-        """This step's chunks: the host arrays of the lanes, their settings, and per lane what it holds
-        (request, start, count, and the pool blocks it saves as (block number, hash))."""
-        lanes, chosen = self._plan_lanes()
-        width = self.prefill_chunk // lanes
-        arrays = programs.empty_lanes(lanes, width, self.max_batch)
+        name, lanes, width = max(self._lane_programs(decoding), key=tokens)
+        chosen = pending[:lanes]
+        arrays = batching.empty_lanes(lanes, width, self.max_batch)
         settings, held, allocated = [NEUTRAL] * lanes, [], 0
         for lane, request in enumerate(chosen):
             prompt, start = request.prompt, request.done
@@ -515,17 +517,17 @@ class Engine:
                     allocated += 1
                 saved.append(number)
             held.append((request, start, count, saved))
-        return lanes, arrays, settings, held
+        return name, lanes, arrays, settings, held
 
     def _step(self) -> None:
         """One step: a token for every decoding row, and the next chunk of the prompts waiting in lanes."""
         decoding = [r for r in self._requests if r is not None and r.started and r not in self._prefilling]
         echo = False
         if self._prefilling:
-            lanes, arrays, settings, held = self._lanes()
+            name, lanes, arrays, settings, held = self._lanes(bool(decoding))
             echo = any(request.echo_logprobs for request, *_ in held)
             inputs = (self._lane_inputs(arrays, settings), self._replicated(np.bool_(echo)))
-            self._slots, self._pool, out, prompt_out = self._program("mixed", lanes)(
+            self._slots, self._pool, out, prompt_out = self._program(name, lanes)(
                 self._arrays, self._slots, self._pool, *inputs
             )
         else:
@@ -627,7 +629,7 @@ def prefix_blocks(prefix_cache_mb: float, config, dtype) -> int:
     """How many prefix-cache blocks fit ``prefix_cache_mb`` MiB; a budget too small for one is an error."""
     if not prefix_cache_mb:
         return 0
-    size = programs.block_bytes(config, dtype)
+    size = batching.block_bytes(config, dtype)
     blocks = int(prefix_cache_mb * 2**20 // size)
     if blocks < 1:
         raise ValueError(

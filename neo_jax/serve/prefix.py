@@ -2,7 +2,7 @@
 the keys and values of which prompt block, found by a hash of the block's tokens chained to its prefix's
 (so a block's hash names its position and everything before it, and the adapter that computed it), evicted
 least recently used when the pool is full. The device side (the pool, its writes and reads) is in
-``neo_jax.serve.programs``.
+``neo_jax.generation.batching``.
 
 A block can also keep the log-probabilities of its tokens (``echo`` with ``logprobs``), filled by the first
 request that asked for them: a cache hit then returns the same ``token_logprobs`` and ``top_logprobs`` as
@@ -17,7 +17,7 @@ import hashlib
 
 import numpy as np
 
-from neo_jax.serve.programs import BLOCK
+from neo_jax.generation.batching import BLOCK
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from neo_jax.serve.app import create_app
-from neo_jax.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
+from neo_jax.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, prefix_blocks
 from neo_jax.serve.metrics import Metrics
 
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default)
@@ -186,6 +186,10 @@ def serve(
     source = resolve(model)
     tokenizer = load_tokenizer(source.require_directory())  # before the weights: a model without a tokenizer fails fast
     named = check_adapters(source, adapters, served_model_name or model)  # before the weights too: adapters are small
+    try:
+        prefix_blocks(prefix_cache_mb, source.config, dtype)
+    except ValueError as e:
+        raise ValueError(str(e).replace("prefix_cache_mb", "--prefix-cache-mb")) from None
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
     loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter)
     if named:
