@@ -319,6 +319,8 @@ def serve_programs(
     graphdefs = (nnx.graphdef(model), nnx.graphdef(model.periods))
     arrays = (nnx.state(model), None)
     replicated = NamedSharding(mesh, PartitionSpec())
+    settings = batching.RowSampling.of([batching.NEUTRAL])  # on this host: only the shapes are used
+    host_lanes = batching.Lanes(**batching.empty_lanes(1, prefill_chunk, slots), settings=settings)
     with jax.set_mesh(mesh), attention_impls.compiling_for(_platform(mesh)):
         empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4))
         empty = empty.lower(config, slots, max_len, dtype, prefill_chunk)
@@ -327,10 +329,7 @@ def serve_programs(
             empty.out_info,
             empty.compile().output_shardings,
         )
-        lanes = batching.Lanes(
-            **batching.empty_lanes(1, prefill_chunk, slots), settings=batching.RowSampling.of([batching.NEUTRAL])
-        )
-        lanes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), lanes)
+        lanes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), host_lanes)
         echo = jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated)
         step = jax.jit(functools.partial(batching.step, graphdefs), donate_argnums=(1,))
         return {

@@ -112,8 +112,8 @@ def test_int8_parameter_estimate_is_the_loaded_model_s(tmp_path, capsys):
 
 
 def test_serving_adapters_cost_their_own_bytes_compiled_for_a_tpu(gpt2_model_dir, capsys):
-    """``--task serve`` compiles the server's two steps for a v5e-1: adapters add their own bytes (A and B
-    in float32) to the arguments, and the cache is the slots' (exact)."""
+    """``--task serve`` compiles the server's two steps for a v5e-1: adapters add their own bytes (A and B in
+    float32, up to XLA:TPU's tile padding) to the arguments, not a model each; the cache is the slots'."""
     from neo_jax import lora
     from neo_jax.generation.cache import cache_bytes
 
@@ -127,7 +127,7 @@ def test_serving_adapters_cost_their_own_bytes_compiled_for_a_tpu(gpt2_model_dir
     per_adapter = config.num_layers * 16 * (2 * config.hidden_size + config.inner_size + config.hidden_size) * 4
     assert results[8]["adapters"] == 8 * per_adapter and results[0]["adapters"] == 0
     assert results[0]["kv_cache"] == cache_bytes(config, 4, 128, "float32")
-    for program in ("step", "mixed"):
-        grown = results[8][program]["arguments"] - results[0][program]["arguments"]
-        assert grown == 8 * per_adapter, (program, grown)
+    grown = {p: results[8][p]["arguments"] - results[0][p]["arguments"] for p in ("step", "mixed")}
+    # XLA:TPU pads this tiny model's 64-wide dimensions to its tiles: 655,360 bytes for 458,752 of adapters
+    assert grown["step"] == grown["mixed"] and 8 * per_adapter <= grown["step"] <= 1.5 * 8 * per_adapter, grown
     assert lora.LoRAConfig(r=16).targets == ("q_proj", "v_proj")  # the default when --lora-targets is left out

@@ -732,7 +732,7 @@ def test_an_unexpected_failure_is_a_logged_500_in_openai_s_shape(gpt2_model_dir,
 
     class Broken:
         model = type("M", (), {"config": SimpleNamespace(vocab_size=50257)})
-        metrics, max_len, max_queue = Metrics(), 64, 8
+        metrics, max_len, max_queue, adapters = Metrics(), 64, 8, ()
 
         def check(self, prompt, max_tokens):
             raise RuntimeError("a bug deep inside")
@@ -878,7 +878,7 @@ def test_serve_flags_are_checked_before_loading(tmp_path, gpt2_model_dir):
     block): each a one-line error and exit 2 before any weights load (the port stays free, nothing is written)."""
     from neo_jax import lora, peft
 
-    other = neo_jax.from_pretrained(save_gpt2_vocab_model(tmp_path / "other", num_layers=4), progress=False)
+    other = neo_jax.from_pretrained(save_gpt2_vocab_model(tmp_path / "other", hidden_size=32), progress=False)
     other_adapter = peft.save(lora.add(other, lora.LoRAConfig(r=2)), tmp_path / "other-adapter")
     missing, model = str(tmp_path / "missing"), str(gpt2_model_dir)
     cases = [
