@@ -34,7 +34,7 @@ import numpy as np
 from neo_jax import lora, sharding
 from neo_jax.attention import dense
 from neo_jax.evaluate import token_logprobs
-from neo_jax.generation.cache import KVCache, init_cache, prefill
+from neo_jax.generation.cache import KVCache, _set, init_cache, prefill
 from neo_jax.generation.programs import build
 from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty, seed_key, temperature
 
@@ -276,10 +276,6 @@ def _to_blocks(x):
     return x.reshape(lanes, heads, width // BLOCK, BLOCK, dim).swapaxes(1, 2).reshape(-1, heads, BLOCK, dim)
 
 
-def _set(items: tuple, i: int, value) -> tuple:
-    return (*items[:i], value, *items[i + 1 :])
-
-
 def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None, echo):
     """One token for every decoding row and, with ``lanes``, one chunk of each lane's prompt. Returns the new
     slots and pool, each row's (token, log-probability, top ids, top log-probabilities), meaningful for the
@@ -378,14 +374,20 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
     if lanes is None:
         return slots, pool, out, None
 
-    def prompt_logprobs():
-        all_logits = model.logits(chunks)
-        logprobs = jax.nn.log_softmax(all_logits, axis=-1)
-        top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-        return token_logprobs(all_logits, lanes.targets), top_ids.astype(jnp.int32), top_logprobs
+    return slots, pool, out, _prompt_logprobs(echo, model, chunks, lanes.targets)
 
-    skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(prompt_logprobs))
-    return slots, pool, out, jax.lax.cond(echo, prompt_logprobs, skip)
+
+def _prompt_logprobs(echo, model, hidden, targets):
+    """If ``echo`` (a traced bool), the log-probabilities of ``targets`` ([rows, n]) under the LM head of
+    ``hidden`` ([rows, n, embed]) and their ``TOP_LOGPROBS`` alternatives; else zeros (the branch is skipped,
+    so steps that do not ask pay nothing)."""
+
+    def compute():
+        logits = model.logits(hidden)
+        top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), TOP_LOGPROBS)
+        return token_logprobs(logits, targets), top_ids.astype(jnp.int32), top_logprobs
+
+    return jax.lax.cond(echo, compute, lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(compute)))
 
 
 def _restore_layer(pooled, cached, row, blocks, end):
@@ -446,11 +448,5 @@ def admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen
         active=at(slots.active, True),
     )
 
-    def prompt_logprobs():
-        all_logits = model.logits(hidden[:, :-1])[0]
-        logprobs = jax.nn.log_softmax(all_logits, axis=-1)
-        top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-        return token_logprobs(all_logits, input_ids[0, 1:]), top_ids.astype(jnp.int32), top_logprobs
-
-    skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(prompt_logprobs))
-    return slots, (*jax.tree.map(lambda x: x[0], out), jax.lax.cond(echo, prompt_logprobs, skip))
+    prompt = jax.tree.map(lambda x: x[0], _prompt_logprobs(echo, model, hidden[:, :-1], input_ids[:, 1:]))
+    return slots, (*jax.tree.map(lambda x: x[0], out), prompt)
