@@ -26,6 +26,7 @@ alone at a bucketed width, between steps.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, _set, init_cache, prefill
 from neo_jax.generation.programs import build
 from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty, seed_key, temperature
+from neo_jax.shapes import bucket
 
 TOP_LOGPROBS = 5  # the most alternatives per token OpenAI's completions API returns
 BLOCK = 16  # tokens per prefix-cache block; prefill chunks are whole blocks
@@ -239,12 +241,28 @@ def _ring_slots(end, length: int):
     return end - 1 - (end - 1 - r) % length
 
 
+def _spans(length: int) -> tuple[int, ...]:
+    """The static lengths a ring is read at: 128, 256, then multiples of 256, and the whole ring."""
+    return tuple(sorted({min(bucket(n), length) for n in range(128, length + 128, 128)}))
+
+
+def _attend_within(used, length: int, attend):
+    """``attend(span)`` for the shortest of ``_spans(length)`` that holds ring entries ``0..used-1``, chosen
+    on the device: a ring not yet wrapped holds its slots ``0..used-1`` at entries ``0..used-1``, so a step
+    whose rows have written 300 slots reads 512 of a 2048-slot cache, not all of it. (One branch of a
+    switch runs; the dense attention over more entries only added masked zeros.)"""
+    spans = _spans(length)
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(spans), used), len(spans) - 1)
+    return jax.lax.switch(branch, [partial(attend, span) for span in spans])
+
+
 def _lane_attention(keys, values, q, lanes: Lanes, window: int | None):
     """Each lane's chunk (``[lanes, heads, width, head_dim]`` queries) attending to its row, the chunk already
     written into it: its row's earlier slots and the chunk's own earlier tokens. A local layer's ring is
     ``window + chunk`` long (``empty_slots``), so writing the chunk overwrote only slots none of its queries
     sees."""
     slots, length = keys.shape[0], keys.shape[2]
+    real = lanes.row < slots
     row = jnp.minimum(lanes.row, slots - 1)  # an empty lane reads some row; its output is not used
     start = lanes.start[:, None]
     held = _ring_slots(start + lanes.count[:, None], length)[:, None, :]  # [lanes, 1, length]
@@ -252,7 +270,8 @@ def _lane_attention(keys, values, q, lanes: Lanes, window: int | None):
     see = (held >= 0) & (held <= query)
     if window is not None:
         see = see & (held > query - window)
-    return dense(q, keys[row], values[row], see[:, None])
+    attend = lambda span: dense(q, keys[row, :, :span], values[row, :, :span], see[:, None, :, :span])
+    return _attend_within(jnp.max(jnp.where(real, lanes.start + lanes.count, 0)), length, attend)
 
 
 def _lane_writes(lanes: Lanes, width: int, length: int, slots: int):
@@ -276,15 +295,17 @@ def _to_blocks(x):
     return x.reshape(lanes, heads, width // BLOCK, BLOCK, dim).swapaxes(1, 2).reshape(-1, heads, BLOCK, dim)
 
 
-def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None, echo):
+def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None, echo, decode: bool = True):
     """One token for every decoding row and, with ``lanes``, one chunk of each lane's prompt. Returns the new
     slots and pool, each row's (token, log-probability, top ids, top log-probabilities), meaningful for the
     rows that were decoding or whose prompt ended in this step, and, if ``echo`` (a traced bool), the
-    log-probabilities of each lane's ``targets`` with their alternatives (else zeros: the branch is skipped)."""
+    log-probabilities of each lane's ``targets`` with their alternatives (else zeros: the branch is skipped).
+    ``decode`` False (static; for when no row is decoding): only the lanes go through the model."""
     model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
     count = slots.last.shape[0]
     config = model.config
-    decoding = slots.active
+    decoding = slots.active if decode else jnp.zeros_like(slots.active)
+    leading = count if decode else 0  # the decoding rows' tokens before the lanes'
     windows = {"global": None, "local": config.window_size}
     lengths = {kind: length for kind, length in zip(config.attention_layers, (k.shape[2] for k in slots.cache.keys))}
     index = slots.cache.index[:, None]
@@ -297,7 +318,7 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         tokens, positions, adapters = slots.last[:, None], slots.positions[:, None], slots.adapter[:, None]
     else:
         width = lanes.ids.shape[1]
-        flat = lambda decode, lane: jnp.concatenate([decode, lane.reshape(-1)])[None]
+        flat = lambda rows, lane: jnp.concatenate([rows[:leading], lane.reshape(-1)])[None]
         tokens = flat(slots.last, lanes.ids)
         real = jnp.arange(width)[None, :] < lanes.count[:, None]
         positions = flat(slots.positions, jnp.where(real, lanes.start[:, None] + jnp.arange(width), 0))  # padding: 0
@@ -315,17 +336,18 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
             out = dense(q, keys, values, visible[kind])
         else:
             heads, dim = q.shape[1], q.shape[3]
-            decode = lambda x: x[0, :, :count].swapaxes(0, 1)  # [slots, heads, head_dim]
-            lane = lambda x: x[0, :, count:].reshape(heads, -1, width, dim).swapaxes(0, 1)
+            rows_of = lambda x: x[0, :, :leading].swapaxes(0, 1)  # [leading, heads, head_dim]
+            lane = lambda x: x[0, :, leading:].reshape(heads, -1, width, dim).swapaxes(0, 1)
             lane_rows, lane_ring = _lane_writes(lanes, width, length, count)
-            rows = jnp.concatenate([jnp.where(decoding, jnp.arange(count), count), lane_rows.reshape(-1)])
-            ring = jnp.concatenate([cache.index % length, lane_ring.reshape(-1)])
-            flat = lambda x: jnp.concatenate([decode(x), lane(x).swapaxes(1, 2).reshape(-1, heads, dim)])
+            rows = jnp.concatenate([jnp.where(decoding, jnp.arange(count), count)[:leading], lane_rows.reshape(-1)])
+            ring = jnp.concatenate([(cache.index % length)[:leading], lane_ring.reshape(-1)])
+            flat = lambda x: jnp.concatenate([rows_of(x), lane(x).swapaxes(1, 2).reshape(-1, heads, dim)])
             keys, values = _write(keys, rows, ring, flat(k)), _write(values, rows, ring, flat(v))
-            out = dense(decode(q)[:, :, None], keys, values, visible[kind])
-            chunk = _lane_attention(keys, values, lane(q), lanes, windows[kind])
-            chunk = chunk.swapaxes(0, 1).reshape(heads, -1, dim)
-            out = jnp.concatenate([out[:, :, 0].swapaxes(0, 1), chunk], axis=1)[None]
+            chunk = _lane_attention(keys, values, lane(q), lanes, windows[kind]).swapaxes(0, 1).reshape(heads, -1, dim)
+            if decode:
+                out = dense(rows_of(q)[:, :, None], keys, values, visible[kind])
+                chunk = jnp.concatenate([out[:, :, 0].swapaxes(0, 1), chunk], axis=1)
+            out = chunk[None]
             if pool is not None:
                 at = lanes.save.reshape(-1)
                 pool = Pool(
@@ -350,8 +372,8 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         ending = jnp.zeros((count,), bool)
         end = cache.index
     else:
-        rows_hidden = hidden[0, :count]
-        chunks = hidden[0, count:].reshape(-1, width, hidden.shape[-1])
+        rows_hidden = hidden[0, :count] if decode else jnp.zeros((count, hidden.shape[-1]), hidden.dtype)
+        chunks = hidden[0, leading:].reshape(-1, width, hidden.shape[-1])
         last = chunks[jnp.arange(chunks.shape[0]), jnp.maximum(lanes.count - 1, 0)]
         finishing = jnp.where(lanes.final, lanes.row, count)
         rows_hidden = rows_hidden.at[finishing].set(last, mode="drop")

@@ -118,10 +118,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         sample = bool(do_sample) and temperature != 0  # the limit of temperature -> 0 is greedy
         return cls(
-            temperature=jnp.float32(temperature or 1.0),
-            top_p=jnp.float32(top_p),
-            min_p=jnp.float32(min_p),
-            repetition_penalty=jnp.float32(repetition_penalty),
+            temperature=np.float32(temperature or 1.0),
+            top_p=np.float32(top_p),
+            min_p=np.float32(min_p),
+            repetition_penalty=np.float32(repetition_penalty),
             do_sample=sample,
             top_k=min(top_k, vocab_size or top_k) if sample else 0,
             use_top_p=sample and top_p < 1.0,

@@ -180,7 +180,7 @@ class Engine:
                 f"max_len {max_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
             )
         self.lanes = check_prefill(prefill_chunk, prefix_cache_mb, max_batch)
-        self.idle_lanes = tuple(n for n in (2, 4) if prefill_chunk and n <= min(MAX_LANES, max_batch))
+        self.idle_lanes = tuple(n for n in (1, 2, 4) if prefill_chunk and n <= min(MAX_LANES, max_batch))
         blocks = prefix_blocks(prefix_cache_mb, config, model.dtype)
         held = {dense.lora.a.shape[-3] for _, dense in adapted_layers(model) if isinstance(dense.lora, Adapters)}
         if held != ({len(adapters)} if adapters else set()):
@@ -244,7 +244,7 @@ class Engine:
             pool_layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._pool)
             with sharding.use_mesh(self.mesh):
                 if name in ("step", "mixed", "idle"):
-                    fn = partial(batching.step, self._graphdefs)
+                    fn = partial(batching.step, self._graphdefs, decode=name != "idle")
                     lanes = None
                     if name != "step":
                         width = self.prefill_chunk // (size if name == "mixed" else 1)
@@ -477,16 +477,20 @@ class Engine:
             request.prompt_logprobs = entries[1 : request.done + 1]
 
     def _lane_programs(self, decoding: bool) -> list[tuple[str, int, int]]:
-        """The mixed programs a step may run, as (name, lanes, width): the budget split into lanes; and when no
-        row is decoding (no stream waits on the step), up to ``MAX_LANES`` lanes of a whole budget each."""
-        split = [("mixed", lanes, self.prefill_chunk // lanes) for lanes in self.lanes]
-        return split + ([] if decoding else [("idle", lanes, self.prefill_chunk) for lanes in self.idle_lanes])
+        """The programs a step with prompt chunks may run, as (name, lanes, width): beside decoding rows, the
+        budget split into lanes; when no row is decoding (no stream waits on the step), the lanes alone, up to
+        ``MAX_LANES`` of a whole budget each."""
+        if decoding:
+            return [("mixed", lanes, self.prefill_chunk // lanes) for lanes in self.lanes]
+        return [("idle", lanes, self.prefill_chunk) for lanes in self.idle_lanes]
 
     def _lanes(self, decoding: bool) -> tuple[str, int, dict, list[dict], list[tuple[Request, int, int, list]]]:
         """This step's chunks: the program that prefills the most prompt tokens (ties: the fewest computed), the
         oldest prompts first; the host arrays of its lanes, their settings, and per lane what it holds
         (request, start, count, and the pool blocks it saves as (block number, hash))."""
         pending = self._prefilling
+        if not decoding:  # no stream runs: the prompts' earlier chunks first, so that their streams start together
+            pending = sorted(pending, key=lambda r: len(r.prompt) - r.done <= self.prefill_chunk)
 
         def tokens(program):
             _, lanes, width = program
