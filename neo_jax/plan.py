@@ -27,6 +27,7 @@ from flax import nnx
 from neo_jax.aot import check_train, matmul_params, train_flops
 from neo_jax.attention import BLOCK, choose
 from neo_jax.config import GPTNeoConfig
+from neo_jax.generation.batching import DEFAULT_PREFILL_CHUNK
 from neo_jax.generation.cache import cache_bytes
 from neo_jax.model import GPTNeo
 from neo_jax.shapes import bucket
@@ -446,7 +447,7 @@ def serve_report(
     *,
     slots: int,
     max_len: int | None = None,
-    prefill_chunk: int = 128,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     adapters: int = 0,
     lora=None,
     topology: str | None = None,

@@ -167,8 +167,7 @@ def test_chunked_prefill_is_token_identical_to_generate(model, chunk):
     """16: one lane of one block per step; 128: one, two or four lanes of 128, 64 or 32 tokens. The engine
     fixture runs the default 64 (lanes of 64, 32, 16) through every other engine test."""
     from neo_jax.cli import serve as cli
-    from neo_jax.generation.batching import BLOCK
-    from neo_jax.serve.engine import DEFAULT_PREFILL_CHUNK
+    from neo_jax.generation.batching import BLOCK, DEFAULT_PREFILL_CHUNK
 
     assert (cli.BLOCK, cli.DEFAULT_PREFILL_CHUNK) == (BLOCK, DEFAULT_PREFILL_CHUNK)  # the CLI's copies
     engine = Engine(model, max_batch=4, max_len=MAX_LEN, eos_token_id=None, prefill_chunk=chunk).start()

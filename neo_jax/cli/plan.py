@@ -6,6 +6,7 @@ import argparse
 import json
 
 from neo_jax.cli.common import ATTENTION_HELP
+from neo_jax.cli.serve import DEFAULT_PREFILL_CHUNK
 from neo_jax.config import DTYPES, REMAT, WEIGHTS
 
 
@@ -28,7 +29,7 @@ def add_parser(commands) -> None:
     p.add_argument("--grad-accum", type=int, help="train: micro-batches per step (default 1)")
     p.add_argument("--remat", choices=REMAT, help="train: recompute activations (default none)")
     p.add_argument("--max-len", type=int, help="generate, serve: positions in all (default: the model's maximum)")
-    p.add_argument("--prefill-chunk", type=int, help="serve: prompt tokens per step (default 128)")
+    p.add_argument("--prefill-chunk", type=int, help=f"serve: prompt tokens per step (default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--adapters", type=int, help="serve: LoRA adapters served at once (--lora-rank, --lora-targets)")
     p.add_argument("--prompt-len", type=int, help="generate: prompt tokens (default: half of --max-len)")
     p.add_argument("--dtype", choices=DTYPES, help="train: compute dtype (weights float32); generate: weights")
@@ -101,7 +102,7 @@ def _where(args: argparse.Namespace) -> dict:
         from neo_jax.validate import integer
 
         integer("--adapters", args.adapters or 0, least=0)
-        integer("--prefill-chunk", args.prefill_chunk or 128, least=16)
+        integer("--prefill-chunk", args.prefill_chunk or DEFAULT_PREFILL_CHUNK, least=16)
     for flag, example in (("topology", "a TPU slice such as v5e-8"), ("mesh", "D,F,T")):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             raise ValueError(f"--{flag} is empty: give {example}, or leave it out")
@@ -136,7 +137,7 @@ def plan(args: argparse.Namespace) -> None:
         )  # fmt: skip
     elif args.task == "serve":
         result = planning.serve_report(
-            config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk or 128,
+            config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK,
             adapters=args.adapters or 0, lora=_lora(args, serving=True), **where,
         )  # fmt: skip
     else:

@@ -9,7 +9,7 @@ from neo_jax.cli.common import CACHE_HELP, MODEL_HELP, WEIGHTS_HELP, enable_comp
 from neo_jax.config import DTYPES, WEIGHTS
 
 BLOCK = 16  # neo_jax.generation.batching.BLOCK: prefix-cache blocks and prefill chunks (a test keeps them equal)
-DEFAULT_PREFILL_CHUNK = 64  # neo_jax.serve.engine's (the CLI loads no JAX before checking flags)
+DEFAULT_PREFILL_CHUNK = 64  # neo_jax.generation.batching's (the CLI loads no JAX before checking flags)
 
 
 def add_parser(commands) -> None:

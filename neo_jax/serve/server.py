@@ -25,8 +25,9 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from neo_jax.generation.batching import DEFAULT_PREFILL_CHUNK
 from neo_jax.serve.app import create_app
-from neo_jax.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, prefix_blocks
+from neo_jax.serve.engine import Engine, prefix_blocks
 from neo_jax.serve.metrics import Metrics
 
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open (uvicorn's default)

@@ -131,22 +131,29 @@ def params(model):
     }
 
 
-@pytest.mark.parametrize("shape", MESHES)
-def test_train_step_gives_the_same_loss_and_parameters(checkpoint, shape):
-    mesh = sharding.make_mesh(*shape)
+def two_train_steps(checkpoint, mesh):
+    """An SGD step then an AdamW step on a fixed batch: the losses and the parameters after them."""
     ids = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
-    results = []
-    for place in (None, mesh):
-        model = neo_jax.from_pretrained(checkpoint, mesh=place, progress=False)
-        batch = ids if place is None else jax.device_put(ids, sharding.batch_sharding(mesh, ids.shape))
-        # SGD keeps the comparison linear in the gradients; AdamW's first step divides by |g| and so
-        # magnifies last-bit differences in tiny gradients.
-        sgd = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
-        losses = [float(train_step(model, sgd, batch)["loss"])]
-        adamw = make_optimizer(model, learning_rate=1e-3)
-        losses.append(float(train_step(model, adamw, batch)["loss"]))
-        results.append((losses, params(model)))
-    (single_losses, single_params), (mesh_losses, mesh_params) = results
+    model = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
+    batch = ids if mesh is None else jax.device_put(ids, sharding.batch_sharding(mesh, ids.shape))
+    # SGD keeps the comparison linear in the gradients; AdamW's first step divides by |g| and so
+    # magnifies last-bit differences in tiny gradients.
+    sgd = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+    losses = [float(train_step(model, sgd, batch)["loss"])]
+    adamw = make_optimizer(model, learning_rate=1e-3)
+    losses.append(float(train_step(model, adamw, batch)["loss"]))
+    return losses, params(model)
+
+
+@pytest.fixture(scope="module")
+def single_train(checkpoint):
+    return two_train_steps(checkpoint, None)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_train_step_gives_the_same_loss_and_parameters(checkpoint, single_train, shape):
+    single_losses, single_params = single_train
+    mesh_losses, mesh_params = two_train_steps(checkpoint, sharding.make_mesh(*shape))
     np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-5)
     for key, value in single_params.items():
         np.testing.assert_allclose(mesh_params[key], value, atol=2e-4, err_msg=key)  # after AdamW: |Δ| << lr
