@@ -194,7 +194,9 @@ def test_whole_prompt_prefill_is_still_there_and_exact(model):
         )
 
 
-def echo_request(engine: Engine, prompt: list[int], **sampling) -> tuple[list, list[Token]]:
+def start_request(engine: Engine, prompt: list[int], echo: bool = False, **sampling):
+    """Submit a request for 6 tokens (greedy unless ``sampling`` says otherwise); return it, the list its events
+    go to and the event set when it finishes."""
     events, done = [], threading.Event()
 
     def emit(event):
@@ -203,7 +205,11 @@ def echo_request(engine: Engine, prompt: list[int], **sampling) -> tuple[list, l
             done.set()
 
     settings = sampling_settings(**{"temperature": 0, **sampling}, vocab_size=50257)
-    request = engine.submit(Request(prompt, 6, settings, emit, echo_logprobs=True))
+    return engine.submit(Request(prompt, 6, settings, emit, echo_logprobs=echo)), events, done
+
+
+def echo_request(engine: Engine, prompt: list[int], **sampling) -> tuple[list, list[Token]]:
+    request, events, done = start_request(engine, prompt, echo=True, **sampling)
     assert done.wait(60)
     return request.prompt_logprobs, [e for e in events if isinstance(e, Token)]
 
@@ -242,6 +248,16 @@ def test_the_prefix_cache_changes_no_output_and_keeps_echo_logprobs(model, engin
             for (lp, ids, lps), (lp2, ids2, lps2) in zip(hit_logprobs, miss_logprobs, strict=True):
                 assert ids == ids2
                 np.testing.assert_allclose([lp, *lps], [lp2, *lps2], atol=2e-5)
+        # Two prompts with one new prefix, queued together: while no row decodes, the longer one's earlier chunks
+        # run first, and the shorter one, waiting in its row, takes the block they computed before its own chunk.
+        fresh = rng.integers(1, 50000, 136).tolist()
+        reused = metric_value(metrics.prefix_cache_tokens)
+        with cached._lock:  # the engine takes both from the queue at once
+            started = [start_request(cached, prompt) for prompt in (fresh, fresh[:32])]
+        for (_, events, done), prompt in zip(started, (fresh, fresh[:32]), strict=True):
+            assert done.wait(60)
+            assert [e.id for e in events if isinstance(e, Token)] == engine.generate(prompt, 6, temperature=0)[0]
+        assert metric_value(metrics.prefix_cache_tokens) == reused + 16
     finally:
         cached.stop()
 

@@ -436,7 +436,8 @@ class Engine:
         copied in first); else prefilled whole, one at a time."""
         while (request := self._take_waiting()) is not None:
             if self.prefill_chunk:
-                self._reuse_prefix(request)
+                if self.prefix_cache is not None:
+                    request.chain = hashes(request.prompt, request.adapter)
                 self._prefilling.append(request)
                 continue
             program = self._program("admit", min(bucket(len(request.prompt)), self.max_len))
@@ -453,18 +454,17 @@ class Engine:
             self._observe()
 
     def _reuse_prefix(self, request: Request) -> None:
-        """Copy the cached blocks ``request``'s prompt starts with into its row. At least one prompt token is
-        always prefilled (its logits give the first token); with ``echo`` the last cached block is computed
-        again too, its last position giving the log-probability of the next block's first token."""
-        if self.prefix_cache is None:
-            return
-        request.chain = hashes(request.prompt, request.adapter)
+        """Copy the cached blocks ``request``'s prompt starts with into its row, if more are cached than it
+        holds. Called before every step until the prompt's first chunk runs, so that a prompt waiting behind
+        another with the same prefix takes the blocks that one computed meanwhile (every block found was
+        computed by an earlier step). At least one prompt token is always prefilled (its logits give the first
+        token); with ``echo`` the last cached block is computed again too, its last position giving the
+        log-probability of the next block's first token."""
         found = self.prefix_cache.lookup(request.chain, request.echo_logprobs)
         usable = min(len(found), (len(request.prompt) - 1) // BLOCK)
         if request.echo_logprobs:
             usable = max(0, min(len(found) - 1, usable))
-        self.prefix_cache.record(usable * BLOCK)
-        if not usable:
+        if usable * BLOCK <= request.done:
             return
         blocks = np.zeros(self.max_len // BLOCK, np.int32)
         blocks[:usable] = [block.index for block in found[:usable]]
@@ -488,8 +488,9 @@ class Engine:
         oldest prompts first; the host arrays of its lanes, their settings, and per lane what it holds
         (request, start, count, and the pool blocks it saves as (block number, hash))."""
         pending = self._prefilling
-        if not decoding:  # no stream runs: the prompts' earlier chunks first, so that their streams start together
-            pending = sorted(pending, key=lambda r: len(r.prompt) - r.done <= self.prefill_chunk)
+        if not decoding:  # no stream runs: every prompt's earlier chunks before any last one, so that the streams
+            # start together, instead of the first ones starting and then slowing the rest's prefill
+            pending = [r for r in pending if len(r.prompt) - r.done > self.prefill_chunk] or pending
 
         def tokens(program):
             _, lanes, width = program
@@ -501,6 +502,8 @@ class Engine:
         settings, held, allocated = [NEUTRAL] * lanes, [], 0
         for lane, request in enumerate(chosen):
             prompt, start = request.prompt, request.done
+            if self.prefix_cache is not None and not request.started:
+                self.prefix_cache.record(start)  # its first chunk: the prompt tokens it found cached
             count = min(len(prompt) - start, width)
             arrays["row"][lane], arrays["start"][lane], arrays["count"][lane] = request.slot, start, count
             arrays["ids"][lane, :count] = prompt[start : start + count]
@@ -526,6 +529,9 @@ class Engine:
         """One step: a token for every decoding row, and the next chunk of the prompts waiting in lanes."""
         decoding = [r for r in self._requests if r is not None and r.started and r not in self._prefilling]
         echo = False
+        for request in self._prefilling if self.prefix_cache else ():
+            if not request.started:
+                self._reuse_prefix(request)
         if self._prefilling:
             name, lanes, arrays, settings, held = self._lanes(bool(decoding))
             echo = any(request.echo_logprobs for request, *_ in held)
