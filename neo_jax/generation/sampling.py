@@ -77,10 +77,10 @@ class SamplingParams:
     only in values share one program.
     """
 
-    temperature: jax.Array
-    top_p: jax.Array
-    min_p: jax.Array
-    repetition_penalty: jax.Array
+    temperature: jax.Array | np.float32  # NumPy's when built by ``of``: checking settings compiles nothing
+    top_p: jax.Array | np.float32
+    min_p: jax.Array | np.float32
+    repetition_penalty: jax.Array | np.float32
     do_sample: bool = dataclasses.field(default=False, metadata=STATIC)
     top_k: int = dataclasses.field(default=0, metadata=STATIC)  # 0: off
     use_top_p: bool = dataclasses.field(default=False, metadata=STATIC)

@@ -460,6 +460,8 @@ class Engine:
         computed by an earlier step). At least one prompt token is always prefilled (its logits give the first
         token); with ``echo`` the last cached block is computed again too, its last position giving the
         log-probability of the next block's first token."""
+        if self.prefix_cache is None:
+            return
         found = self.prefix_cache.lookup(request.chain, request.echo_logprobs)
         usable = min(len(found), (len(request.prompt) - 1) // BLOCK)
         if request.echo_logprobs:
@@ -529,7 +531,7 @@ class Engine:
         """One step: a token for every decoding row, and the next chunk of the prompts waiting in lanes."""
         decoding = [r for r in self._requests if r is not None and r.started and r not in self._prefilling]
         echo = False
-        for request in self._prefilling if self.prefix_cache else ():
+        for request in self._prefilling:
             if not request.started:
                 self._reuse_prefix(request)
         if self._prefilling:
