@@ -5,8 +5,9 @@ slots ``0..n-1``. A waiting request takes a free row, and its prompt is prefille
 budget (``prefill_chunk``) inside the same step that gives every decoding row its next token
 (``neo_jax.generation.batching.step``): a long prompt no longer stops the running streams, and up to
 ``MAX_LANES`` prompts advance per step, each in its own lane (the budget split evenly: one lane of 64
-tokens, two of 32, four of 16; the step picks the split that prefills the most). The step that holds a prompt's
-end also chooses its first token. ``prefill_chunk=0`` keeps the whole-prompt prefill, one request alone at a
+tokens, two of 32, four of 16; the step picks the split that prefills the most). While no row decodes, a step
+runs the lanes alone, up to four whole chunks, every prompt's earlier chunks before any last one, so that a
+burst's streams start together. The step that holds a prompt's end also chooses its first token. ``prefill_chunk=0`` keeps the whole-prompt prefill, one request alone at a
 bucketed length between steps.
 
 A row is freed the moment its request finishes (EOS, ``max_tokens``) or is cancelled, and the next waiting
