@@ -7,8 +7,8 @@ budget (``prefill_chunk``) inside the same step that gives every decoding row it
 ``MAX_LANES`` prompts advance per step, each in its own lane (the budget split evenly: one lane of 64
 tokens, two of 32, four of 16; the step picks the split that prefills the most). While no row decodes, a step
 runs the lanes alone, up to four whole chunks, every prompt's earlier chunks before any last one, so that a
-burst's streams start together. The step that holds a prompt's end also chooses its first token. ``prefill_chunk=0`` keeps the whole-prompt prefill, one request alone at a
-bucketed length between steps.
+burst's streams start together. The step that holds a prompt's end also chooses its first token.
+``prefill_chunk=0`` keeps the whole-prompt prefill, one request alone at a bucketed length between steps.
 
 A row is freed the moment its request finishes (EOS, ``max_tokens``) or is cancelled, and the next waiting
 request takes it. Sampling settings are per-row arrays and every row draws from its own key
@@ -433,8 +433,8 @@ class Engine:
             self._finish(request, "cancelled")
 
     def _admit_waiting(self) -> None:
-        """Give waiting requests free rows: chunked, to be prefilled by the next steps (their cached prefix
-        copied in first); else prefilled whole, one at a time."""
+        """Give waiting requests free rows: chunked, to be prefilled by the next steps (each first copying in
+        what the prefix cache holds of the prompt, ``_reuse_prefix``); else prefilled whole, one at a time."""
         while (request := self._take_waiting()) is not None:
             if self.prefill_chunk:
                 if self.prefix_cache is not None:
