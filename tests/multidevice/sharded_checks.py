@@ -132,7 +132,8 @@ def params(model):
 
 
 def two_train_steps(checkpoint, mesh):
-    """An SGD step then an AdamW step on a fixed batch: the losses and the parameters after them."""
+    """An SGD step then an AdamW step on a fixed batch: the losses, the parameters after the SGD step and
+    after both."""
     ids = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
     model = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
     batch = ids if mesh is None else jax.device_put(ids, sharding.batch_sharding(mesh, ids.shape))
@@ -140,9 +141,10 @@ def two_train_steps(checkpoint, mesh):
     # magnifies last-bit differences in tiny gradients.
     sgd = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
     losses = [float(train_step(model, sgd, batch)["loss"])]
+    after_sgd = params(model)
     adamw = make_optimizer(model, learning_rate=1e-3)
     losses.append(float(train_step(model, adamw, batch)["loss"]))
-    return losses, params(model)
+    return losses, after_sgd, params(model)
 
 
 @pytest.fixture(scope="module")
@@ -152,23 +154,13 @@ def single_train(checkpoint):
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_train_step_gives_the_same_loss_and_parameters(checkpoint, single_train, shape):
-    single_losses, single_params = single_train
-    mesh_losses, mesh_params = two_train_steps(checkpoint, sharding.make_mesh(*shape))
+    single_losses, single_sgd, single_params = single_train
+    mesh_losses, mesh_sgd, mesh_params = two_train_steps(checkpoint, sharding.make_mesh(*shape))
     np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-5)
+    for key, value in single_sgd.items():
+        np.testing.assert_allclose(mesh_sgd[key], value, atol=1e-6, err_msg=key)  # the SGD step: closely
     for key, value in single_params.items():
         np.testing.assert_allclose(mesh_params[key], value, atol=2e-4, err_msg=key)  # after AdamW: |Δ| << lr
-
-
-def test_sgd_step_parameters_match_closely(checkpoint):
-    mesh = sharding.make_mesh(2, 2, 2)
-    ids = np.random.default_rng(3).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
-    out = []
-    for place in (None, mesh):
-        model = neo_jax.from_pretrained(checkpoint, mesh=place, progress=False)
-        train_step(model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param), ids)
-        out.append(params(model))
-    for key, value in out[0].items():
-        np.testing.assert_allclose(out[1][key], value, atol=1e-6, err_msg=key)
 
 
 def test_random_init_under_a_mesh_is_born_sharded():
