@@ -2,7 +2,7 @@
 one run on the same random 125M-shape weights (seed 0), float32.
 
     python benchmarks/serve.py [--workloads burst,prefix,adapters] [--requests 64] [--concurrency 16]
-                               [--max-batch 16] [--max-len 1024] [--prefill-chunk 128] [--skip-baselines]
+                               [--max-batch 16] [--max-len 1024] [--prefill-chunk 64] [--skip-baselines]
 
 - "burst": prompt lengths uniform in [16, 512] tokens (random ids), ``max_tokens`` uniform in [16, 256],
   greedy, all sent at once by ``--concurrency`` clients; the server with whole-prompt prefill
