@@ -4,6 +4,7 @@ reports its own per-chip memory. Each (model, topology, task) compiles once per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -36,20 +37,18 @@ def test_slices_describe_their_chips():
     assert aot.slice_chip("v5e-8").hbm_bytes == 16 * 2**30
 
 
-@pytest.fixture(scope="module")
-def two_layer_steps():
+@functools.cache
+def two_layer_step(topology: str, batch: int):
     """A 2-layer 125M train step at seq 2048 with what auto picks on a TPU (splash), lowered and compiled once
-    for the module: on a v5e-8 at batch 8, and on one v5e chip at batch 1."""
-    config = few_layers("125M")
-    eight = aot.train_program(config, aot.slice_mesh("v5e-8"), batch=8, seq=2048)
-    one = aot.train_program(config, aot.slice_mesh("v5e-1"), batch=1, seq=2048)
-    return {"v5e-8": (eight, aot.analyse(eight)), "v5e-1": (one, aot.analyse(one))}
+    per session for ``topology`` at a global ``batch``: the lowered program and ``aot.analyse``'s figures."""
+    lowered = aot.train_program(few_layers("125M"), aot.slice_mesh(topology), batch=batch, seq=2048)
+    return lowered, aot.analyse(lowered)
 
 
-def test_activations_split_over_a_slice(two_layer_steps):
+def test_activations_split_over_a_slice():
     """v5e-8 with batch 8 holds what one v5e chip holds for batch 1 (within 1.25x): activations are split by
     batch on the TPU too. Before they were constrained, 125M at batch 8 needed 39 GB per chip."""
-    eight, one = two_layer_steps["v5e-8"][1], two_layer_steps["v5e-1"][1]
+    eight, one = two_layer_step("v5e-8", 8)[1], two_layer_step("v5e-1", 1)[1]
     assert eight["temporaries"] <= 1.25 * one["temporaries"], (eight, one)
     assert one["temporaries"] > 2**30  # the activations of 2048 tokens, not the 2-layer model's weights
 
@@ -136,29 +135,24 @@ def test_plan_cli_compiles_for_a_topology(tmp_path, capsys):
     assert "compiled by XLA:TPU" in out and "fits: yes" in out and "197 TFLOP/s bf16, 819 GB/s HBM" in out
 
 
-def test_plan_compiles_the_attention_it_is_given(two_layer_steps):
+def test_plan_compiles_the_attention_it_is_given():
     """At 2048 tokens dense attention's [T, T] scores show in the compiled temporaries; blockwise and splash have
     none (the rest is mostly the [T, vocab] logits, the same in all)."""
     config = few_layers("125M")
     dense, blockwise = (
         plan.compiled_train(config, "v5e-1", 1, 2048, attention=name)["temporaries"] for name in ("dense", "blockwise")
     )
-    splash = two_layer_steps["v5e-1"][1]["temporaries"]
+    splash = two_layer_step("v5e-1", 1)[1]["temporaries"]
     probabilities = config.num_layers * config.num_heads * 2048**2 * 4  # every layer's float32 [T, T], batch 1
     assert dense - blockwise >= probabilities / 2, (blockwise / 2**30, dense / 2**30)
     assert dense - splash >= probabilities / 2, (splash / 2**30, dense / 2**30)
 
 
 @pytest.mark.parametrize("topology", ["v5e-8", "v4-8"])
-def test_auto_is_splash_on_a_tpu(topology, two_layer_steps):
+def test_auto_is_splash_on_a_tpu(topology):
     """The train step compiled for a slice runs the Pallas splash kernels (forward, and both backward kernels)
     in every layer, split over the slice by batch (a global and a local layer: two masks, one kernel each)."""
-    if topology in two_layer_steps:
-        lowered, analysis = two_layer_steps[topology]
-    else:
-        mesh = aot.slice_mesh(topology)
-        lowered = aot.train_program(few_layers("125M"), mesh, batch=aot.slice_size(topology), seq=2048)
-        analysis = aot.analyse(lowered)
+    lowered, analysis = two_layer_step(topology, aot.slice_size(topology))
     kernels = re.findall(r"splash_mha_\w+", lowered.as_text())
     assert sorted(set(kernels)) == [
         "splash_mha_dkv_no_residuals",
