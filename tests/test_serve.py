@@ -113,6 +113,29 @@ def test_no_request_shape_compiles_after_warm_up(engine):
     assert compiles == []
 
 
+def test_the_gauges_follow_the_engine_taking_requests(engine):
+    """Six requests queued at once on four rows: at the first token the queue gauge reads two and the slot gauge
+    four. (Chunked admission once left both as they were until a row was freed, so a full queue read as having
+    room and the reverse, and the 429 test raced.)"""
+    seen, finished = [], threading.Semaphore(0)
+    gauges = lambda: (metric_value(engine.metrics.queue_length), metric_value(engine.metrics.active_slots))
+
+    def emit(event):
+        if isinstance(event, Token) and not seen:
+            seen.append(gauges())
+        elif isinstance(event, Finished):
+            finished.release()
+
+    settings = sampling_settings(temperature=0, vocab_size=50257)
+    with engine._lock:  # the engine takes none of them until all six wait
+        for prompt in prompts(6, seed=6):
+            engine.submit(Request(prompt, 2, settings, emit))
+        assert gauges() == (6, 0)
+    assert all(finished.acquire(timeout=60) for _ in range(6))
+    assert seen == [(2, 4)]
+    assert wait_until(lambda: gauges() == (0, 0), 10)  # the last row is freed just after its request finishes
+
+
 def test_per_row_filters_equal_the_generate_processors():
     # The engine's per-row top-k / top-p (bisection, no sort) keep exactly the tokens that generate's
     # processors (checked against transformers in test_generate) keep, row by row with each row's own value.
@@ -385,6 +408,16 @@ def server(gpt2_model_dir, adapters):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def wait_until(condition, seconds: float) -> bool:
+    """Poll ``condition`` every 10 ms until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def metric(url: str, name: str) -> float:
@@ -774,10 +807,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         next(lines)
     assert metric(url, "neo_jax_active_slots") == 1
     r.close()
-    deadline = time.time() + 5
-    while metric(url, "neo_jax_active_slots") != 0 and time.time() < deadline:
-        time.sleep(0.01)
-    assert metric(url, "neo_jax_active_slots") == 0
+    assert wait_until(lambda: metric(url, "neo_jax_active_slots") == 0, 5)
     assert metric(url, 'neo_jax_requests_total{finish_reason="cancelled"}') == before + 1
 
 
@@ -860,11 +890,14 @@ def test_full_queue_is_429_and_sigterm_drains(gpt2_model_dir):
     process, url = start_server(gpt2_model_dir, "--max-batch", "1", "--max-queue", "2", "--max-len", "256")
     try:
         body = {"model": str(gpt2_model_dir), "prompt": "long", "max_tokens": 200, "temperature": 0}
-        with ThreadPoolExecutor(4) as pool:
-            busy = [pool.submit(requests.post, url + "/v1/completions", json=body) for _ in range(3)]
-            deadline = time.time() + 30
-            while metric(url, "neo_jax_queue_length") < 2 and time.time() < deadline:
-                time.sleep(0.01)
+        post = lambda: requests.post(url + "/v1/completions", json=body)
+        with ThreadPoolExecutor(3) as pool:
+            # One at a time: three sent together can all be waiting before the engine takes the first (~1 s of
+            # decoding once it runs), and the third is then the one refused.
+            busy = [pool.submit(post)]
+            assert wait_until(lambda: metric(url, "neo_jax_active_slots") == 1, 30)
+            busy += [pool.submit(post) for _ in range(2)]
+            assert wait_until(lambda: metric(url, "neo_jax_queue_length") == 2, 30)
             r = requests.post(url + "/v1/completions", json=body)
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
             process.send_signal(signal.SIGTERM)

@@ -429,8 +429,10 @@ class Engine:
                 self._requests[request.slot] = request
                 if self.metrics:
                     self.metrics.prompt_tokens.inc(len(request.prompt))
+                self._observe()  # the queue gauge drops as the request is taken, whether chunked or whole
                 return request
             self._finish(request, "cancelled")
+            self._observe()
 
     def _admit_waiting(self) -> None:
         """Give waiting requests free rows: chunked, to be prefilled by the next steps (each first copying in
@@ -452,7 +454,6 @@ class Engine:
                 )
             if self._deliver(request, *(np.asarray(x) for x in out[:4]), now=time.perf_counter()):
                 self._release([request.slot])  # done at once: free the row before another request takes it
-            self._observe()
 
     def _reuse_prefix(self, request: Request) -> None:
         """Copy the cached blocks ``request``'s prompt starts with into its row, if more are cached than it
