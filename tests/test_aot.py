@@ -114,17 +114,21 @@ def test_1_3b_fits_a_v5e_8_without_remat():
     assert aot.analyse(lowered)["total"] <= 14 * 2**30
 
 
-@pytest.mark.parametrize("topology", ["v5e-1", "v5e-8"])
-def test_generation_compiles_for_v5e(topology):
+def test_generation_compiles_for_a_v5e_8():
+    """125M's prefill and decode split over a slice. (One chip's generation is the int8 test's.)"""
     config = GPTNeoConfig.preset("125M")
-    result = plan.compiled_generate(config, topology, batch=8, max_len=2048, prompt_len=1024)
+    result = plan.compiled_generate(config, "v5e-8", batch=8, max_len=2048, prompt_len=1024)
     assert result["prefill"]["total"] < 16 * 2**30 and result["decode"]["total"] < 16 * 2**30
     # the decode program holds at least the weights and the KV cache (bf16, split over the slice's chips)
     assert result["decode"]["arguments"] >= result["parameters"] + result["kv_cache"]
 
 
 def test_plan_cli_compiles_for_a_topology(tmp_path, capsys):
-    few_layers("125M").to_json_file(tmp_path / "config.json")
+    # 125M's depth and window at a quarter of its width and a small vocabulary: what the CLI reports, not how
+    # big it is (XLA:TPU compiles it in half the time).
+    dataclasses.replace(few_layers("125M"), hidden_size=256, num_heads=4, vocab_size=1024).to_json_file(
+        tmp_path / "config.json"
+    )
     argv = ["plan", "--model", str(tmp_path), "--topology", "v5e-8", "--batch", "8", "--seq", "1024"]
     assert main([*argv, "--remat", "full", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -136,15 +140,13 @@ def test_plan_cli_compiles_for_a_topology(tmp_path, capsys):
 
 
 def test_plan_compiles_the_attention_it_is_given():
-    """At 2048 tokens dense attention's [T, T] scores show in the compiled temporaries; blockwise and splash have
-    none (the rest is mostly the [T, vocab] logits, the same in all)."""
+    """At 2048 tokens dense attention's [T, T] scores show in the compiled temporaries; splash (auto's pick on a
+    TPU) has none (the rest is mostly the [T, vocab] logits, the same in both). Blockwise's memory, linear in
+    the length, is test_attention's."""
     config = few_layers("125M")
-    dense, blockwise = (
-        plan.compiled_train(config, "v5e-1", 1, 2048, attention=name)["temporaries"] for name in ("dense", "blockwise")
-    )
+    dense = plan.compiled_train(config, "v5e-1", 1, 2048, attention="dense")["temporaries"]
     splash = two_layer_step("v5e-1", 1)[1]["temporaries"]
     probabilities = config.num_layers * config.num_heads * 2048**2 * 4  # every layer's float32 [T, T], batch 1
-    assert dense - blockwise >= probabilities / 2, (blockwise / 2**30, dense / 2**30)
     assert dense - splash >= probabilities / 2, (splash / 2**30, dense / 2**30)
 
 

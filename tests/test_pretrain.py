@@ -84,15 +84,15 @@ def attention_logit_stds(model, ids) -> np.ndarray:
 
 @pytest.mark.slow
 def test_attention_logits_start_near_unit_std_with_gpt_neo_init_and_far_above_with_hf():
-    """On real text. 1.3B and 2.7B at their width with 2 layers (the first layers' logits do not depend on
-    depth). GPT-Neo does not scale its logits: transformers' N(0, 0.02) init starts them at std ~2.5 (125M) and
-    ~10 (1.3B, 2.7B); GPT-Neo's own folds the scale into q and starts them near 1."""
+    """On real text. Each size at its width with 2 layers (the first layers' logits do not depend on depth).
+    GPT-Neo does not scale its logits: transformers' N(0, 0.02) init starts them at std ~2.5 (125M) and ~10
+    (1.3B, 2.7B); GPT-Neo's own folds the scale into q and starts them near 1."""
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(ROOT / "tests" / "fixtures" / "gpt2-tokenizer")
     ids = jnp.asarray([tokenizer(ENGLISH[0].read_text())["input_ids"][:512]])
     for size, hf_least in (("125M", 2.0), ("1.3B", 6.0), ("2.7B", 6.0)):
-        config = GPTNeoConfig.preset(size)
-        if size != "125M":
-            config = dataclasses.replace(config, num_layers=2, attention_types=((("global", "local"), 1),))
+        config = dataclasses.replace(
+            GPTNeoConfig.preset(size), num_layers=2, attention_types=((("global", "local"), 1),)
+        )
         ours = attention_logit_stds(init_model(config, seed=1), ids)
         theirs = attention_logit_stds(init_model(config, seed=1, init="hf"), ids)
         assert ((ours >= 0.5) & (ours <= 2.0)).all(), (size, ours)
