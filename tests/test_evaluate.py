@@ -209,40 +209,44 @@ def test_lm_eval_adapter_equals_the_hf_backend(gpt2_model_dir, tasks):
     assert checked == 10 * 4 + 4 + 6
 
 
-def test_cli_harness_writes_the_results(gpt2_model_dir, tasks, tmp_path, capsys):
-    out = tmp_path / "results.json"
-    args = ["eval", "harness", "--model", str(gpt2_model_dir), "--tasks", "toy_mc", "--include-path", str(tasks)]
-    assert cli.main([*args, "--limit", "4", "--num-fewshot", "1", "--output", str(out)]) == 0
-    results = json.loads(out.read_text())
-    assert results["results"]["toy_mc"]["sample_len"] == 4 and results["n-shot"]["toy_mc"] == 1
-    assert json.loads(capsys.readouterr().out) == results
-    assert cli.main(["eval", "harness", "--model", str(gpt2_model_dir), "--tasks", "no_such_task"]) == 2
-    assert "unknown task(s) ['no_such_task']" in capsys.readouterr().err
-    # Task data that is empty, not JSON, or a multiple-choice row with an empty choice: one line naming the
-    # task's files (lm-eval's own log lines may come before it), before the model loads, never a traceback.
+def test_cli_harness_writes_the_results(gpt2_model_dir, tasks, tmp_path, capsys, monkeypatch):
+    import functools
+
+    import lm_eval.tasks
+
+    # Task data that is empty, not JSON, or a multiple-choice row with an empty choice, beside toy_mc: the five
+    # runs below share one include path, and so one TaskManager (lm-eval indexes its ~15,000 task files for
+    # each, 12 s here).
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.cache(lm_eval.tasks.TaskManager))
+    include = tmp_path / "tasks"
+    include.mkdir()
+    mc = (tasks / "toy_mc.yaml").read_text()
+    (include / "toy_mc.yaml").write_text(mc)
     broken = {
         "empty": b"",
         "binary": bytes(range(256)) * 4,
         "no_choice": json.dumps({"question": "a b", "choices": ["x", "", "y"], "label": 0}).encode() + b"\n",
     }
-    mc = (tasks / "toy_mc.yaml").read_text().replace(str(tasks / "mc.jsonl"), "{path}")
     for name, data in broken.items():
         (tmp_path / f"{name}.jsonl").write_bytes(data)
-        (tmp_path / f"t_{name}.yaml").write_text(
-            mc.replace("toy_mc", f"t_{name}").format(path=tmp_path / f"{name}.jsonl")
+        (include / f"t_{name}.yaml").write_text(
+            mc.replace(str(tasks / "mc.jsonl"), "{path}")
+            .replace("toy_mc", f"t_{name}")
+            .format(path=tmp_path / f"{name}.jsonl")
         )
-        args = [
-            "eval",
-            "harness",
-            "--model",
-            str(gpt2_model_dir),
-            "--tasks",
-            f"t_{name}",
-            "--include-path",
-            str(tmp_path),
-        ]
-        assert cli.main(args) == 2
+    out = tmp_path / "results.json"
+    harness = ["eval", "harness", "--model", str(gpt2_model_dir), "--include-path", str(include), "--tasks"]
+    assert cli.main([*harness, "toy_mc", "--limit", "4", "--num-fewshot", "1", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["results"]["toy_mc"]["sample_len"] == 4 and results["n-shot"]["toy_mc"] == 1
+    assert json.loads(capsys.readouterr().out) == results
+    assert cli.main([*harness, "no_such_task"]) == 2
+    assert "unknown task(s) ['no_such_task']" in capsys.readouterr().err
+    # The broken tasks: one line naming the task's files (lm-eval's own log lines may come before it), before
+    # the model loads, never a traceback.
+    for name in broken:
+        assert cli.main([*harness, f"t_{name}"]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-            f"neo-jax eval harness: error: task t_{name} ({tmp_path / f't_{name}'}.yaml, data {{'test': '{tmp_path / name}.jsonl'}})"
+            f"neo-jax eval harness: error: task t_{name} ({include / f't_{name}'}.yaml, data {{'test': '{tmp_path / name}.jsonl'}})"
         ), err
