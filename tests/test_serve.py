@@ -898,11 +898,11 @@ def test_full_queue_is_429_and_sigterm_drains(gpt2_model_dir):
             assert wait_until(lambda: metric(url, "neo_jax_active_slots") == 1, 30)
             busy += [pool.submit(post) for _ in range(2)]
             assert wait_until(lambda: metric(url, "neo_jax_queue_length") == 2, 30)
-            r = requests.post(url + "/v1/completions", json=body)
+            r = post()
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
             process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
-            r = requests.post(url + "/v1/completions", json=body)
+            r = post()
             assert r.status_code == 503
             results = [f.result(timeout=120) for f in busy]
         assert [r.status_code for r in results] == [200, 200, 200]
