@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
@@ -189,35 +188,43 @@ def compiled_generate(*args, **kwargs) -> dict:
 
 
 def isolated(function, *args, **kwargs):
-    """``function(*args, **kwargs)`` in a fresh Python process (arguments and result pickled). XLA:TPU aborts
-    the process on some programs instead of raising (libtpu 0.0.42.1 on 2.7B with fsdp=4 on v4 and v5p):
-    that becomes a ValueError here. The child's output (libtpu's log lines) is discarded."""
+    """``function(*args, **kwargs)`` in a child process (arguments and result pickled). XLA:TPU aborts the process
+    on some programs instead of raising (libtpu 0.0.42.1 on 2.7B with fsdp=4 on v4 and v5p): that becomes a
+    ValueError here. The child is forked from multiprocessing's fork server, which imported JAX and neo_jax once
+    (before any JAX backend starts, so forking it is safe): a second compile in the same process does not pay
+    for a new interpreter and its imports again. The child's output (libtpu's log lines) is discarded."""
+    import multiprocessing
     import pickle
-    import subprocess
-    import sys
-    import tempfile
 
-    with tempfile.TemporaryDirectory() as directory:
-        call, result = Path(directory) / "call", Path(directory) / "result"
-        call.write_bytes(pickle.dumps((function, args, kwargs)))
-        command = [sys.executable, "-c", "import sys, neo_jax.plan as p; p._run_isolated(*sys.argv[1:])", call, result]
-        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        if not result.exists():
-            raise ValueError(
-                "XLA:TPU crashed while compiling this program (a compiler bug, not a memory verdict); "
-                "try another --mesh, e.g. with tensor=2, or --no-compile for the estimate"
-            )
-        ok, value = pickle.loads(result.read_bytes())
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["neo_jax.plan"])
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_run_isolated, args=(send, function, args, kwargs), daemon=True)
+    child.start()
+    send.close()
+    try:
+        ok, value = pickle.loads(receive.recv_bytes())
+    except EOFError:  # the child died without an answer
+        raise ValueError(
+            "XLA:TPU crashed while compiling this program (a compiler bug, not a memory verdict); "
+            "try another --mesh, e.g. with tensor=2, or --no-compile for the estimate"
+        ) from None
+    finally:
+        receive.close()
+        child.join()
     if not ok:
         raise value
     return value
 
 
-def _run_isolated(call: str, result: str) -> None:
+def _run_isolated(send, function, args, kwargs) -> None:
     """The child's side of ``isolated``."""
+    import os
     import pickle
 
-    function, args, kwargs = pickle.loads(Path(call).read_bytes())
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
     try:
         outcome = (True, function(*args, **kwargs))
     except Exception as e:  # noqa: BLE001 (every error is raised again in the parent)
@@ -226,7 +233,8 @@ def _run_isolated(call: str, result: str) -> None:
         data = pickle.dumps(outcome)
     except Exception:  # noqa: BLE001 (an error that does not pickle still comes back, as its text)
         data = pickle.dumps((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
-    Path(result).write_bytes(data)
+    send.send_bytes(data)
+    send.close()
 
 
 def _compiled_train(
