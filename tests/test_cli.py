@@ -74,13 +74,16 @@ def text_dir(tmp_path_factory):
 
 @pytest.fixture
 def compilation_cache(tmp_path):
+    """A directory for --compilation-cache; the process's own cache settings (CI's run-wide cache) come back after."""
     import jax
 
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     yield str(tmp_path / "jax-cache")
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
-def test_generate_streams_text_and_reports_speed(text_dir, compilation_cache, capsys):
+def test_generate_streams_text_and_reports_speed(text_dir, compilation_cache, capsys, monkeypatch):
     import neo_jax
 
     expected = neo_jax.TextGenerator(text_dir)("EleutherAI has", max_new_tokens=12)[0]
@@ -98,6 +101,18 @@ def test_generate_streams_text_and_reports_speed(text_dir, compilation_cache, ca
     record = json.loads(capsys.readouterr().out)
     assert record["completion"] == expected and record["new_tokens"] == 12
     assert record["time_to_first_token_s"] <= record["seconds"]
+    assert jax.config.jax_compilation_cache_dir is None
+
+    # a cache JAX was given ($JAX_COMPILATION_CACHE_DIR) stands unless a flag or $NEO_JAX_COMPILATION_CACHE says
+    from neo_jax.cli.common import enable_compilation_cache
+
+    monkeypatch.delenv("NEO_JAX_COMPILATION_CACHE", raising=False)
+    jax.config.update("jax_compilation_cache_dir", compilation_cache + "-jax")
+    enable_compilation_cache(None)
+    assert jax.config.jax_compilation_cache_dir == compilation_cache + "-jax"
+    monkeypatch.setenv("NEO_JAX_COMPILATION_CACHE", compilation_cache)
+    enable_compilation_cache(None)
+    assert jax.config.jax_compilation_cache_dir == compilation_cache
 
 
 def test_generate_sampling_and_beams(text_dir, capsys):
