@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 import neo_jax
 import neo_jax.peft
+from neo_jax.cli import main
 from neo_jax.config import GPTNeoConfig
 from neo_jax.finetune import FinetuneConfig, finetune
 from tests.conftest import SMALL, make_hf_model
@@ -264,20 +266,45 @@ def run_cli(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.C
     return subprocess.run([entry, *argv], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace):
+def in_this_process(argv: list[str], capfd) -> tuple[int, str]:
+    """``neo-jax ARGV`` through ``neo_jax.cli.main`` in this process: (exit status, stderr). stderr is read at the
+    file descriptor, so what C++ libraries log counts too; a Python warning counts as a line of it, as it would
+    be in a process of its own (where Python's default filters apply)."""
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        status = main(argv)
+    shown = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
+    return status, capfd.readouterr().err + shown
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capfd, monkeypatch):
+    """Every case through ``neo_jax.cli.main`` in this process, but for the installed console script's own runs:
+    the first case of each command, and every serve case (a server that failed to refuse would keep serving)."""
     before = snapshot(workspace)
+    monkeypatch.chdir(workspace)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cases = bad_inputs(workspace, busy.getsockname()[1])
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda case: run_cli(case[0], workspace, *case[2:]), cases))
+        firsts = {case[0][0]: i for i, case in reversed(list(enumerate(cases)))}
+        installed = {i for i, case in enumerate(cases) if case[0][0] == "serve" or firsts[case[0][0]] == i}
+        assert all(i in installed for i, case in enumerate(cases) if case[2:])  # environments: their own process
+        with ThreadPoolExecutor(2) as pool:
+            runs = {i: pool.submit(run_cli, cases[i][0], workspace, *cases[i][2:]) for i in sorted(installed)}
+            results = {i: in_this_process(case[0], capfd) for i, case in enumerate(cases) if i not in installed}
+            results |= {i: (run.result().returncode, run.result().stderr) for i, run in runs.items()}
+    assert len(installed) >= 12 and len(results) == len(cases)
     failures = []
-    for (argv, message, *_), result in zip(cases, results, strict=True):
-        err = result.stderr.strip()
+    for i, (argv, message, *_) in enumerate(cases):
+        status, err = results[i]
+        err = err.strip()
         lines = [line for line in err.splitlines() if not line.startswith(PROGRESS)]
-        if result.returncode != 2 or len(lines) != 1 or "Traceback" in err or message not in lines[0]:
-            failures.append(f"{' '.join(argv)} -> {result.returncode}: {err[-600:]}")
+        if status != 2 or len(lines) != 1 or "Traceback" in err or message not in lines[0]:
+            failures.append(f"{' '.join(argv)} -> {status}: {err[-600:]}")
         elif not lines[0].startswith("neo-jax "):
             failures.append(f"{' '.join(argv)}: not a neo-jax error line: {lines[0]}")
     assert not failures, "\n\n".join(failures)
