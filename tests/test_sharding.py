@@ -21,8 +21,9 @@ def test_simulated_eight_device_mesh_checks():
     """tests/multidevice/sharded_checks.py on JAX_NUM_CPU_DEVICES=8, in a separate pytest process (a
     process's device count is fixed when JAX starts, and the rest of the suite keeps one device)."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+    checks = "tests/multidevice/sharded_checks.py"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice/sharded_checks.py"],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", checks],  # one process: 8 devices
         cwd=ROOT,
         env=env,
         capture_output=True,

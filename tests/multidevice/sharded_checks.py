@@ -295,8 +295,16 @@ def test_train_step_activations_are_split_by_batch(shape):
     assert one > 16 * 2**20  # activations, not parameters, are what is measured (the parameters are < 2 MiB)
 
 
+@pytest.fixture(scope="module")
+def one_device_step(single):
+    """The serving engine's step compiled for one device: its memory analysis."""
+    from neo_jax.serve.engine import Engine
+
+    return Engine(single, max_batch=4, max_len=64)._program("step").memory_analysis()
+
+
 @pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
-def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, shape):
+def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, one_device_step, shape):
     from concurrent.futures import ThreadPoolExecutor
 
     from neo_jax.serve.engine import Engine
@@ -317,8 +325,7 @@ def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, shape):
         expected = (4 // (data * fsdp), SMALL["num_heads"] // tensor, *keys.shape[2:])
         assert keys.sharding.shard_shape(keys.shape) == expected
         # ... and the compiled step's inputs (weights, cache) per device are well under one device's whole.
-        ours = engine._program("step").memory_analysis()
-        alone = Engine(single, max_batch=4, max_len=64)._program("step").memory_analysis()
+        ours, alone = engine._program("step").memory_analysis(), one_device_step
         assert ours.argument_size_in_bytes < 0.5 * alone.argument_size_in_bytes
         if fsdp == 1:  # (fsdp gathers each layer's weights for the step, as in any FSDP forward)
             assert ours.temp_size_in_bytes <= alone.temp_size_in_bytes
