@@ -20,12 +20,12 @@ reading only the rows of its own devices, a few steps ahead in a background thre
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +35,8 @@ import numpy as np
 
 HUB_PREFIX = "hf:"
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
+PIECE_CHARS = 1 << 20  # the most text the tokenizer is given at once: longer documents are cut into pieces
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 surrogate: JSON's "\\ud800" decodes to one
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -52,7 +54,7 @@ def expand_paths(patterns: Sequence[str]) -> list[Path | str]:
                 raise ValueError(f"{pattern!r} names no dataset: write hf:NAME or hf:NAME:CONFIG")
             sources.append(pattern)
             continue
-        matches = [Path(m) for m in sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))]
+        matches = _glob(pattern)
         datasets = [m for m in matches if is_saved_dataset(m)]
         files = [m for m in matches if m.is_file()]
         if not datasets and not files:
@@ -60,6 +62,45 @@ def expand_paths(patterns: Sequence[str]) -> list[Path | str]:
             raise FileNotFoundError(f"no data file matches {pattern!r}{hint}")
         sources.extend(datasets + files)
     return sources
+
+
+def _glob(pattern: str) -> list[Path]:
+    """What ``glob.glob(pattern, recursive=True)`` matches, sorted, except that ``**`` does not descend into
+    symlinked directories (a link cycle such as ``sub/self -> .`` would otherwise never end: pathlib's walk)
+    and a file reached twice through links is read once."""
+    path = Path(pattern).expanduser()
+    parts = path.parts
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if first is None:
+        return [path] if path.exists() else []
+    root, rest = Path(*parts[:first]) if first else Path(), Path(*parts[first:])
+    dotted = any(part.startswith(".") for part in rest.parts)  # as glob: '*' does not match hidden names
+    matches, seen = [], set()
+    for match in sorted(root.glob(str(rest))):
+        if not dotted and any(part.startswith(".") for part in match.relative_to(root).parts):
+            continue
+        if match.resolve() not in seen:
+            seen.add(match.resolve())
+            matches.append(match)
+    return matches
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``size`` characters, so that a tokenizer's memory does not grow with a
+    document. Each cut is made just before a space that precedes a non-space: where the pre-tokenizers of
+    byte-level BPE (GPT-2's, GPT-Neo's: ``' ?\\p{L}+'`` and the like, with ``'\\s+(?!\\S)'`` leaving a run's last
+    space to the next word) and SentencePiece start a new word, so the pieces' tokens, joined, are the whole
+    text's. A stretch of ``size / 2`` characters with no such space is cut where the size runs out."""
+    out, start = [], 0
+    while len(text) - start > size:
+        low, cut = start + size // 2, text.rfind(" ", start + size // 2, start + size)
+        while cut > low and text[cut + 1].isspace():
+            cut = text.rfind(" ", low, cut)
+        cut = cut if cut > low else start + size
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 def _dataset_texts(source: Path | str, split: str, text_field: str) -> Iterator[str]:
@@ -77,63 +118,106 @@ def _dataset_texts(source: Path | str, split: str, text_field: str) -> Iterator[
         name, _, config = source[len(HUB_PREFIX) :].partition(":")
         dataset = datasets.load_dataset(name, config or None, split=split, streaming=True)
     for number, row in enumerate(dataset):
-        if not isinstance(row.get(text_field), str):
-            columns = sorted(row)
-            raise ValueError(f"{source} row {number} has no string column {text_field!r} (it has {columns})")
+        if text_field not in row:
+            raise ValueError(
+                f"{source} row {number} has no column {text_field!r} (it has {sorted(row)}): set --text-field"
+            )
+        if not isinstance(row[text_field], str):
+            kind = type(row[text_field]).__name__
+            raise ValueError(f"{source} row {number}: column {text_field!r} holds {kind}, not a string")
         yield row[text_field]
 
 
 def read_documents(patterns: Sequence[str], text_field: str = "text", split: str = "train") -> Iterator[str]:
     """Documents, in order: each line's ``text_field`` of ``.jsonl`` files, each row's ``text_field`` of
-    Hugging Face datasets (their ``split``), each other file whole. A file that is not UTF-8 text is a
-    ValueError naming it."""
+    Hugging Face datasets (their ``split``), each other file whole. A file that is not UTF-8 text, a line that
+    is not JSON and a text with a lone surrogate are ValueErrors naming the file and line or byte."""
     for path in expand_paths(patterns):
-        try:
-            yield from _documents_of(path, text_field, split)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give text files, .jsonl or a dataset"
-            ) from None
+        yield from _documents_of(path, text_field, split)
 
 
 def _documents_of(path, text_field: str, split: str) -> Iterator[str]:
     if isinstance(path, str) or path.is_dir():
         yield from _dataset_texts(path, split, text_field)
     elif path.suffix == ".jsonl":
-        with path.open() as lines:
+        with path.open("rb") as lines:  # bytes: a decoding error is then placed by line and column
             for number, line in enumerate(lines, 1):
-                if not line.strip():
+                where = f"{path}:{number}"
+                text = _text(line, where, "column")
+                if not text.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{path}:{number} has no string field {text_field!r}")
+                record = _json(text, where)
+                if not isinstance(record, dict) or text_field not in record:
+                    raise ValueError(f"{where} has no field {text_field!r}: set --text-field")
+                if not isinstance(record[text_field], str):
+                    kind = type(record[text_field]).__name__
+                    raise ValueError(f"{where}: field {text_field!r} holds {kind}, not a string")
+                if found := _SURROGATE.search(record[text_field]):
+                    raise ValueError(
+                        f"{where}: field {text_field!r} holds a lone surrogate escape (\\u{ord(found[0]):04x}), "
+                        "which is not text: fix or drop that record"
+                    )
                 yield record[text_field]
     else:
-        yield path.read_text()
+        yield _text(path.read_bytes(), str(path), "byte")
+
+
+def _text(data: bytes, where: str, unit: str) -> str:
+    """``data`` decoded as UTF-8, or a ValueError placing the first bad byte (``unit``: byte or column, from 1
+    for a column, from 0 for a byte offset in the file)."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        at = f"column {e.start + 1}" if unit == "column" else f"byte {e.start}"
+        raise ValueError(
+            f"{where} is not UTF-8 text ({at}: {e.reason}); give UTF-8 text files, .jsonl or a dataset"
+        ) from None
+
+
+def _json(text: str, where: str):
+    """``json.loads(text)``, or a one-line ValueError naming ``where`` (bad JSON, or nesting deeper than Python's
+    recursion allows)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{where} is not valid JSON here: it nests too deep to read") from None
 
 
 def tokenized_documents(
     patterns: Sequence[str], tokenizer, text_field: str = "text", split: str = "train"
 ) -> Iterator[list[int]]:
-    """The token ids of each document of ``patterns`` (``read_documents``), encoded a thousand at a time:
-    fast tokenizers encode a list in parallel."""
+    """The token ids of each document of ``patterns`` (``read_documents``), encoded a thousand at a time (fast
+    tokenizers encode a list in parallel); a document longer than ``PIECE_CHARS`` in ``pieces``."""
     texts = read_documents(patterns, text_field, split)
     for chunk in iter(lambda: list(itertools.islice(texts, 1000)), []):
-        yield from tokenizer(chunk, verbose=False)["input_ids"]
+        if all(len(text) <= PIECE_CHARS for text in chunk):
+            yield from tokenizer(chunk, verbose=False)["input_ids"]
+            continue
+        for text in chunk:  # a long document is encoded a piece at a time
+            yield [token for piece in pieces(text) for token in tokenizer(piece, verbose=False)["input_ids"]]
 
 
 MANIFEST = "manifest.json"
+STATE = ".prepare-state.json"  # an unfinished prepare's progress (a part's: .part-I-of-N-state.json)
 FORMAT = 1  # the manifest's layout version
 SPLITS = ("train", "validation")
+MAX_PARTS = 99_999  # --shard I/N: parts are named with five digits
+_PART = re.compile(r"part-(\d{5,})-of-(\d{5,})\.json")
 
 
 def is_prepared(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by ``neo-jax data prepare`` (whole, or some of its parts)."""
+    """Whether ``path`` is a directory written by ``neo-jax data prepare`` (whole, some of its parts, or an
+    unfinished prepare, which ``read_manifest`` then names as such)."""
     path = Path(path).expanduser()
-    return path.is_dir() and ((path / MANIFEST).is_file() or any(path.glob("part-*-of-*.json")))
+    return path.is_dir() and (
+        (path / MANIFEST).is_file() or any(path.glob("part-*-of-*.json")) or bool(_unfinished(path))
+    )
+
+
+def _unfinished(directory: Path) -> list[Path]:
+    return [*directory.glob(STATE), *directory.glob(".part-*-of-*-state.json")]
 
 
 def part_manifests(directory: Path) -> list[Path]:
@@ -161,48 +245,85 @@ def read_manifest(directory: Path) -> dict:
     """``directory``'s manifest, checked for form: ``manifest.json``, or the union of all N part manifests of a
     ``--shard I/N`` preparation (copied together from several machines, say). Missing parts are named."""
     path = directory / MANIFEST
-    if not path.is_file():
-        parts = part_manifests(directory)
-        if not parts:
-            raise FileNotFoundError(
-                f"{directory} is not a prepared data directory (no {MANIFEST}): see neo-jax data prepare"
-            )
-        total = int(parts[0].stem.split("-of-")[1])
-        have = {int(p.stem.split("-")[1]) for p in parts}
-        missing = sorted(set(range(total)) - have)
-        if missing:
+    if path.is_file():
+        return _checked(path, _load(path))
+    parts = part_manifests(directory)
+    if not parts:
+        if _unfinished(directory):
             raise ValueError(
-                f"{directory} holds parts {sorted(have)} of {total} and no {MANIFEST}: prepare the missing "
-                f"part(s) {missing} into it (neo-jax data prepare --shard I/{total})"
+                f"{directory} holds an incomplete prepare (no {MANIFEST} yet): run the same prepare command again "
+                "to finish it"
             )
-        return _checked(directory / parts[0].name, union(directory, [_load(p) for p in parts]))
-    return _checked(path, _load(path))
+        raise FileNotFoundError(
+            f"{directory} is not a prepared data directory (no {MANIFEST}): see neo-jax data prepare"
+        )
+    numbers = []
+    for part in parts:
+        match = _PART.fullmatch(part.name)
+        if match is None or not int(match[1]) < int(match[2]) <= MAX_PARTS:
+            raise ValueError(f"{part} is not a part manifest of at most {MAX_PARTS:,} parts: remove it")
+        numbers.append((int(match[1]), int(match[2])))
+    totals = {total for _, total in numbers}
+    if len(totals) > 1:
+        raise ValueError(f"{directory} holds parts of preparations into {sorted(totals)} parts: keep one of them")
+    total, have = totals.pop(), {index for index, _ in numbers}
+    if len(have) < total:
+        missing = [i for i in range(total) if i not in have]
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"{directory} holds {len(have)} of {total} parts and no {MANIFEST}: prepare the missing part(s) "
+            f"[{shown}] into it (neo-jax data prepare --shard I/{total})"
+        )
+    return _checked(directory / parts[0].name, union(directory, [_checked(p, _load(p)) for p in parts]))
 
 
 def _load(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): prepare the data again") from None
+    manifest = _json(_text(path.read_bytes(), str(path), "byte"), str(path))
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} is not a neo_jax data manifest: prepare the data again")
     return manifest
 
 
 def _checked(path: Path, manifest: dict) -> dict:
-    missing = [key for key in ("dtype", "eos_token_id", "shards") if key not in manifest]
-    if missing or not isinstance(manifest["shards"], list):
-        raise ValueError(f"{path} is not a neo_jax data manifest (missing {missing or ['shards']}): prepare it again")
-    if manifest["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"{path}: dtype must be uint16 or uint32, got {manifest['dtype']!r}")
+    """``manifest`` if every field has its type and the shards are listed once each, inside the directory."""
+    count = lambda v, least=0: isinstance(v, int) and not isinstance(v, bool) and v >= least
+    fields = {
+        "dtype": (lambda v: v in ("uint16", "uint32"), "uint16 or uint32"),
+        "eos_token_id": (count, "a token id"),
+        "vocab_size": (lambda v: count(v, 1), "a positive integer"),
+        "tokenizer": (
+            lambda v: isinstance(v, dict) and isinstance(v.get("vocab_sha256", ""), str),
+            "an object (its files, source and vocab_sha256)",
+        ),
+        "shards": (lambda v: isinstance(v, list), "a list"),
+    }
+    for key, (valid, what) in fields.items():
+        if key not in manifest:
+            raise ValueError(f"{path} is not a neo_jax data manifest (it has no {key!r}): prepare the data again")
+        if not valid(manifest[key]):
+            raise ValueError(f"{path}: {key} must be {what}, got {_short(manifest[key])}: prepare the data again")
+    if manifest["eos_token_id"] >= manifest["vocab_size"]:
+        raise ValueError(
+            f"{path}: eos_token_id {manifest['eos_token_id']} is outside vocab_size {manifest['vocab_size']}"
+        )
+    seen = set()
     for shard in manifest["shards"]:
         if not (isinstance(shard, dict) and isinstance(shard.get("path"), str) and shard.get("split") in SPLITS):
-            raise ValueError(f"{path}: a shard must be {{path, tokens, documents, split}}, got {shard!r}")
-        if not isinstance(shard.get("tokens"), int) or shard["tokens"] < 0:
-            raise ValueError(f"{path}: shard {shard['path']} has no token count")
-        if Path(shard["path"]).is_absolute() or ".." in Path(shard["path"]).parts:
+            raise ValueError(f"{path}: a shard must be {{path, tokens, documents, split}}, got {_short(shard)}")
+        if not (count(shard.get("tokens")) and count(shard.get("documents", 0))):
+            raise ValueError(f"{path}: shard {shard['path']} needs whole-number tokens and documents")
+        relative = Path(shard["path"])
+        if relative.is_absolute() or ".." in relative.parts:
             raise ValueError(f"{path}: shard path {shard['path']!r} must be relative to the directory")
+        if relative in seen:
+            raise ValueError(f"{path} lists shard {shard['path']} twice: prepare the data again")
+        seen.add(relative)
     return manifest
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Stream:
@@ -245,10 +366,15 @@ class TokenData:
             raise FileNotFoundError(f"no prepared data directory {self.directory}")
         self.manifest = read_manifest(self.directory)
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
-        listed = set()
+        listed, inside = set(), self.directory.resolve()
         for shard in self.manifest["shards"]:
             path = self.directory / shard["path"]
             listed.add(path.resolve())
+            if inside not in path.resolve().parents:
+                raise ValueError(
+                    f"shard {path} leads out of {self.directory} (a link to {path.resolve()}): a prepared directory "
+                    "holds its own shards; copy the file in"
+                )
             if not path.is_file():
                 raise ValueError(
                     f"{self.directory} is missing shard {shard['path']} that its manifest lists: copy it again, "
@@ -260,6 +386,7 @@ class TokenData:
                     f"shard {path} holds {path.stat().st_size} bytes, but the manifest says {shard['tokens']} tokens "
                     f"({expected} bytes): it is truncated or changed; copy it again, or prepare the data again"
                 )
+            self._check_sample(path, shard["tokens"])
         extra = sorted(p for p in self.directory.rglob("*.bin") if p.resolve() not in listed)
         if extra:
             raise ValueError(
@@ -273,6 +400,21 @@ class TokenData:
         self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.eos_token_id = self.manifest["eos_token_id"]
         self.vocab_size = self.manifest.get("vocab_size")
+
+    SAMPLE = 1 << 16  # tokens read from each end of a shard when it is opened
+
+    def _check_sample(self, path: Path, tokens: int) -> None:
+        """The first and last ``SAMPLE`` tokens of a shard are ids of the manifest's vocabulary: a shard of other
+        data (or damaged) is named here, not later as a NaN loss."""
+        if not tokens:
+            return
+        ids = np.memmap(path, dtype=self.dtype, mode="r")
+        largest = max(int(ids[: self.SAMPLE].max()), int(ids[-self.SAMPLE :].max()))
+        if largest >= self.manifest["vocab_size"]:
+            raise ValueError(
+                f"shard {path} holds token id {largest}, at or above the vocabulary's {self.manifest['vocab_size']} "
+                "(vocab_size in its manifest): it is not this data or it is damaged; prepare the data again"
+            )
 
     def check_model(self, config, tokenizer=None) -> None:
         """The data's tokens must be the model's: every id inside its vocabulary, and (when the model comes

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -121,8 +122,12 @@ def windows_of(seq_len: int | None, stride: int | None, limit: int) -> tuple[int
 
 
 def corpus_tokens(patterns: Sequence[str], tokenizer, *, text_field: str = "text", split: str = "train") -> list[int]:
-    """The documents of ``patterns`` (as ``neo_jax.data`` reads them) tokenized and joined with EOS."""
-    from neo_jax.data import tokenized_documents
+    """The documents of ``patterns`` (as ``neo_jax.data`` reads them) tokenized and joined with EOS; or, for one
+    directory written by ``neo-jax data prepare``, its ``split`` (train or validation) as prepared."""
+    from neo_jax.data import is_prepared, tokenized_documents
+
+    if len(patterns) == 1 and is_prepared(patterns[0]):
+        return _prepared_tokens(Path(patterns[0]).expanduser(), tokenizer, split)
 
     tokens: list[int] = []
     for number, ids in enumerate(tokenized_documents(patterns, tokenizer, text_field, split)):
@@ -130,3 +135,20 @@ def corpus_tokens(patterns: Sequence[str], tokenizer, *, text_field: str = "text
             tokens.append(tokenizer.eos_token_id)
         tokens.extend(ids)
     return tokens
+
+
+def _prepared_tokens(directory: Path, tokenizer, split: str) -> list[int]:
+    """A prepared split's tokens: its documents, each followed by EOS, the last EOS dropped (as if joined)."""
+    from neo_jax.data import SPLITS, TokenData, vocab_hash
+
+    data = TokenData(directory)  # an incomplete or damaged directory is named here
+    if split not in SPLITS:
+        raise ValueError(f"{directory} is prepared data: --split is train or validation, not {split!r}")
+    recorded = data.manifest["tokenizer"].get("vocab_sha256")
+    if recorded is not None and (recorded != vocab_hash(tokenizer) or data.eos_token_id != tokenizer.eos_token_id):
+        raise ValueError(
+            f"{directory} was prepared with another tokenizer than the model's: prepare it with the model's"
+        )
+    stream = data.train if split == "train" else data.validation
+    tokens = stream.read(0, stream.tokens).tolist()
+    return tokens[:-1] if tokens and tokens[-1] == data.eos_token_id else tokens

@@ -234,7 +234,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"grad_accum": 3}, "does not split into grad_accum=3"),
         ({"mesh": "2,1,1"}, "needs 2 devices, but 1 are available"),
         ({"steps": 0}, "steps must be >= 1"),
-        ({"text_field": "body", "data": ["{tmp}/docs.jsonl"]}, "has no string field 'body'"),
+        ({"text_field": "body", "data": ["{tmp}/docs.jsonl"]}, "has no field 'body'"),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys, change, message):

@@ -23,7 +23,12 @@ def add_parser(commands) -> None:
         "--seq-len tokens of context. Prints JSON {perplexity, nll, tokens}.",
     )
     e.add_argument("--model", required=True, help=MODEL_HELP)
-    e.add_argument("--data", nargs="+", required=True, help="text files, globs, .jsonl, saved datasets, hf:NAME")
+    e.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="text files, globs, .jsonl, saved datasets, hf:NAME, or a directory from neo-jax data prepare",
+    )
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's maximum)")
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default 512)")
     e.add_argument("--batch-size", type=int, default=8)
@@ -55,9 +60,12 @@ def add_parser(commands) -> None:
 
 
 def perplexity(args: argparse.Namespace) -> None:
-    from neo_jax.data import expand_paths
+    from neo_jax.data import TokenData, expand_paths, is_prepared
 
-    expand_paths(args.data)  # missing files fail before the model loads
+    if len(args.data) == 1 and is_prepared(args.data[0]):  # a prepared directory: read as prepared
+        TokenData(args.data[0])  # an incomplete or damaged one fails before the model loads
+    else:
+        expand_paths(args.data)  # missing files fail before the model loads
 
     from neo_jax import evaluate, validate
     from neo_jax.convert import from_pretrained
