@@ -13,7 +13,12 @@ documents at a time, in order. The validation split is made of whole documents: 
 of them, or ``validation_fraction`` of them spread evenly (document ``m`` when ``floor((m + 1) F)`` passes an
 integer). Shards are written under hidden temporary names and renamed when complete; the progress file
 ``.prepare-state.json`` then records how many documents they hold, so a killed prepare continues from its
-last complete shard, and Ctrl-C or SIGTERM leaves no partial shard visible.
+last complete shard, and Ctrl-C or SIGTERM leaves no partial shard visible. A document is encoded a megabyte
+of text at a time (``data.pieces``: the tokens are the whole document's), so memory does not grow with it.
+One prepare at a time writes into a directory (or into a part of it): a lock file (``.prepare.lock``, or
+``.part-I-of-N.lock``) held with ``flock`` while it runs. ``overwrite`` removes only what prepares recorded
+writing there (manifests, progress files, shards, tokenizer files) and refuses a directory that holds
+anything else, naming it.
 
 ``--shard I/N`` prepares every N-th document starting at the I-th (each of N machines reads the sources and
 encodes its own part) into ``part-I-of-N-*`` shards and a ``part-I-of-N.json`` manifest; the union
@@ -23,12 +28,16 @@ or any later prepare of one of them).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -37,9 +46,19 @@ from pathlib import Path
 import numpy as np
 
 from neo_jax import validate
-from neo_jax.data import FORMAT, MANIFEST, expand_paths, read_documents, union, vocab_hash
+from neo_jax.data import (
+    FORMAT,
+    MANIFEST,
+    MAX_PARTS,
+    STATE,
+    expand_paths,
+    part_manifests,
+    pieces,
+    read_documents,
+    union,
+    vocab_hash,
+)
 
-STATE = ".prepare-state.json"
 SHARD_TOKENS = 2**27  # tokens per training shard (256 MiB of uint16); a validation shard closes with it
 CHUNK_CHARS = 1 << 20  # characters of text sent to an encoding process at a time
 
@@ -52,6 +71,8 @@ def parse_part(text: str | None) -> tuple[int, int]:
         index, count = (int(x) for x in str(text).split("/"))
     except ValueError:
         raise ValueError(f"--shard is I/N (this machine's part I of N, counted from 0), got {text!r}") from None
+    if not 1 <= count <= MAX_PARTS:
+        raise ValueError(f"--shard {text}: N must be in 1..{MAX_PARTS} (parts are named with five digits)")
     if not 0 <= index < count:
         raise ValueError(f"--shard {text}: the part I must be in 0..N-1 (here 0..{count - 1})")
     return index, count
@@ -108,18 +129,19 @@ def _start_worker(directory: str, eos: int) -> None:
         _ENCODER = (lambda texts: tokenizer(texts, verbose=False)["input_ids"], eos)
 
 
-def _encode(chunk: tuple[list[str], list[bool], str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-    """A chunk of documents -> (their tokens, each document followed by EOS, in one array; each document's
-    length with its EOS; the chunk's validation flags, passed through)."""
-    texts, flags, dtype = chunk
+def _encode(chunk: tuple[list[str], list[bool], list[bool], str]) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """A chunk of pieces of documents -> (their tokens, EOS after each piece that ends its document, in one
+    array; each piece's length with its EOS; the chunk's validation and end-of-document flags, passed through)."""
+    texts, flags, ends, dtype = chunk
     if _ENCODER is None:
         raise RuntimeError("_encode runs in an encoding process started with _start_worker")
     encode, eos = _ENCODER
     ids = encode(texts) if texts else []
-    for doc in ids:
-        doc.append(eos)
+    for piece, last in zip(ids, ends, strict=True):
+        if last:
+            piece.append(eos)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    return np.array(list(itertools.chain.from_iterable(ids)), dtype), lengths, flags
+    return np.array(list(itertools.chain.from_iterable(ids)), dtype), lengths, flags, ends
 
 
 class _Writer:
@@ -137,7 +159,8 @@ class _Writer:
     def write(self, tokens: np.ndarray, documents: int) -> None:
         if self.file is None:
             self.file = (self.directory / f".{self.name}.tmp").open("wb")
-        tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tofile(self.file)
+        # file.write, not ndarray.tofile: a full disk is then an OSError with its errno (ENOSPC)
+        self.file.write(np.ascontiguousarray(tokens, tokens.dtype.newbyteorder("<")).data)
         self.tokens += len(tokens)
         self.documents += documents
 
@@ -160,17 +183,22 @@ class _Writer:
             self.file = None
 
 
-def _chunks(documents: Iterator[tuple[str, bool]], dtype: str) -> Iterator[tuple[list[str], list[bool], str]]:
-    texts, flags, chars = [], [], 0
+def _chunks(documents: Iterator[tuple[str, bool]], dtype: str) -> Iterator[tuple[list[str], list, list, str]]:
+    """(pieces of text, each one's validation flag, whether it ends its document, dtype): about ``CHUNK_CHARS``
+    of text at a time, a long document in several pieces."""
+    texts, flags, ends, chars = [], [], [], 0
     for text, held_out in documents:
-        texts.append(text)
-        flags.append(held_out)
-        chars += len(text)
-        if chars >= CHUNK_CHARS or len(texts) >= 4096:
-            yield texts, flags, dtype
-            texts, flags, chars = [], [], 0
+        parts = pieces(text, CHUNK_CHARS)
+        for number, piece in enumerate(parts, 1):
+            texts.append(piece)
+            flags.append(held_out)
+            ends.append(number == len(parts))
+            chars += len(piece)
+            if chars >= CHUNK_CHARS or len(texts) >= 4096:
+                yield texts, flags, ends, dtype
+                texts, flags, ends, chars = [], [], [], 0
     if texts:
-        yield texts, flags, dtype
+        yield texts, flags, ends, dtype
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -225,34 +253,97 @@ def prepare(
         "vocab_sha256": vocab_hash(tok),
     }
     out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out} is a file, not a directory")
     prefix = _part_name(index, count)
-    state_path = out / (f".{prefix}-state.json" if prefix else STATE)
-    part_manifest = out / (f"{prefix}.json" if prefix else MANIFEST)
-    state = _check_output(out, overwrite, state_path, part_manifest, settings, described)
-
+    lock = out / f".{prefix or 'prepare'}.lock"
+    if out.is_dir():  # the refusals, before anything is written (the directory's own time included)
+        _check_free(lock)
+        _check_output(out, overwrite, prefix, settings, described)
     created = not out.exists()
-    if overwrite and out.exists():
-        if count == 1:
-            shutil.rmtree(out)
-        else:  # this part's files only (and the union, which no longer holds): the other parts stay
-            for path in [*out.glob(f"{prefix}*"), *out.glob(f".{prefix}*"), out / MANIFEST]:
-                path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _locked(lock):
+            state = _start(out, overwrite, prefix, settings, described, tok)
+            _run(
+                out,
+                prefix,
+                index,
+                count,
+                state,
+                _state_file(out, prefix),
+                dtype,
+                tok.eos_token_id,
+                num_proc,
+                sources,
+                progress,
+            )
+            _check_result(state, settings, shard, described, sources)
+            _finish(out, prefix, index, count, state, settings, described, tok, tokenizer, dtype)
+    except ValueError:  # a refusal: what this call created goes (nothing of it can be resumed)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException as e:
+        if created and not (state and state["shards"]):  # nothing complete yet: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(
+                f"no space left on device writing {out}: free some space and run the same command again (it "
+                "continues after its last complete shard)"
+            ) from None
+        raise
+    return out
+
+
+def _state_file(out: Path, prefix: str) -> Path:
+    return out / (f".{prefix}-state.json" if prefix else STATE)
+
+
+def _start(out: Path, overwrite: bool, prefix: str, settings: dict, described, tok) -> dict:
+    """The progress to continue from (a fresh one, after clearing what ``overwrite`` may clear, with the
+    tokenizer saved), holding the directory's lock."""
+    state = _check_output(out, overwrite, prefix, settings, described)
+    if overwrite:
+        _remove_own(out, prefix, settings["parts"])
     for leftover in out.glob(f".{prefix}*.tmp"):  # a killed run's shards in progress
         leftover.unlink()
     if state is None:
-        tok.save_pretrained(out)
-        state = {"settings": settings, "sources": described, "documents_done": 0, "shards": []}
-        _write_json(state_path, state)
-    try:
-        _run(out, prefix, index, count, state, state_path, dtype, tok.eos_token_id, num_proc, sources, progress)
-        if not state["shards"]:
-            part = f" (part {shard}: fewer documents than parts?)" if count > 1 else ""
-            raise ValueError(f"the sources hold no documents to prepare{part}: check the files and --text-field")
-    except BaseException:
-        if created and not state["shards"]:  # nothing complete yet: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        saved = tok.save_pretrained(out)
+        state = {
+            "settings": settings,
+            "sources": described,
+            "documents_done": 0,
+            "shards": [],
+            "tokenizer_files": sorted({Path(f).name for f in saved}),
+        }
+        _write_json(_state_file(out, prefix), state)
+    return state
+
+
+def _check_result(state: dict, settings: dict, shard: str | None, described, sources) -> None:
+    """Refuses a preparation that holds nothing to train on, or read sources that changed meanwhile."""
+    if not state["shards"]:
+        part = f" (part {shard}: fewer documents than parts?)" if settings["parts"] > 1 else ""
+        raise ValueError(f"the sources hold no documents to prepare{part}: check the files and --text-field")
+    if not any(x["split"] == "train" and x["tokens"] for x in state["shards"]):
+        held = sum(x["documents"] for x in state["shards"])
+        flag = "--validation-docs" if settings["validation_docs"] else "--validation-fraction"
+        raise ValueError(
+            f"{flag} holds out every document ({held:,} of {held:,}{' in this part' if settings['parts'] > 1 else ''}), "
+            "leaving none to train on: lower it"
+        )
+    for before, now in zip(described, describe_sources(sources), strict=True):
+        if before != now:
+            raise ValueError(
+                f"{before['name']} changed while it was prepared (its size or modification time): prepare again "
+                "once it no longer changes"
+            )
+
+
+def _finish(out, prefix, index, count, state, settings, described, tok, tokenizer, dtype) -> None:
+    """The part's (or the whole preparation's) manifest, and the union once every part is in."""
     tokenizer_files = {p.name: _file_hash(p) for p in sorted(out.iterdir()) if p.is_file() and _is_tokenizer_file(p)}
     manifest = {
         "format": FORMAT,
@@ -277,11 +368,53 @@ def prepare(
             s: sum(x["documents"] for x in state["shards"] if x["split"] == s) for s in ("train", "validation")
         },
     }
-    _write_json(part_manifest, manifest)
-    state_path.unlink()
+    _write_json(out / (f"{prefix}.json" if prefix else MANIFEST), manifest)
+    _state_file(out, prefix).unlink()
     if count > 1:
         _write_union(out, count)
-    return out
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Holds ``path`` locked (``flock``: released by the kernel when the process dies, so a killed prepare
+    leaves no stale lock) and removes it after; another process holding it is a ValueError."""
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            _lock(fd, path)
+        except ValueError:
+            os.close(fd)
+            raise
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # its holder removed the file as we opened it: lock the new one
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _check_free(path: Path) -> None:
+    """No other process holds the lock ``path`` (if it exists; nothing is created)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        _lock(fd, path)
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(
+            f"another prepare holds {path.parent} ({path.name}): wait for it to finish, or prepare into another "
+            "directory"
+        ) from None
 
 
 def _is_tokenizer_file(path: Path) -> bool:
@@ -290,17 +423,90 @@ def _is_tokenizer_file(path: Path) -> bool:
     return path.name in COMPANION_FILES
 
 
-def _check_output(
-    out: Path, overwrite: bool, state_path: Path, manifest: Path, settings: dict, described
-) -> dict | None:
-    """The saved state to continue from, or None for a fresh start; refuses a directory it may not write."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output {out} is a file, not a directory")
-    if not out.exists() or overwrite:
+def _records(out: Path) -> dict[str, dict]:
+    """The manifests and progress files in ``out`` that can be read: name -> content."""
+    records = {}
+    for path in [out / MANIFEST, *part_manifests(out), out / STATE, *out.glob(".part-*-of-*-state.json")]:
+        try:
+            value = json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, dict):
+            records[path.name] = value
+    return records
+
+
+def _written(record_name: str, record: dict) -> set[str]:
+    """The names a prepare recorded writing: the record itself, its shards, its tokenizer files."""
+    shards, tokenizer, saved = record.get("shards"), record.get("tokenizer"), record.get("tokenizer_files")
+    names = {record_name}
+    if isinstance(shards, list):
+        names |= {s["path"] for s in shards if isinstance(s, dict) and isinstance(s.get("path"), str)}
+    if isinstance(tokenizer, dict) and isinstance(tokenizer.get("files"), dict):
+        names |= set(tokenizer["files"])
+    if isinstance(saved, list):
+        names |= set(saved)
+    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
+
+
+_PART = r"part-\d{5,}-of-\d{5,}"
+# the hidden files of a prepare in progress: locks, progress files, and files being written
+_IN_PROGRESS = re.compile(
+    rf"\.(prepare\.lock|prepare-state\.json|{_PART}(\.lock|-state\.json)"
+    rf"|(({_PART}-)?(train|validation)-\d{{5,}}\.bin|manifest\.json|prepare-state\.json|{_PART}(\.json|-state\.json))\.tmp)"
+)
+
+
+def _ours(name: str, owned: set[str]) -> bool:
+    """Whether a name in an output directory is a prepare's: recorded, or a file of a prepare in progress."""
+    return name in owned or _IN_PROGRESS.fullmatch(name) is not None
+
+
+def _remove_own(out: Path, prefix: str, count: int) -> None:
+    """``--overwrite``: a whole preparation's recorded files, or one part's (and the union, which no longer holds).
+    ``_check_output`` made sure the directory holds nothing else."""
+    records = _records(out)
+    hidden = {p.name for p in out.glob(".*") if _IN_PROGRESS.fullmatch(p.name) and not p.name.endswith(".lock")}
+    if count == 1:
+        names = set().union(*(_written(n, r) for n, r in records.items()), hidden)
+    else:
+        mine = {n: r for n, r in records.items() if n.startswith((prefix, f".{prefix}"))}
+        names = set().union(*(_written(n, r) for n, r in mine.items()), {MANIFEST})
+        names = {n for n in names if not _is_tokenizer_file(Path(n))}  # the other parts share them
+        names |= {n for n in hidden if n.startswith(f".{prefix}")}
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+
+
+def _check_output(out: Path, overwrite: bool, prefix: str, settings: dict, described) -> dict | None:
+    """The saved state to continue from, or None for a fresh start; refuses a directory it may not write:
+    another preparation's, one with files no prepare wrote (with ``overwrite`` too: it would remove them), or
+    other parts prepared differently."""
+    records = _records(out)
+    owned = set().union(*(_written(n, r) for n, r in records.items()))
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, owned))
+    if foreign:
+        if overwrite:
+            raise FileExistsError(
+                f"--overwrite removes only what a prepare wrote, and {out} also holds {foreign[0]!r}: move it out, "
+                "or prepare into another directory"
+            )
+        raise FileExistsError(f"--output {out} is not empty: choose an empty or new directory, or pass --overwrite")
+    for name, record in records.items():  # the other parts of a --shard preparation must match this one
+        if settings["parts"] > 1 and not name.startswith((prefix, f".{prefix}")) and name != MANIFEST:
+            theirs = record.get("settings")
+            if theirs != settings:
+                key = next((k for k in settings if not isinstance(theirs, dict) or theirs.get(k) != settings[k]), "")
+                raise ValueError(
+                    f"{out} holds {name}, a part prepared with another {key}: prepare every part with the same "
+                    "sources and settings, or into another directory"
+                )
+    if overwrite:
         return None
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["settings"] != settings or state["sources"] != described:
+    state_file, manifest = _state_file(out, prefix), out / (f"{prefix}.json" if prefix else MANIFEST)
+    if state_file.name in records:
+        state = records[state_file.name]
+        if state.get("settings") != settings or state.get("sources") != described:
             raise ValueError(
                 f"{out} holds an interrupted prepare of other sources or settings: run it with the same ones to "
                 "continue, or pass --overwrite to start again"
@@ -308,12 +514,10 @@ def _check_output(
         return state
     if manifest.is_file():
         raise FileExistsError(f"{out} is already prepared ({manifest.name}): pass --overwrite to prepare it again")
-    if settings["parts"] > 1:  # other parts of the same preparation may share the directory
-        others = [p for p in out.iterdir() if not (p.name.startswith(("part-", ".part-")) or _is_tokenizer_file(p))]
-        if not others:
-            return None
-    if any(out.iterdir()):
-        raise FileExistsError(f"--output {out} is not empty: choose an empty or new directory, or pass --overwrite")
+    if settings["parts"] == 1 and records:
+        raise FileExistsError(
+            f"--output {out} holds the parts of a --shard preparation: pass --overwrite to replace it"
+        )
     return None
 
 
@@ -371,17 +575,18 @@ def _run(out, prefix, index, count, state, state_path, dtype, eos, num_proc, sou
             signal.signal(signal.SIGINT, previous_sigint)
             encoded = map(_encode, chunks)
         pending = 0
-        for tokens, lengths, flags in encoded:
-            flags = np.asarray(flags, bool)
+        for tokens, lengths, flags, ends in encoded:
+            flags, ends = np.asarray(flags, bool), np.asarray(ends, bool)
             if flags.any():
-                ends = np.cumsum(lengths)
-                for held_out, begin, end in zip(flags, ends - lengths, ends, strict=True):
-                    writers["validation" if held_out else "train"].write(tokens[begin:end], 1)
+                stops = np.cumsum(lengths)
+                for held_out, last, begin, stop in zip(flags, ends, stops - lengths, stops, strict=True):
+                    writers["validation" if held_out else "train"].write(tokens[begin:stop], int(last))
             else:
-                writers["train"].write(tokens, len(lengths))
-            pending += len(lengths)
+                writers["train"].write(tokens, int(ends.sum()))
+            pending += int(ends.sum())
             bar.update(len(tokens))
-            if writers["train"].tokens >= settings["shard_tokens"]:
+            # a checkpoint between documents only: a resume starts at a document
+            if writers["train"].tokens >= settings["shard_tokens"] and ends[-1]:
                 _checkpoint(writers, state, state_path, pending)
                 pending = 0
         _checkpoint(writers, state, state_path, pending)
