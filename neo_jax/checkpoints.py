@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -137,10 +138,21 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+# What a saved model directory holds (save_pretrained, peft.save, transformers' tokenizer files): all that
+# ``overwrite`` may replace.
+_MODEL_FILE = re.compile(
+    r"config\.json|generation_config\.json|(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json|adapter_config\.json|adapter_model\.(safetensors|bin)"
+    rf"|{ORBAX_DIR}|tokenizer\.json|tokenizer_config\.json|vocab\.json|merges\.txt|special_tokens_map\.json"
+    r"|added_tokens\.json|tokenizer\.model|chat_template\.jinja"
+)
+
+
 def check_destination(out_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
-    """``out_dir`` (absolute) if a model may be written there: new, empty, or replaced with ``overwrite``,
-    and never a directory that holds ``source`` (replacing it would delete the source). Writing over the
-    source itself (converting in place) is allowed."""
+    """``out_dir`` (absolute) if a model may be written there: new, empty, or with ``overwrite`` a model
+    directory (nothing in it but a saved model's files: anything else is named and refused, as replacing the
+    directory would delete it), and never a directory that holds ``source`` (replacing it would delete the
+    source). Writing over the source itself (converting in place) is allowed."""
     out_dir = Path(out_dir).expanduser().absolute()
     if source is not None:
         src, dst = Path(source).expanduser().resolve(), out_dir.resolve()
@@ -148,9 +160,20 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool, source: str |
             raise ValueError(
                 f"{out_dir} holds the source {source}: replacing it would delete the source; write elsewhere"
             )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if not out_dir.exists():
+        return out_dir
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file: write the model to a directory")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries and not overwrite:
         raise FileExistsError(
             f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+    foreign = [name for name in entries if not _MODEL_FILE.fullmatch(name)]
+    if foreign:
+        raise FileExistsError(
+            f"{out_dir} holds {foreign[0]!r}, which is not a saved model's file: overwrite replaces a model "
+            "directory only; move it out, or write elsewhere"
         )
     return out_dir
 
@@ -204,7 +227,8 @@ class Checkpoints:
     kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so one cut
     off mid-write (a killed process) is never listed: ``latest_step`` and ``restore`` see the previous one.
     Leftover temporary directories are removed when the manager opens. Every process of a multi-host run
-    creates its own ``Checkpoints`` on the same directory; Orbax coordinates the writes.
+    creates its own ``Checkpoints`` on the same directory; Orbax coordinates the writes. A full disk is one
+    OSError naming the directory (Orbax's background threads would log a traceback each: those records go).
     """
 
     def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, read_only: bool = False):
@@ -212,6 +236,9 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = Path(directory).expanduser().absolute()
+        for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+            if not any(isinstance(f, _NoSpace) for f in logger.filters):
+                logger.addFilter(_NoSpace())
         quiet = logging.getLogger("absl")  # read_only: Orbax warns that it overrides the save options it ignores
         level = quiet.level
         quiet.setLevel(logging.ERROR if read_only else level)
@@ -239,12 +266,17 @@ class Checkpoints:
         """Start saving (asynchronously) if ``step`` is a save step or ``force``; True if a save started.
         ``metadata`` (JSON) travels with it: the fine-tuning loop keeps the data position there. What trains
         is saved (what ``optimizer`` updates, its ``wrt``): with LoRA adapters, the adapters alone."""
+        if not (force or self.manager.should_save(step)):
+            return False
+        params, state = nnx.to_pure_dict(nnx.state(model, optimizer.wrt)), nnx.to_pure_dict(nnx.state(optimizer))
+        self._check_space(sum(x.nbytes for x in jax.tree.leaves((params, state))) // jax.process_count())
         args = self._ocp.args.Composite(
-            params=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, optimizer.wrt))),
-            optimizer=self._ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(optimizer))),
+            params=self._ocp.args.PyTreeSave(params),
+            optimizer=self._ocp.args.PyTreeSave(state),
             metadata=self._ocp.args.JsonSave(metadata or {}),
         )
-        return self.manager.save(step, args=args, force=force)
+        with self._disk_full_said():
+            return self.manager.save(step, args=args, force=force)
 
     def metadata(self, step: int) -> dict:
         """The ``metadata`` saved with checkpoint ``step``."""
@@ -277,8 +309,48 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Block until every save in flight is complete."""
-        self.manager.wait_until_finished()
+        with self._disk_full_said():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+    def _check_space(self, needed: int) -> None:
+        """A save of ``needed`` bytes is refused before Orbax starts it when the disk has less free: it would
+        fail in Orbax's writer threads, with the disk full for whatever else runs there."""
+        free = shutil.disk_usage(self.directory).free
+        if needed > free:
+            self.wait()
+            raise OSError(
+                f"no space left on device writing a checkpoint in {self.directory}: it takes {needed / 2**20:,.1f} MiB "
+                f"and {free / 2**20:,.1f} MiB are free; free some space and run the same command again (it resumes "
+                "from the last complete checkpoint)"
+            )
+
+    @contextmanager
+    def _disk_full_said(self) -> Iterator[None]:
+        """A save that found the disk full (Orbax raises it from its writer, as RESOURCE_EXHAUSTED) as one
+        OSError that says so and names the directory."""
+        try:
+            yield
+        except Exception as e:
+            if not _NoSpace.about(str(e)):
+                raise
+            raise OSError(
+                f"no space left on device writing a checkpoint in {self.directory}: free some space and run the same "
+                "command again (it resumes from the last complete checkpoint)"
+            ) from None
+
+
+class _NoSpace(logging.Filter):
+    """Drops Orbax's log records of a full disk (an error and a traceback from each of its writer threads):
+    ``Checkpoints`` raises the one error that matters."""
+
+    @staticmethod
+    def about(text: str) -> bool:
+        return "No space left on device" in text or "os_error_code='28'" in text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (self.about(record.getMessage()) or (error is not None and self.about(str(error))))

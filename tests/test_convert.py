@@ -293,9 +293,14 @@ def test_existing_output_is_not_clobbered(hf, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite"):
         neo_jax.save_pretrained(ours, out, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    neo_jax.save_pretrained(ours, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # overwrite replaces a model directory only: a file no save writes is named, and nothing is touched
+    with pytest.raises(FileExistsError, match="holds 'keep.txt', which is not a saved model's file"):
+        neo_jax.save_pretrained(ours, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    neo_jax.save_pretrained(ours, out, progress=False, format="orbax")
+    neo_jax.save_pretrained(ours, out, overwrite=True, progress=False)  # an orbax model replaced by an hf one
+    assert (out / "model.safetensors").exists() and not (out / "params").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temporary directories left
 
 
