@@ -223,8 +223,8 @@ def train_program(
 
 def generation_lengths(config: GPTNeoConfig, batch: int, max_len: int | None, prompt_len: int | None):
     """(max_len, prompt_len) of a generation to compile: by default every position, half of them prompt."""
-    max_len = max_len or config.max_position_embeddings
-    prompt_len = prompt_len or max_len // 2
+    max_len = config.max_position_embeddings if max_len is None else max_len
+    prompt_len = max_len // 2 if prompt_len is None else prompt_len
     if not 1 <= prompt_len < max_len <= config.max_position_embeddings:
         raise ValueError(
             f"need 1 <= prompt_len ({prompt_len}) < max_len ({max_len}) <= {config.max_position_embeddings} "

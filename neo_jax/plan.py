@@ -468,8 +468,10 @@ def serve_report(
     step with a prefill chunk, per chip; else the estimate (weights, adapters, cache and one chunk's
     activations)."""
     from neo_jax import lora as lora_layers
+    from neo_jax.generation.batching import check_slots, clamped_chunk
 
-    max_len = config.max_position_embeddings if max_len is None else max_len
+    max_len = check_slots(config, slots, max_len)  # as the server checks them
+    prefill_chunk = clamped_chunk(prefill_chunk, max_len)  # as the server clamps it
     mesh = _mesh_sizes(topology, mesh)
     dtype = jnp.dtype(dtype)
     lora = lora or lora_layers.LoRAConfig(r=16)
@@ -482,6 +484,7 @@ def serve_report(
         "kv_cache": estimate["kv_cache"],
         "mesh": mesh,
         "max_len": max_len,
+        "prefill_chunk": prefill_chunk,
     }
     if topology and compile:
         from neo_jax import aot

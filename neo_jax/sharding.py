@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
@@ -173,3 +174,27 @@ def place(array: np.ndarray, sharding: NamedSharding | None):
     if sharding is None:
         return jax.device_put(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def device_memory(device=None) -> int:
+    """Bytes of memory one device has: what its runtime reports (``bytes_limit``: accelerators), else the host's
+    physical memory (CPU devices share it; a container's cgroup limit when it has one)."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            memory = min(memory, int(open(limit).read()))  # noqa: SIM115 (one read)
+    return memory
+
+
+def check_fits(what: str, nbytes: float, advice: str) -> None:
+    """A one-line ValueError when ``nbytes`` (``what`` needs them on one device) exceed ``device_memory``: refused
+    from the shapes' arithmetic, before anything is allocated."""
+    memory = device_memory()
+    if nbytes > memory:
+        raise ValueError(
+            f"{what} needs {nbytes / 2**30:,.1f} GiB on a device, more than its {memory / 2**30:,.1f} GiB: {advice}"
+        )

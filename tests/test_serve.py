@@ -32,7 +32,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 import neo_jax
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation import top_k, top_p
-from neo_jax.generation.batching import top_k_rows, top_p_rows
+from neo_jax.generation.batching import clamped_chunk, top_k_rows, top_p_rows
 from neo_jax.serve.app import CompletionRequest, _Choice
 from neo_jax.serve.engine import Engine, Finished, Request, Token, sampling_settings
 from neo_jax.serve.metrics import Metrics
@@ -340,10 +340,14 @@ def test_prefill_and_prefix_cache_settings_are_checked(model):
         ({"prefix_cache_mb": 0.01}, "holds no block"),
         ({"prefix_cache_mb": 1, "prefill_chunk": 0}, "needs chunked prefill"),
         ({"prefix_cache_mb": -1}, "prefix_cache_mb must be >= 0"),
+        ({"prefix_cache_mb": 1e12}, "prefix_cache_mb 1e\\+12 needs .* GiB on a device, more than its"),
+        ({"prefill_chunk": 1_000_000_000}, "prefill_chunk 1000000000 is longer than slots of max_len 64 can use"),
+        ({"max_len": 10**6}, "exceeds the model's max_position_embeddings"),
         ({"adapters": ("a",)}, "adapter names"),
     ]:
         with pytest.raises(ValueError, match=message):
-            Engine(model, max_batch=2, max_len=64, **options)
+            Engine(model, **{"max_batch": 2, "max_len": 64} | options)
+    assert clamped_chunk(1_000_000_000, 100) == 112 and clamped_chunk(64, 100) == 64  # what serve and plan use
 
 
 def test_stop_strings_cut_as_openai_documents():

@@ -98,11 +98,7 @@ def _where(args: argparse.Namespace) -> dict:
         raise ValueError("--batch and --seq are required for --task train (or give --config)")
     if args.task in ("generate", "serve") and args.batch is None:
         raise ValueError(f"--batch is required for --task {args.task}")
-    if args.task == "serve":
-        from neo_jax.validate import integer
-
-        integer("--adapters", args.adapters or 0, least=0)
-        integer("--prefill-chunk", args.prefill_chunk or DEFAULT_PREFILL_CHUNK, least=16)
+    _check_sizes(args)
     for flag, example in (("topology", "a TPU slice such as v5e-8"), ("mesh", "D,F,T")):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             raise ValueError(f"--{flag} is empty: give {example}, or leave it out")
@@ -118,12 +114,41 @@ def _where(args: argparse.Namespace) -> dict:
     return {"topology": args.topology, "mesh": mesh, "dtype": args.dtype, "compile": not args.no_compile}
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """The shapes' flags, checked as the command the plan is for checks them (``serve``: the same function)."""
+    from neo_jax.cli.serve import check_slot_flags
+    from neo_jax.validate import integer
+
+    if args.task == "serve":
+        check_slot_flags("--batch", args.batch, args.max_len, args.prefill_chunk)
+        if args.prefill_chunk == 0:
+            raise ValueError("--prefill-chunk 0 (whole prompts) is not planned: plan the chunked server (>= 16)")
+        integer("--adapters", args.adapters, least=0)
+        if args.adapters and args.lora_rank is not None:
+            integer("--lora-rank", args.lora_rank, least=1)
+        return
+    integer("--batch", args.batch, least=1)
+    if args.task == "generate":
+        if args.max_len is not None:
+            integer("--max-len", args.max_len, least=2)
+        if args.prompt_len is not None:
+            integer("--prompt-len", args.prompt_len, least=1)
+        return
+    integer("--seq", args.seq, least=2)  # as neo-jax train checks them
+    integer("--grad-accum", args.grad_accum, least=1)
+    if args.lora_rank is not None:
+        integer("--lora-rank", args.lora_rank, least=0)  # 0: full fine-tuning, as in train
+
+
 def plan(args: argparse.Namespace) -> None:
     from neo_jax import plan as planning
 
     if args.config:
         _from_run_config(args)
-    args.grad_accum, args.remat = args.grad_accum or 1, args.remat or "none"
+    args.grad_accum = 1 if args.grad_accum is None else args.grad_accum
+    args.remat = args.remat or "none"
+    args.adapters = args.adapters or 0
+    args.prefill_chunk = DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
     _weights_and_dtype(args)
     args.attention = args.attention or "auto"
     lora = _lora(args)
@@ -137,8 +162,8 @@ def plan(args: argparse.Namespace) -> None:
         )  # fmt: skip
     elif args.task == "serve":
         result = planning.serve_report(
-            config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK,
-            adapters=args.adapters or 0, lora=_lora(args, serving=True), **where,
+            config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+            adapters=args.adapters, lora=_lora(args, serving=True), **where,
         )  # fmt: skip
     else:
         result = planning.generate_report(
@@ -177,7 +202,12 @@ def _config(model: str):
 def _describe(args, result) -> str:
     if args.task == "serve":
         adapters = f", {args.adapters} LoRA adapters of rank {args.lora_rank or 16}" if args.adapters else ""
-        return f"{args.batch} slots of {result['max_len']} positions, {args.dtype} weights{adapters}"
+        chunk = result["prefill_chunk"]
+        clamped = f" (--prefill-chunk {args.prefill_chunk} clamped to the slots)" if chunk != args.prefill_chunk else ""
+        return (
+            f"{args.batch} slots of {result['max_len']} positions, prefill chunks of {chunk}{clamped}, "
+            f"{args.dtype} weights{adapters}"
+        )
     if args.task == "generate":
         weights = "int8" if args.weights == "int8" else args.dtype
         return (

@@ -79,13 +79,15 @@ def _check(args: argparse.Namespace) -> str | None:
     """Every flag, before anything loads; returns the API key (from --api-key or NEO_JAX_API_KEY), checked."""
     from neo_jax import sharding, validate
     from neo_jax.serve.app import check_api_key
-    from neo_jax.serve.engine import check_prefill
 
     validate.integer("--port", args.port, least=0, most=65535)
-    validate.integer("--max-batch", args.max_batch, least=1)
+    check_slot_flags("--max-batch", args.max_batch, args.max_len, args.prefill_chunk, args.prefix_cache_mb)
     validate.integer("--max-queue", args.max_queue, least=1)
-    if args.max_len is not None:
-        validate.integer("--max-len", args.max_len, least=2)
+    name = args.served_model_name
+    if name is not None and (not name or any(c.isspace() for c in name)):
+        raise ValueError(
+            f"--served-model-name {name!r}: give a name without spaces, or leave it out (default: --model)"
+        )
     validate.real("--drain-timeout", args.drain_timeout)
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
@@ -100,13 +102,24 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.mesh:
         sharding.parse_mesh(args.mesh)
     _adapters(args.adapter)
+    return api_key
+
+
+def check_slot_flags(batch_flag: str, batch, max_len, prefill_chunk, prefix_cache_mb=0.0) -> None:
+    """The slots' flags, as ``serve`` and ``plan --task serve`` both check them (``batch_flag``: the name of the
+    slot count's flag), before anything loads; the model's own limits come after (``batching.check_slots``)."""
+    from neo_jax import validate
+    from neo_jax.serve.engine import check_prefill
+
+    validate.integer(batch_flag, batch, least=1)
+    if max_len is not None:
+        validate.integer("--max-len", max_len, least=2)
     try:
-        check_prefill(args.prefill_chunk, args.prefix_cache_mb, args.max_batch)
+        check_prefill(prefill_chunk, prefix_cache_mb, batch)
     except ValueError as e:  # in the flags' names
         raise ValueError(
             str(e).replace("prefill_chunk", "--prefill-chunk").replace("prefix_cache_mb", "--prefix-cache-mb")
         ) from None
-    return api_key
 
 
 def serve(args: argparse.Namespace) -> int:

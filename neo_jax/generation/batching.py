@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo_jax import lora, sharding
+from neo_jax import lora, sharding, validate
 from neo_jax.attention import dense
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, _set, init_cache, prefill
@@ -213,6 +213,29 @@ def empty_pool(config, blocks: int, dtype) -> Pool:
     shape = (blocks, config.num_heads, BLOCK, config.head_dim)
     layers = range(config.num_layers)
     return Pool(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
+
+
+def check_slots(config, max_batch: int, max_len: int | None) -> int:
+    """``max_len`` (default: every position of the model) once the slots' shape is checked against it."""
+    validate.integer("max_batch", max_batch, least=1)
+    max_len = config.max_position_embeddings if max_len is None else max_len
+    validate.integer("max_len", max_len, least=2)
+    if max_len > config.max_position_embeddings:
+        raise ValueError(
+            f"max_len {max_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    return max_len
+
+
+def chunk_limit(max_len: int) -> int:
+    """The longest prefill chunk a slot of ``max_len`` positions can use: ``max_len`` in whole blocks."""
+    return -(-max_len // BLOCK) * BLOCK
+
+
+def clamped_chunk(prefill_chunk: int, max_len: int) -> int:
+    """``prefill_chunk``, or ``chunk_limit(max_len)`` when it is longer: no prompt fills more, and its buffers
+    would only take memory (a chunk of a billion tokens would take all of it)."""
+    return min(prefill_chunk, chunk_limit(max_len))
 
 
 def block_bytes(config, dtype) -> int:

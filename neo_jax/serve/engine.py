@@ -43,7 +43,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from neo_jax import sharding, validate
 from neo_jax.generation import batching
-from neo_jax.generation.batching import BLOCK, DEFAULT_PREFILL_CHUNK, NEUTRAL, Lanes, RowSampling
+from neo_jax.generation.batching import (
+    BLOCK,
+    DEFAULT_PREFILL_CHUNK,
+    NEUTRAL,
+    Lanes,
+    RowSampling,
+    check_slots,
+    chunk_limit,
+)
 from neo_jax.generation.programs import Weights
 from neo_jax.generation.sampling import SamplingParams
 from neo_jax.lora import Adapters, adapted_layers
@@ -171,15 +179,14 @@ class Engine:
         adapters: tuple[str, ...] = (),
     ):
         config = model.config
-        validate.integer("max_batch", max_batch, least=1)
         validate.integer("max_queue", max_queue, least=1)
-        max_len = config.max_position_embeddings if max_len is None else max_len
-        validate.integer("max_len", max_len, least=2)
-        if max_len > config.max_position_embeddings:
-            raise ValueError(
-                f"max_len {max_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
-            )
+        max_len = check_slots(config, max_batch, max_len)
         self.lanes = check_prefill(prefill_chunk, prefix_cache_mb, max_batch)
+        if prefill_chunk > chunk_limit(max_len):
+            raise ValueError(
+                f"prefill_chunk {prefill_chunk} is longer than slots of max_len {max_len} can use: give at most "
+                f"{chunk_limit(max_len)}"
+            )
         self.idle_lanes = tuple(n for n in (1, 2, 4) if prefill_chunk and n <= min(MAX_LANES, max_batch))
         blocks = prefix_blocks(prefix_cache_mb, config, model.dtype)
         held = {dense.lora.a.shape[-3] for _, dense in adapted_layers(model) if isinstance(dense.lora, Adapters)}
@@ -643,6 +650,9 @@ def prefix_blocks(prefix_cache_mb: float, config, dtype) -> int:
     if not prefix_cache_mb:
         return 0
     size = batching.block_bytes(config, dtype)
+    sharding.check_fits(
+        f"prefix_cache_mb {prefix_cache_mb:g}", prefix_cache_mb * 2**20, "give less, or 0 for no prefix cache"
+    )
     blocks = int(prefix_cache_mb * 2**20 // size)
     if blocks < 1:
         raise ValueError(

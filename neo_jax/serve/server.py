@@ -25,7 +25,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from neo_jax.generation.batching import DEFAULT_PREFILL_CHUNK
+from neo_jax.generation.batching import DEFAULT_PREFILL_CHUNK, check_slots, clamped_chunk
 from neo_jax.serve.app import create_app
 from neo_jax.serve.engine import Engine, prefix_blocks
 from neo_jax.serve.metrics import Metrics
@@ -188,9 +188,18 @@ def serve(
     tokenizer = load_tokenizer(source.require_directory())  # before the weights: a model without a tokenizer fails fast
     named = check_adapters(source, adapters, served_model_name or model)  # before the weights too: adapters are small
     try:
+        max_len = check_slots(source.config, max_batch, max_len)
         prefix_blocks(prefix_cache_mb, source.config, dtype)
     except ValueError as e:
-        raise ValueError(str(e).replace("prefix_cache_mb", "--prefix-cache-mb")) from None
+        message = str(e)
+        for name in ("prefix_cache_mb", "max_len", "max_batch"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise ValueError(message) from None
+    if clamped_chunk(prefill_chunk, max_len) != prefill_chunk:
+        prefill_chunk = clamped_chunk(prefill_chunk, max_len)
+        log(
+            f"--prefill-chunk is longer than a slot of {max_len} positions can use: prefilling {prefill_chunk} at a time"
+        )
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
     loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter)
     if named:
