@@ -129,6 +129,7 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
             f"seq_len {config.seq_len} is beyond the model's {model_config.max_position_embeddings} positions "
             "(max_position_embeddings): lower --seq-len"
         )
+    _check_fits(config, model_config, mesh)
     if config.export_hf is not None:
         if jax.process_count() > 1:
             raise ValueError(
@@ -140,6 +141,25 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
     _check_data(config, source, data)
     _check_output(config, model_config)
     return mesh, source
+
+
+def _check_fits(config: FinetuneConfig, model_config, mesh: Mesh) -> None:
+    """The model's state fits a device, from the config's arithmetic, before anything is allocated or written:
+    float32 weights, gradients and AdamW's two moments (16 bytes a parameter), or a LoRA run's frozen base in
+    its dtype, split over the mesh's fsdp and tensor axes."""
+    import numpy as np
+
+    from neo_jax.sharding import check_fits
+
+    lora = bool(config.lora_rank or config.adapter)
+    per_parameter = (1 if config.lora_base == "int8" else np.dtype(config.dtype).itemsize) if lora else 16
+    split = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    check_fits(
+        f"the model's {model_config.num_params():,} parameters ({'frozen' if lora else 'weights, gradients, AdamW'})",
+        model_config.num_params() * per_parameter / split,
+        "check vocab_size, max_position_embeddings and the layer sizes in its config, or split it over more devices "
+        "(--mesh with fsdp)",
+    )
 
 
 def prepared_directory(config: FinetuneConfig) -> Path | None:
@@ -397,6 +417,45 @@ def _prepare_raw(config: FinetuneConfig, tokenizer_source: Path, output: Path) -
     return directory
 
 
+def _model(config: FinetuneConfig, source: Source, mesh, new_adapters, uses_lora: bool, progress: bool, created):
+    """The model to train: GPT-Neo's init for a config, else the checkpoint's weights; new LoRA adapters on it.
+    A failure here removes ``created`` (the run directory this call made), so the same command can run again."""
+    from neo_jax.convert import from_pretrained
+
+    scratch, model_config = source.format == "config", source.config
+    try:
+        if scratch:
+            from neo_jax.model import init_model
+
+            distributed.log(
+                f"model: {model_config.num_params() / 1e6:.1f}M parameters from GPT-Neo's init (seed {config.seed})"
+            )
+            model = init_model(
+                model_config, dtype=config.dtype, seed=config.seed, mesh=mesh, attention=config.attention
+            )
+        else:
+            model = from_pretrained(
+                source,
+                dtype=config.dtype,
+                param_dtype=config.dtype
+                if uses_lora
+                else "float32",  # a frozen base may be stored in the compute dtype
+                weights=config.lora_base,  # ... or as lora_base says (int8: QLoRA-style)
+                mesh=mesh,
+                attention=config.attention,
+                progress=progress,
+            )
+        if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
+            from neo_jax.lora import add
+
+            add(model, new_adapters, seed=config.seed)
+    except Exception:
+        if created is not None and distributed.is_main_process():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return model
+
+
 def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
     "done", or "sigterm" / "sigint" when a SIGTERM / Ctrl-C cut it short after saving. A non-finite loss raises
@@ -431,30 +490,10 @@ def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list
     )
     if data.validation.tokens < config.seq_len:
         distributed.log(f"{directory} has no validation split of {config.seq_len} tokens: training without evaluation")
-    output = _prepare_output(config, model_config, directory if scratch else source.require_directory())
     new_adapters = config.lora()
     uses_lora = new_adapters is not None or config.adapter is not None
-    if scratch:
-        from neo_jax.model import init_model
-
-        distributed.log(
-            f"model: {model_config.num_params() / 1e6:.1f}M parameters from GPT-Neo's init (seed {config.seed})"
-        )
-        model = init_model(model_config, dtype=config.dtype, seed=config.seed, mesh=mesh, attention=config.attention)
-    else:
-        model = from_pretrained(
-            source,
-            dtype=config.dtype,
-            param_dtype=config.dtype if uses_lora else "float32",  # a frozen base may be stored in the compute dtype
-            weights=config.lora_base,  # ... or as lora_base says (int8: QLoRA-style)
-            mesh=mesh,
-            attention=config.attention,
-            progress=progress,
-        )
-    if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
-        from neo_jax.lora import add
-
-        add(model, new_adapters, seed=config.seed)
+    model = _model(config, source, mesh, new_adapters, uses_lora, progress, output if created else None)
+    output = _prepare_output(config, model_config, directory if scratch else source.require_directory())
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
