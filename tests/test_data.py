@@ -25,14 +25,67 @@ def test_read_documents_from_text_and_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{not json}\n", r"c.jsonl:1 is not valid JSON"),
-        (json.dumps({"body": "x"}) + "\n", r"c.jsonl:1 has no string field 'text'"),
+        (b"{not json}\n", r"c.jsonl:1 is not valid JSON"),
+        (json.dumps({"body": "x"}).encode() + b"\n", r"c.jsonl:1 has no field 'text': set --text-field$"),
+        (b'{"text": 7}\n', r"c.jsonl:1: field 'text' holds int, not a string$"),
+        (
+            b'{"text": "ok"}\n{"text": "a\\ud800b"}\n',
+            r"c.jsonl:2: field 'text' holds a lone surrogate escape \(\\ud800\)",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", r"c.jsonl:1 is not valid JSON here: it nests too deep to read$"),
+        (
+            b'{"text": "x"}\n{"text": "caf\xe9"}\n',
+            r"c.jsonl:2 is not UTF-8 text \(column 14: invalid continuation byte\)",
+        ),
     ],
 )
 def test_bad_jsonl(tmp_path, content, message):
-    (tmp_path / "c.jsonl").write_text(content)
+    """One line naming the file and line (and the column of a byte that is not UTF-8)."""
+    (tmp_path / "c.jsonl").write_bytes(content)
     with pytest.raises(ValueError, match=message):
         list(data.read_documents([str(tmp_path / "c.jsonl")]))
+
+
+def test_not_utf8_names_the_byte_of_the_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"x" * 70_000 + b"\xff")
+    with pytest.raises(ValueError, match=r"a.txt is not UTF-8 text \(byte 70000: invalid start byte\)"):
+        list(data.read_documents([str(tmp_path / "a.txt")]))
+
+
+def test_a_glob_through_a_symlink_cycle_reads_each_file_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    (tmp_path / "sub" / "self").symlink_to(tmp_path / "sub")
+    (tmp_path / "sub" / "up").symlink_to(tmp_path)
+    (tmp_path / "sub" / "link.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / ".hidden.txt").write_text("h")
+    assert list(data.read_documents([str(tmp_path / "**" / "*.txt")])) == ["a", "b"]
+
+
+def test_pieces_tokenize_as_the_whole_document(tokenizer_dir):
+    """A long document is encoded a piece at a time; the tokens are the whole document's, and no piece is
+    longer than asked (a stretch with no space between words is cut where the size runs out)."""
+    words = [
+        "Hello",
+        "world,",
+        "  two  spaces",
+        "\n\nnew paragraph",
+        "caf\u00e9",
+        "1234",
+        "'s",
+        "\t",
+        "x" * 300,
+        " \n ",
+        "!!",
+    ]
+    text = " ".join(np.random.default_rng(0).choice(words, 3000))
+    cut = data.pieces(text, 1000)
+    assert len(cut) > 10 and "".join(cut) == text and max(map(len, cut)) <= 1000
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    whole = tokenizer(text, verbose=False)["input_ids"]
+    assert [t for piece in cut for t in tokenizer(piece)["input_ids"]] == whole
+    assert data.pieces("y" * 2500, 1000) == ["y" * 1000, "y" * 1000, "y" * 500]
 
 
 def test_missing_files_are_named(tmp_path):
@@ -170,7 +223,7 @@ def test_parts_prepared_apart_make_one_directory(tmp_path, tokenizer_dir):
                 (apart / f.name).write_bytes(f.read_bytes())
     assert data.TokenData(apart).fingerprint == both.fingerprint
     (apart / "part-00001-of-00002.json").unlink()
-    with pytest.raises(ValueError, match=r"holds parts \[0\] of 2 .* missing part\(s\) \[1\]"):
+    with pytest.raises(ValueError, match=r"holds 1 of 2 parts .* missing part\(s\) \[1\]"):
         data.TokenData(apart)
 
 
@@ -184,7 +237,7 @@ def write_prepared(directory: Path, shards: list[np.ndarray], validation: np.nda
     if validation is not None:
         validation.astype("<u2").tofile(directory / "validation-0.bin")
         entries.append({"path": "validation-0.bin", "tokens": len(validation), "documents": 1, "split": "validation"})
-    manifest = {"dtype": "uint16", "eos_token_id": 0, "shards": entries}
+    manifest = {"dtype": "uint16", "eos_token_id": 0, "vocab_size": 2**16, "tokenizer": {}, "shards": entries}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
 
@@ -326,3 +379,72 @@ def test_bad_data_is_one_line_exit_2_and_changes_nothing(tmp_path, tokenizer_dir
         last = err.splitlines()[-1] if err else ""  # a progress bar may stand before it
         assert code == 2 and message in last and last.startswith("neo-jax") and "Traceback" not in err, (args, err)
     assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_whole_documents_tokens(tmp_path, tokenizer_dir, monkeypatch):
+    """Documents far longer than the text sent to the tokenizer at once (here 64 characters) give the tokens of
+    the whole documents, and shards close only between documents (a resume starts at one)."""
+    long = [" ".join(f"word{i}{'!' * (i % 3)} and  more\n" for i in range(n)) for n in (40, 1, 90, 7)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long))
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 64)
+    out = prepare.prepare(
+        [str(tmp_path / "long.jsonl")], tmp_path / "out", tokenizer_dir, num_proc=1, shard_tokens=50, progress=False
+    )
+    reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    np.testing.assert_array_equal(shard_tokens(out, "train"), expected(reference, long))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) > 1 and manifest["documents"]["train"] == len(long)
+    eos = reference.eos_token_id
+    for shard in manifest["shards"]:  # each shard ends with a document's EOS
+        assert np.fromfile(out / shard["path"], "<u2")[-1] == eos
+
+
+def test_overwrite_removes_only_what_a_prepare_recorded(tmp_path, tokenizer_dir, monkeypatch):
+    sources = write_sources(tmp_path / "src")
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 200)  # several shards
+    out = prepare.prepare(sources, tmp_path / "out", tokenizer_dir, num_proc=1, shard_tokens=50, progress=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="--overwrite removes only what a prepare wrote, and .* 'notes.txt'"):
+        prepare.prepare(sources, out, tokenizer_dir, num_proc=1, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "notes.txt").unlink()
+    old = {s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+    prepare.prepare(sources[1:], out, tokenizer_dir, num_proc=1, overwrite=True, progress=False)  # fewer shards now
+    new = {s["path"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+    assert {p.name for p in out.glob("*.bin")} == new and len(new) < len(old)
+    # a part's --overwrite: that part's files only, the other parts and the shared tokenizer stay
+    parts = tmp_path / "parts"
+    for part in ("0/2", "1/2"):
+        prepare.prepare(sources, parts, tokenizer_dir, shard=part, num_proc=1, progress=False)
+    other = {p.name: p.read_bytes() for p in parts.glob("part-00001-*")}
+    prepare.prepare(sources, parts, tokenizer_dir, shard="0/2", num_proc=1, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in parts.glob("part-00001-*")} == other
+    assert data.TokenData(parts).manifest["documents"]["train"] == len(DOCS)
+
+
+def test_a_source_that_changes_while_it_is_prepared_is_refused(tmp_path, tokenizer_dir, monkeypatch):
+    sources = write_sources(tmp_path / "src")
+    chunks = prepare._chunks
+
+    def growing(*args):
+        for chunk in chunks(*args):
+            yield chunk
+            with open(tmp_path / "src" / "a.jsonl", "a") as f:  # the file grows as it is read
+                f.write(json.dumps({"text": "late"}) + "\n")
+
+    monkeypatch.setattr(prepare, "_chunks", growing)
+    with pytest.raises(ValueError, match=r"a.jsonl changed while it was prepared"):
+        prepare.prepare(sources, tmp_path / "out", tokenizer_dir, num_proc=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_reads_a_prepared_directory_as_its_documents(tmp_path, tokenizer_dir):
+    from neo_jax.evaluate import corpus_tokens
+
+    sources = write_sources(tmp_path / "src")
+    out = prepare.prepare(sources, tmp_path / "out", tokenizer_dir, num_proc=1, progress=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert corpus_tokens([str(out)], tokenizer) == corpus_tokens(sources, tokenizer)
+    with pytest.raises(ValueError, match="--split is train or validation"):
+        corpus_tokens([str(out)], tokenizer, split="test")

@@ -29,7 +29,7 @@ from neo_jax.finetune import FinetuneConfig, finetune
 from tests.conftest import SMALL, make_hf_model
 
 ENGLISH = sorted(str(p) for p in (Path(__file__).parent / "fixtures" / "english").glob("*.txt"))
-PROGRESS = ("data: ", "loading ")  # what a command may print on stderr before it finds the mistake
+PROGRESS = ("data: ", "loading ", "preparing")  # what a command may print on stderr before it finds the mistake
 RUN = dict(steps=1, batch_size=2, seq_len=32, save_every=1, validation_fraction=0.0, dtype="float32")
 
 
@@ -192,7 +192,50 @@ def workspace(tmp_path_factory, gpt2_model_dir):
     neo_jax.peft.save(base, root / "adapter")
     damage_adapters(root, root / "adapter")
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    data_workspace(root)
     return root
+
+
+def data_workspace(root: Path) -> None:
+    """Sources and prepared directories damaged as users damage them (round 3 of the hardening)."""
+    from neo_jax import prepare
+
+    (root / "src").mkdir()
+    (root / "src" / "a.jsonl").write_text(json.dumps({"text": "A source inside the output directory."}) + "\n")
+    (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "broken \\ud800 text"}\n')
+    (root / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    good = prepare.prepare([str(root / "x.txt")], root / "good-data", root / "m", num_proc=1, progress=False)
+    manifest = json.loads((good / "manifest.json").read_text())
+    shard = manifest["shards"][0]
+    damaged = {
+        "manifest-deep": "[" * 100_000 + "]" * 100_000,
+        "manifest-eos-string": manifest | {"eos_token_id": "x"},
+        "manifest-no-vocab": {k: v for k, v in manifest.items() if k != "vocab_size"},
+        "manifest-tokenizer-list": manifest | {"tokenizer": ["gpt2"]},
+        "manifest-shard-twice": manifest | {"shards": [shard, shard]},
+        "manifest-documents-string": manifest | {"shards": [shard | {"documents": "1"}]},
+    }
+    for name, content in damaged.items():
+        shutil.copytree(good, root / name)
+        (root / name / "manifest.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    shutil.copytree(good, root / "linked")  # a shard that is a link out of the directory
+    (root / "linked" / shard["path"]).unlink()
+    (root / "linked" / shard["path"]).symlink_to(good / shard["path"])
+    shutil.copytree(good, root / "big-ids")  # ids beyond the vocabulary, in a shard of the right size
+    np.full(shard["tokens"], 65000, "<u2").tofile(root / "big-ids" / shard["path"])
+    (root / "huge-parts").mkdir()  # a part of 99,999,999,999: no path may be built for each
+    (root / "huge-parts" / "part-00000-of-99999999999.json").write_text(json.dumps(manifest))
+    (root / "unfinished").mkdir()  # a prepare killed before its first shard
+    (root / "unfinished" / ".prepare-state.json").write_text(json.dumps({"settings": {}, "shards": []}))
+    prepare.prepare([str(root / "x.txt")], root / "parts", root / "m", shard="0/2", num_proc=1, progress=False)
+    (root / "locked").mkdir()  # another prepare holds it (the test holds the lock)
+    (root / "locked" / ".prepare.lock").touch()
+    config = json.loads((root / "m" / "config.json").read_text())
+    (root / "huge-vocab.json").write_text(json.dumps(config | {"vocab_size": 10**9}))
+    (root / "huge-positions.json").write_text(json.dumps(config | {"max_position_embeddings": 10**9}))
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [1, 2]}).save_to_disk(str(root / "ints-dataset"))
 
 
 def train_args(root: Path, model: str = "m", data=tuple(ENGLISH[:2]), output: str = "run") -> list[str]:
@@ -241,6 +284,7 @@ def bad_inputs(root: Path, busy_port: int) -> list[tuple[list[str], str] | tuple
         (train_args(root, output="x.txt/run"), "is a file, not a directory"),
         (train_args(root, model="dropout", output="new"), "resid_dropout=0.1), which neo_jax does not apply"),
     ]
+    cases += data_cases(root)
     for name in sorted(os.listdir(root / "broken")):
         cases.append((["convert", f"broken/{name}", f"out-{name}"], f"broken/{name}/config.json"))
     # each command that takes an adapter, with a different kind of damage (all of them: the Python API test)
@@ -258,6 +302,63 @@ def bad_inputs(root: Path, busy_port: int) -> list[tuple[list[str], str] | tuple
     for name, (_, message) in YAMLS.items():
         cases.append((["train", "--config", name], message))
     return cases
+
+
+def data_cases(root: Path) -> list[tuple[list[str], str]]:
+    """Round 3: pretraining data, from-scratch configs and the serving flags."""
+    prepare = ["data", "prepare", "--tokenizer", "m"]
+    new = [*prepare, "--output", "new"]
+    train = ["train", "--output", "new", "--steps", "1", "--seq-len", "8", "--batch-size", "1"]
+    plan_serve = ["plan", "--model", "m", "--task", "serve", "--mesh", "1,1,1", "--no-compile", "--batch", "2"]
+    plan_generate = ["plan", "--model", "m", "--task", "generate", "--mesh", "1,1,1", "--no-compile"]
+    serve = ["serve", "--model", "m", "--max-len", "64"]
+    return [
+        # --overwrite removes only what a prepare wrote: never a source, a working directory, or a user's file
+        ([*prepare, "src/a.jsonl", "--output", "src", "--overwrite"], "also holds 'a.jsonl'"),
+        ([*prepare, "x.txt", "--output", ".", "--overwrite"], "--overwrite removes only what a prepare wrote"),
+        ([*prepare, "x.txt", "--output", "good-data/..", "--overwrite"], "--overwrite removes only what a prepare"),
+        (["convert", "tiny", "src", "--overwrite"], "holds 'a.jsonl', which is not a saved model's file"),
+        (["convert", "tiny", "run", "--overwrite"], "which is not a saved model's file"),
+        # sizes that cannot fit are refused before anything is allocated or written
+        ([*new, "x.txt", "--shard", "0/99999999999"], "N must be in 1..99999"),
+        ([*train, "--model", "m", "--data", "huge-parts"], "is not a part manifest of at most 99,999 parts"),
+        ([*train, "--model", "huge-vocab.json", "--data", "good-data"], "more than its"),
+        ([*train, "--model", "huge-positions.json", "--data", "good-data"], "more than its"),
+        ([*serve, "--port", "0", "--prefix-cache-mb", "1e12"], "--prefix-cache-mb 1e+12 needs"),
+        # no traceback: the file and line, or the field
+        ([*new, "surrogate.jsonl"], "surrogate.jsonl:2: field 'text' holds a lone surrogate escape (\\ud800)"),
+        (["eval", "perplexity", "--model", "m", "--data", "surrogate.jsonl"], "surrogate.jsonl:2: field 'text'"),
+        ([*new, "deep.jsonl"], "deep.jsonl:1 is not valid JSON here: it nests too deep"),
+        ([*train, "--model", "m", "--data", "manifest-deep"], "manifest.json is not valid JSON here"),
+        ([*train, "--model", "m", "--data", "manifest-eos-string"], "eos_token_id must be a token id, got 'x'"),
+        ([*train, "--model", "m", "--data", "manifest-no-vocab"], "it has no 'vocab_size'"),
+        ([*train, "--model", "m", "--data", "manifest-tokenizer-list"], "tokenizer must be an object"),
+        ([*train, "--model", "m", "--data", "manifest-shard-twice"], "lists shard train-00000.bin twice"),
+        ([*train, "--model", "m", "--data", "manifest-documents-string"], "needs whole-number tokens and documents"),
+        ([*new, "ints-dataset"], "column 'text' holds int, not a string"),
+        # no silent wrong answer
+        ([*plan_serve[:-1], "0"], "--batch must be >= 1"),
+        ([*plan_serve, "--max-len", "-3"], "--max-len must be >= 2"),
+        ([*plan_serve, "--max-len", "100000"], "max_len 100000 exceeds the model's max_position_embeddings (256)"),
+        ([*plan_serve, "--prefill-chunk", "24"], "--prefill-chunk must be a multiple of 16"),
+        ([*plan_serve, "--adapters", "2", "--lora-rank", "0"], "--lora-rank must be >= 1"),
+        ([*plan_generate, "--batch", "0"], "--batch must be >= 1"),
+        ([*plan_generate, "--batch", "1", "--max-len", "0"], "--max-len must be >= 2"),
+        ([*plan_generate, "--batch", "1", "--max-len", "1000"], "max_len (1000) <= 256"),
+        ([*train, "--model", "m", "--data", "linked"], "leads out of"),
+        ([*train, "--model", "m", "--data", "big-ids"], "holds token id 65000, at or above the vocabulary's 50257"),
+        ([*new, "x.txt", "--validation-docs", "1"], "--validation-docs holds out every document (1 of 1)"),
+        ([*serve, "--served-model-name", " "], "--served-model-name ' ': give a name without spaces"),
+        ([*serve, "--served-model-name", ""], "--served-model-name '': give a name without spaces"),
+        # clear messages
+        (
+            [*prepare, "x.txt", "--output", "parts", "--shard", "1/2", "--validation-docs", "1"],
+            "another validation_docs",
+        ),
+        ([*prepare, "x.txt", "--output", "locked"], "another prepare holds"),
+        ([*train, "--model", "m", "--data", "unfinished"], "incomplete prepare (no manifest.json yet): run the same"),
+        (["eval", "perplexity", "--model", "m", "--data", "unfinished"], "incomplete prepare"),
+    ]
 
 
 def run_cli(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -286,7 +387,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capfd, monke
     the first case of each command, and every serve case (a server that failed to refuse would keep serving)."""
     before = snapshot(workspace)
     monkeypatch.chdir(workspace)
-    with socket.socket() as busy:
+    import fcntl
+
+    with socket.socket() as busy, open(workspace / "locked" / ".prepare.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a prepare that runs holds it
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cases = bad_inputs(workspace, busy.getsockname()[1])
@@ -493,3 +597,67 @@ def test_tiny_temperatures_through_the_installed_command(workspace):
         results = dict(zip(runs, pool.map(lambda argv: run_cli(argv, workspace), runs.values()), strict=True))
     completions = {t: json.loads(r.stdout)["completion"] for t, r in results.items()}
     assert completions["1e-38"] == completions["0"], completions
+
+
+# ------------------------------------------------------------------------------------- disks and memory
+def test_a_full_disk_is_one_line_naming_the_directory(tmp_path):
+    """ENOSPC in ``data prepare`` and in ``train`` (where Orbax meets it in its writer threads, each of which
+    logged a traceback): one line that says so and names the directory, exit 2. The disk is a 300 KiB tmpfs
+    mounted in a mount namespace of the command's own (``unshare --mount``)."""
+    from neo_jax import prepare
+    from tests.test_pretrain import TINY, english_paragraphs, train_bpe
+
+    tokenizer = train_bpe(tmp_path / "tokenizer")
+    corpus = english_paragraphs(tmp_path)
+    (tmp_path / "big.jsonl").write_text(corpus.read_text() * 40)  # 800 KB of tokens: more than the disk
+    prepared = prepare.prepare([str(corpus)], tmp_path / "data", tokenizer, num_proc=1, progress=False)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    small_disk = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o size=300k tmpfs "$0" && exec "$@"', str(disk)]
+    train = ["train", "--model", "tiny.json", "--data", str(prepared), "--output", str(disk / "run"), "--steps", "4"]
+    cases = [
+        (["data", "prepare", "big.jsonl", "--output", str(disk / "d"), "--tokenizer", str(tokenizer)], disk / "d"),
+        ([*train, "--save-every", "2", "--seq-len", "64", "--batch-size", "4"], disk / "run" / "checkpoints"),
+    ]
+    entry = Path(sys.executable).parent / "neo-jax"
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    for argv, where in cases:
+        run = subprocess.run(
+            [*small_disk, entry, *argv], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        last = run.stderr.strip().splitlines()[-1]
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert last.startswith("neo-jax ") and re.search(
+            f"no space left on device writing (a checkpoint in )?{where}", last
+        )
+
+
+def test_a_long_document_prepares_within_a_memory_cap(tmp_path, gpt2_model_dir):
+    """Under a cap of 1.2 GB on the data segment (``RLIMIT_DATA``: heap and anonymous maps; the machine has
+    24 GB), an 8 MB one-line document prepares: the tokenizer sees a megabyte at a time (given it whole, the
+    same command was killed under this cap; it peaked at 1.25 GB of RSS against 0.76 GB now)."""
+    import resource
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_DATA, (1_200_000_000, 1_200_000_000))
+
+    words = (Path(ENGLISH[0]).read_text() + Path(ENGLISH[1]).read_text()).split()
+    text = " ".join(np.random.default_rng(0).choice(words, 1_500_000))[:8_000_000]
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    entry = Path(sys.executable).parent / "neo-jax"
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    argv = ["data", "prepare", "long.jsonl", "--output", "out", "--tokenizer", str(gpt2_model_dir), "--num-proc", "1"]
+    run = subprocess.run(
+        [entry, *argv],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=capped,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["documents"]["train"] == 1 and manifest["tokens"]["train"] > 1_000_000
