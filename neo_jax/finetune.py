@@ -204,8 +204,9 @@ def _check_data(config: FinetuneConfig, source: Source, data) -> None:
 
 
 def _check_output(config: FinetuneConfig, model_config) -> None:
-    """An existing run in ``output`` may only be resumed with its model and the settings that fix its batches
-    (the data itself is checked against the checkpoint's fingerprint once it is read, before any write)."""
+    """A new run goes into a new or empty ``output`` (or one holding only the data an interrupted start tokenized
+    there); an existing run may only be resumed with its model and the settings that fix its batches (the data
+    itself is checked against the checkpoint's fingerprint once it is read, before any write)."""
     from neo_jax.config import GPTNeoConfig
 
     output = Path(config.output).expanduser().absolute()
@@ -215,7 +216,13 @@ def _check_output(config: FinetuneConfig, model_config) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"output {output} cannot be written: {existing} is not writable by this user")
     run_file = output / RUN_FILE
-    if not run_file.exists():
+    if not run_file.exists():  # a new run: it writes config.json, tokenizer files, ... so DIR holds nothing else
+        others = sorted(p.name for p in output.iterdir() if p.name != DATA_DIR) if output.is_dir() else []
+        if others:
+            raise FileExistsError(
+                f"output {output} holds {others[0]!r} and no run ({RUN_FILE}): a new run goes into a new or empty "
+                "directory (it would write over what is there), a resumed one into its own"
+            )
         return
     import yaml
 

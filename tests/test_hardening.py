@@ -319,6 +319,7 @@ def data_cases(root: Path) -> list[tuple[list[str], str]]:
         ([*prepare, "x.txt", "--output", "good-data/..", "--overwrite"], "--overwrite removes only what a prepare"),
         (["convert", "tiny", "src", "--overwrite"], "holds 'a.jsonl', which is not a saved model's file"),
         (["convert", "tiny", "run", "--overwrite"], "which is not a saved model's file"),
+        (train_args(root, output="src"), "holds 'a.jsonl' and no run (run.yaml)"),
         # sizes that cannot fit are refused before anything is allocated or written
         ([*new, "x.txt", "--shard", "0/99999999999"], "N must be in 1..99999"),
         ([*train, "--model", "m", "--data", "huge-parts"], "is not a part manifest of at most 99,999 parts"),

@@ -891,7 +891,11 @@ def test_playground_streams_the_greedy_completion_in_a_browser(server, client):
 
 
 def test_full_queue_is_429_and_sigterm_drains(gpt2_model_dir):
-    process, url = start_server(gpt2_model_dir, "--max-batch", "1", "--max-queue", "2", "--max-len", "256")
+    """Also: a prefill chunk of a billion tokens (OOM-killed after 'ready', before) is clamped to the slots, and
+    the log says so."""
+    process, url = start_server(
+        gpt2_model_dir, "--max-batch", "1", "--max-queue", "2", "--max-len", "256", "--prefill-chunk", "1000000000"
+    )
     try:
         body = {"model": str(gpt2_model_dir), "prompt": "long", "max_tokens": 200, "temperature": 0}
         post = lambda: requests.post(url + "/v1/completions", json=body)
@@ -912,6 +916,7 @@ def test_full_queue_is_429_and_sigterm_drains(gpt2_model_dir):
         assert [r.status_code for r in results] == [200, 200, 200]
         assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in results)
         assert process.wait(60) == 0
+        assert "--prefill-chunk is longer than a slot of 256 positions can use: prefilling 256" in process.stdout.read()
     finally:
         if process.poll() is None:
             process.kill()
