@@ -492,13 +492,13 @@ def _check_output(out: Path, overwrite: bool, prefix: str, settings: dict, descr
                 "or prepare into another directory"
             )
         raise FileExistsError(f"--output {out} is not empty: choose an empty or new directory, or pass --overwrite")
-    for name, record in records.items():  # the other parts of a --shard preparation must match this one
-        if settings["parts"] > 1 and not name.startswith((prefix, f".{prefix}")) and name != MANIFEST:
+    for name, record in records.items():  # the other parts (and their union) must be of this preparation
+        if settings["parts"] > 1 and not name.startswith((prefix, f".{prefix}")):
             theirs = record.get("settings")
             if theirs != settings:
                 key = next((k for k in settings if not isinstance(theirs, dict) or theirs.get(k) != settings[k]), "")
                 raise ValueError(
-                    f"{out} holds {name}, a part prepared with another {key}: prepare every part with the same "
+                    f"{out} holds {name}, written by a prepare with another {key}: prepare every part with the same "
                     "sources and settings, or into another directory"
                 )
     if overwrite:

@@ -356,6 +356,7 @@ def data_cases(root: Path) -> list[tuple[list[str], str]]:
             [*prepare, "x.txt", "--output", "parts", "--shard", "1/2", "--validation-docs", "1"],
             "another validation_docs",
         ),
+        ([*prepare, "x.txt", "--output", "good-data", "--shard", "1/2"], "written by a prepare with another parts"),
         ([*prepare, "x.txt", "--output", "locked"], "another prepare holds"),
         ([*train, "--model", "m", "--data", "unfinished"], "incomplete prepare (no manifest.json yet): run the same"),
         (["eval", "perplexity", "--model", "m", "--data", "unfinished"], "incomplete prepare"),
