@@ -322,11 +322,7 @@ class Checkpoints:
         free = shutil.disk_usage(self.directory).free
         if needed > free:
             self.wait()
-            raise OSError(
-                f"no space left on device writing a checkpoint in {self.directory}: it takes {needed / 2**20:,.1f} MiB "
-                f"and {free / 2**20:,.1f} MiB are free; free some space and run the same command again (it resumes "
-                "from the last complete checkpoint)"
-            )
+            raise self._no_space(f"it takes {needed / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free; ")
 
     @contextmanager
     def _disk_full_said(self) -> Iterator[None]:
@@ -337,10 +333,13 @@ class Checkpoints:
         except Exception as e:
             if not _NoSpace.about(str(e)):
                 raise
-            raise OSError(
-                f"no space left on device writing a checkpoint in {self.directory}: free some space and run the same "
-                "command again (it resumes from the last complete checkpoint)"
-            ) from None
+            raise self._no_space() from None
+
+    def _no_space(self, detail: str = "") -> OSError:
+        return OSError(
+            f"no space left on device writing a checkpoint in {self.directory}: {detail}free some space and run the "
+            "same command again (it resumes from the last complete checkpoint)"
+        )
 
 
 class _NoSpace(logging.Filter):

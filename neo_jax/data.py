@@ -79,8 +79,8 @@ def _glob(pattern: str) -> list[Path]:
     for match in sorted(root.glob(str(rest))):
         if not dotted and any(part.startswith(".") for part in match.relative_to(root).parts):
             continue
-        if match.resolve() not in seen:
-            seen.add(match.resolve())
+        if (real := match.resolve()) not in seen:
+            seen.add(real)
             matches.append(match)
     return matches
 
@@ -212,11 +212,12 @@ def is_prepared(path: str | Path) -> bool:
     unfinished prepare, which ``read_manifest`` then names as such)."""
     path = Path(path).expanduser()
     return path.is_dir() and (
-        (path / MANIFEST).is_file() or any(path.glob("part-*-of-*.json")) or bool(_unfinished(path))
+        (path / MANIFEST).is_file() or any(path.glob("part-*-of-*.json")) or bool(progress_files(path))
     )
 
 
-def _unfinished(directory: Path) -> list[Path]:
+def progress_files(directory: Path) -> list[Path]:
+    """The progress files of unfinished prepares in ``directory`` (a whole one's, and each part's)."""
     return [*directory.glob(STATE), *directory.glob(".part-*-of-*-state.json")]
 
 
@@ -249,7 +250,7 @@ def read_manifest(directory: Path) -> dict:
         return _checked(path, _load(path))
     parts = part_manifests(directory)
     if not parts:
-        if _unfinished(directory):
+        if progress_files(directory):
             raise ValueError(
                 f"{directory} holds an incomplete prepare (no {MANIFEST} yet): run the same prepare command again "
                 "to finish it"

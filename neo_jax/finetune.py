@@ -441,12 +441,11 @@ def _model(config: FinetuneConfig, source: Source, mesh, new_adapters, uses_lora
                 model_config, dtype=config.dtype, seed=config.seed, mesh=mesh, attention=config.attention
             )
         else:
+            frozen_dtype = config.dtype if uses_lora else "float32"  # a frozen base may be stored in the compute dtype
             model = from_pretrained(
                 source,
                 dtype=config.dtype,
-                param_dtype=config.dtype
-                if uses_lora
-                else "float32",  # a frozen base may be stored in the compute dtype
+                param_dtype=frozen_dtype,
                 weights=config.lora_base,  # ... or as lora_base says (int8: QLoRA-style)
                 mesh=mesh,
                 attention=config.attention,

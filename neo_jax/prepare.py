@@ -54,6 +54,7 @@ from neo_jax.data import (
     expand_paths,
     part_manifests,
     pieces,
+    progress_files,
     read_documents,
     union,
     vocab_hash,
@@ -301,6 +302,10 @@ def _state_file(out: Path, prefix: str) -> Path:
     return out / (f".{prefix}-state.json" if prefix else STATE)
 
 
+def _manifest_file(out: Path, prefix: str) -> Path:
+    return out / (f"{prefix}.json" if prefix else MANIFEST)
+
+
 def _start(out: Path, overwrite: bool, prefix: str, settings: dict, described, tok) -> dict:
     """The progress to continue from (a fresh one, after clearing what ``overwrite`` may clear, with the
     tokenizer saved), holding the directory's lock."""
@@ -368,7 +373,7 @@ def _finish(out, prefix, index, count, state, settings, described, tok, tokenize
             s: sum(x["documents"] for x in state["shards"] if x["split"] == s) for s in ("train", "validation")
         },
     }
-    _write_json(out / (f"{prefix}.json" if prefix else MANIFEST), manifest)
+    _write_json(_manifest_file(out, prefix), manifest)
     _state_file(out, prefix).unlink()
     if count > 1:
         _write_union(out, count)
@@ -426,7 +431,7 @@ def _is_tokenizer_file(path: Path) -> bool:
 def _records(out: Path) -> dict[str, dict]:
     """The manifests and progress files in ``out`` that can be read: name -> content."""
     records = {}
-    for path in [out / MANIFEST, *part_manifests(out), out / STATE, *out.glob(".part-*-of-*-state.json")]:
+    for path in [out / MANIFEST, *part_manifests(out), *progress_files(out)]:
         try:
             value = json.loads(path.read_text()) if path.is_file() else None
         except (ValueError, RecursionError):
@@ -503,7 +508,7 @@ def _check_output(out: Path, overwrite: bool, prefix: str, settings: dict, descr
                 )
     if overwrite:
         return None
-    state_file, manifest = _state_file(out, prefix), out / (f"{prefix}.json" if prefix else MANIFEST)
+    state_file, manifest = _state_file(out, prefix), _manifest_file(out, prefix)
     if state_file.name in records:
         state = records[state_file.name]
         if state.get("settings") != settings or state.get("sources") != described:
