@@ -363,10 +363,22 @@ def data_cases(root: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def run_cli(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    argv: list[str], cwd: Path, env: dict | None = None, *, wrapper=(), preexec_fn=None
+) -> subprocess.CompletedProcess:
+    """The installed console script, run as ``wrapper + [neo-jax] + argv`` (``preexec_fn``: e.g. a memory cap)."""
     env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"} | (env or {})
     entry = Path(sys.executable).parent / "neo-jax"  # the console script pip installed
-    return subprocess.run([entry, *argv], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*wrapper, entry, *argv],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec_fn,
+    )
 
 
 def in_this_process(argv: list[str], capfd) -> tuple[int, str]:
@@ -622,12 +634,8 @@ def test_a_full_disk_is_one_line_naming_the_directory(tmp_path):
         (["data", "prepare", "big.jsonl", "--output", str(disk / "d"), "--tokenizer", str(tokenizer)], disk / "d"),
         ([*train, "--save-every", "2", "--seq-len", "64", "--batch-size", "4"], disk / "run" / "checkpoints"),
     ]
-    entry = Path(sys.executable).parent / "neo-jax"
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     for argv, where in cases:
-        run = subprocess.run(
-            [*small_disk, entry, *argv], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
-        )
+        run = run_cli(argv, tmp_path, wrapper=small_disk)
         last = run.stderr.strip().splitlines()[-1]
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
         assert last.startswith("neo-jax ") and re.search(
@@ -647,19 +655,8 @@ def test_a_long_document_prepares_within_a_memory_cap(tmp_path, gpt2_model_dir):
     words = (Path(ENGLISH[0]).read_text() + Path(ENGLISH[1]).read_text()).split()
     text = " ".join(np.random.default_rng(0).choice(words, 1_500_000))[:8_000_000]
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    entry = Path(sys.executable).parent / "neo-jax"
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     argv = ["data", "prepare", "long.jsonl", "--output", "out", "--tokenizer", str(gpt2_model_dir), "--num-proc", "1"]
-    run = subprocess.run(
-        [entry, *argv],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        preexec_fn=capped,
-        timeout=300,
-    )
+    run = run_cli(argv, tmp_path, preexec_fn=capped)
     assert run.returncode == 0, run.stderr[-2000:]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["documents"]["train"] == 1 and manifest["tokens"]["train"] > 1_000_000
