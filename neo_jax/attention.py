@@ -143,12 +143,17 @@ def padding_bias(causal: jax.Array, attention_mask: jax.Array) -> jax.Array:
 def dense(q, k, v, mask, bias=None):
     """Unscaled dot-product attention, heads-major: q [b, h, q, d]; k, v [b, h, k, d]; ``mask`` broadcasts
     to [b, h, q, k] (True = may attend); ``bias`` is added after masking. Returns [b, h, q, d]."""
+    return _dense(q, k, v, mask, bias)[0]
+
+
+def _dense(q, k, v, mask, bias=None):
+    """``dense``'s output and its probabilities [b, h, q, k] (in the value dtype, as they multiply the values)."""
     scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
     scores = jnp.where(mask, scores, MASK_VALUE)
     if bias is not None:
         scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
 
 
 def blockwise(q, k, v, kind: str, window: int, attention_mask=None, block: int = BLOCK, unroll: int | bool = 1):
@@ -257,6 +262,13 @@ def self_attention(q, k, v, kind: str, window: int, attention_mask=None, impleme
         return splash(q, k, v, kind, window, attention_mask)
     if implementation == "cudnn":
         return cudnn(q, k, v, kind, window, attention_mask)
+    return dense_self_attention(q, k, v, kind, window, attention_mask)[0]
+
+
+def dense_self_attention(q, k, v, kind: str, window: int, attention_mask=None):
+    """``dense`` attention of a sequence over itself: its output and its probabilities ``[b, h, T, T]`` (what
+    ``output_attentions`` returns, whatever implementation the model uses otherwise)."""
+    t = q.shape[2]
     causal = masks(t, t, window)
     bias = None if attention_mask is None else padding_bias(causal["global"], attention_mask)
-    return dense(q, k, v, causal[kind], bias)
+    return _dense(q, k, v, causal[kind], bias)

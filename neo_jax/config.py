@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from neo_jax import validate
+
 ATTENTION_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16")  # compute and storage dtypes of the command line and fine-tuning settings
 WEIGHTS = ("float32", "bfloat16", "int8")  # inference weight formats (neo_jax.quantize)
@@ -26,6 +28,16 @@ FLOAT_FIELDS = (
 )
 # Activations of transformers' ACT2FN that GPT-Neo checkpoints use or could use; see model.ACTIVATIONS.
 ACTIVATION_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish")
+# What a model is for, and transformers' class for each (config.json's "architectures"): neo_jax.model.GPTNeo
+# carries the matching head (none for the first two: the LM head is tied to the token embedding).
+TASKS = {
+    "causal-lm": "GPTNeoForCausalLM",
+    "feature-extraction": "GPTNeoModel",
+    "sequence-classification": "GPTNeoForSequenceClassification",
+    "token-classification": "GPTNeoForTokenClassification",
+    "question-answering": "GPTNeoForQuestionAnswering",
+}
+LABELLED_TASKS = ("sequence-classification", "token-classification")  # the tasks whose head has num_labels outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +68,20 @@ class GPTNeoConfig:
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
+    # The task (TASKS) and, for a classifier, its label names by id (len = num_labels) and transformers'
+    # problem_type. They are compared with the rest (the config is a static part of every compiled program, and
+    # Flax NNX hands a program's static values back to the model it runs), so models that differ only in label
+    # names each compile their own programs.
+    task: str = "causal-lm"
+    labels: tuple = ("LABEL_0", "LABEL_1")
+    problem_type: str | None = None
 
     def __post_init__(self):
         self._check_types()
         # Normalise lists (as JSON gives them) to tuples so the config stays hashable.
         types = tuple((tuple(kinds), repeat) for kinds, repeat in self.attention_types)
         object.__setattr__(self, "attention_types", types)
+        object.__setattr__(self, "labels", tuple(self.labels))
         self.validate()
 
     # ----------------------------------------------------------------- derived values
@@ -74,6 +94,15 @@ class GPTNeoConfig:
     def layer_period(self) -> tuple[str, ...]:
         """The shortest pattern whose repetition gives ``attention_layers`` (the whole list if none)."""
         return shortest_period(self.attention_layers)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def head_outputs(self) -> int:
+        """Outputs per token of the task's head (0: none, the tied LM head or the features themselves)."""
+        return {"question-answering": 2}.get(self.task, self.num_labels if self.task in LABELLED_TASKS else 0)
 
     @property
     def num_periods(self) -> int:
@@ -103,7 +132,8 @@ class GPTNeoConfig:
             "an integer or null": (lambda v: v is None or integer(v), ("intermediate_size", *TOKEN_ID_FIELDS)),
             "a finite number": (number, FLOAT_FIELDS),
             "true or false": (lambda v: isinstance(v, bool), ("use_cache", "tie_word_embeddings")),
-            "a string": (lambda v: isinstance(v, str), ("activation_function",)),
+            "a string": (lambda v: isinstance(v, str), ("activation_function", "task")),
+            "a string or null": (lambda v: v is None or isinstance(v, str), ("problem_type",)),
         }
         for what, (ok, names) in expected.items():
             for name in names:
@@ -122,6 +152,8 @@ class GPTNeoConfig:
                 "Invalid GPT-Neo config: attention_types must be a list of [[kinds...], count] pairs with a whole "
                 f'count >= 1, e.g. [[["global", "local"], 12]]; got {self.attention_types!r}'
             )
+        if not isinstance(self.labels, list | tuple) or not all(isinstance(label, str) for label in self.labels):
+            raise ValueError(f"Invalid GPT-Neo config: labels must be a list of label names, got {self.labels!r}")
         for name in TOKEN_ID_FIELDS:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"Invalid GPT-Neo config: {name} must be >= 0 or null, got {getattr(self, name)}")
@@ -156,6 +188,12 @@ class GPTNeoConfig:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.initializer_range < 0:
             problems.append(f"initializer_range must be >= 0, got {self.initializer_range}")
+        if self.task not in TASKS:
+            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if not self.labels:
+            problems.append("a model needs at least one label (num_labels >= 1)")
+        elif len(set(self.labels)) != len(self.labels):
+            problems.append(f"label names must be distinct, got {list(self.labels)}")
         if not self.tie_word_embeddings:
             problems.append("tie_word_embeddings=false is not GPT-Neo: its LM head is tied to the token embedding")
         if problems:
@@ -178,6 +216,8 @@ class GPTNeoConfig:
         data.setdefault("num_heads", data.get("num_attention_heads", cls.num_heads))
         if "attention_types" not in data and "attention_layers" in data:
             data["attention_types"] = compress_attention_layers(data["attention_layers"])
+        data["task"] = task_of(data.get("architectures"))
+        data["labels"] = _labels(data)
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         if isinstance(kwargs.get("eos_token_id"), list):  # transformers allows several; the first is the one we stop on
@@ -193,9 +233,36 @@ class GPTNeoConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict that transformers' ``GPTNeoConfig`` reads."""
         data = dataclasses.asdict(self)
+        del data["task"], data["labels"]
+        if data["problem_type"] is None:
+            del data["problem_type"]
         data["attention_types"] = [[list(kinds), repeat] for kinds, repeat in self.attention_types]
         data["attention_layers"] = list(self.attention_layers)
-        return {"architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", **data}
+        data["id2label"] = {str(i): label for i, label in enumerate(self.labels)}
+        data["label2id"] = {label: i for i, label in enumerate(self.labels)}
+        return {"architectures": [TASKS[self.task]], "model_type": "gpt_neo", **data}
+
+    def with_task(self, task: str | None = None, num_labels: int | None = None) -> GPTNeoConfig:
+        """This config for ``task`` (default: its own) with ``num_labels`` labels (default: its own if the task
+        is its own, else 2, transformers' default), checked: ``num_labels`` only for a classifier, and equal to
+        the checkpoint's own head when the task is the checkpoint's."""
+        task = self.task if task is None else task
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        if num_labels is None:
+            return self if task == self.task else dataclasses.replace(self, task=task, labels=("LABEL_0", "LABEL_1"))
+        if task not in LABELLED_TASKS:
+            raise ValueError(f"num_labels is for {' and '.join(LABELLED_TASKS)} models, not {task}: leave it out")
+        num_labels = validate.integer("num_labels", num_labels, least=1)
+        if task == self.task and num_labels != self.num_labels:
+            raise ValueError(
+                f"num_labels={num_labels} disagrees with the checkpoint's {task} head, which has {self.num_labels} "
+                f"labels ({', '.join(self.labels)}): leave num_labels out, or start a new head from a causal-lm "
+                "checkpoint"
+            )
+        if task == self.task:
+            return self
+        return dataclasses.replace(self, task=task, labels=tuple(f"LABEL_{i}" for i in range(num_labels)))
 
     @classmethod
     def preset(cls, name: str) -> GPTNeoConfig:
@@ -220,6 +287,40 @@ class GPTNeoConfig:
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+def task_of(architectures) -> str:
+    """The task of a ``config.json``'s ``architectures`` (transformers' class names; "TF"/"Flax" variants
+    too); causal-lm when it names none."""
+    if architectures is None or architectures == []:
+        return "causal-lm"
+    tasks = {name: task for task, name in TASKS.items()}
+    names = [str(name).removeprefix("TF").removeprefix("Flax") for name in (architectures or [])]
+    known = [tasks[name] for name in names if name in tasks]
+    if not isinstance(architectures, list) or not known:
+        raise ValueError(
+            f"Invalid GPT-Neo config: architectures {architectures!r} names none of transformers' GPT-Neo classes "
+            f"({', '.join(TASKS.values())})"
+        )
+    return known[0]
+
+
+def _labels(data: dict) -> tuple:
+    """The label names by id of a ``config.json``: its ``id2label`` (keys are ids, as strings in JSON), else
+    ``num_labels`` placeholder names, else transformers' default two."""
+    id2label = data.get("id2label")
+    if id2label is None:
+        count = data.get("num_labels", 2)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"Invalid GPT-Neo config: num_labels must be a positive integer, got {count!r}")
+        return tuple(f"LABEL_{i}" for i in range(count))
+    try:
+        ids = sorted((int(key), label) for key, label in id2label.items())
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"Invalid GPT-Neo config: id2label must map ids 0..n-1 to names, got {id2label!r}") from None
+    if [i for i, _ in ids] != list(range(len(ids))):
+        raise ValueError(f"Invalid GPT-Neo config: id2label must map ids 0..n-1 to names, got {id2label!r}")
+    return tuple(str(label) for _, label in ids)
 
 
 def shortest_period(layers) -> tuple[str, ...]:

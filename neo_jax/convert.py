@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from functools import partial
@@ -16,14 +17,23 @@ from flax import nnx
 from neo_jax import lora, peft
 from neo_jax.attention import check_implementation
 from neo_jax.checkpoints import ORBAX_DIR, atomic_directory, check_destination, load_orbax, save_orbax
-from neo_jax.config import GPTNeoConfig
-from neo_jax.hf import HFCheckpoint, copy_companion_files, has_nonfinite, load_hf, missing_weights, save_safetensors
-from neo_jax.model import GPTNeo
+from neo_jax.config import TASKS, GPTNeoConfig
+from neo_jax.hf import (
+    HEAD_PARAMS,
+    HFCheckpoint,
+    copy_companion_files,
+    has_nonfinite,
+    load_hf,
+    missing_weights,
+    save_safetensors,
+)
+from neo_jax.model import GPTNeo, task_head
 from neo_jax.quantize import check_weights, is_quantized, to_int8
-from neo_jax.sharding import variable_sharding
+from neo_jax.sharding import place, variable_sharding
 from neo_jax.source import Adapter, Source, resolve
 
 __all__ = ["abstract_model", "from_pretrained", "save_pretrained", "source_of"]
+log = logging.getLogger(__name__)
 
 
 def abstract_model(
@@ -51,9 +61,17 @@ def from_pretrained(
     progress: bool = True,
     adapter: str | os.PathLike | None = None,
     weights: str | None = None,
+    task: str | None = None,
+    num_labels: int | None = None,
 ) -> GPTNeo:
     """Load GPT-Neo from a hub id, a local Hugging Face directory, a neo_jax Orbax directory, a ``neo-jax
     train`` output, or a ``neo_jax.source.Source`` already resolved.
+
+    ``task`` (``neo_jax.config.TASKS``: "causal-lm", "feature-extraction", "sequence-classification",
+    "token-classification", "question-answering") is the head the model gets; by default the checkpoint's
+    own, from its ``config.json``'s ``architectures``. Another task's checkpoint gets a freshly initialised
+    head (and loses its own), each named in a one-line notice, as transformers does. ``num_labels``: a new
+    classifier head's outputs (default 2); it must equal a classifier checkpoint's own.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in. ``weights``
     ("float32", "bfloat16" or "int8", ``neo_jax.quantize``) is the weight format: the first two replace
@@ -66,14 +84,20 @@ def from_pretrained(
     against the base model's shapes before any weights load.
     """
     check_implementation(attention)  # before anything is downloaded or read
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if weights is not None and check_weights(weights) != "int8":  # int8 leaves param_dtype to the rest
         param_dtype = jnp.dtype(weights)
     source = src if isinstance(src, Source) else resolve(src, revision)
+    stored = (source.base or source).config
+    config = stored.with_task(task, num_labels)  # checked before any weights are read
     if adapter is not None:
         source = source.with_adapter(adapter)  # checked before the base's weights load
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     model = _load(source.base or source, placement, progress, dtype, param_dtype, attention, weights)
+    if config.task != stored.task:
+        _new_head(model, config, source.name, placement)
     if source.adapter is not None:
         _add_adapter(model, source.adapter, source.require_directory(), placement)
     _SOURCES[model] = source.directory
@@ -97,6 +121,28 @@ def _load(source: Source, placement, progress: bool, dtype, param_dtype, attenti
         check_finite(state, source.require_directory())
     model = nnx.merge(graphdef, state)
     return to_int8(model) if weights == "int8" and not source.int8 else model
+
+
+def _new_head(model: GPTNeo, config: GPTNeoConfig, name: str, placement) -> None:
+    """Give ``model`` the head of ``config``'s task, freshly initialised (in place), saying which of the
+    checkpoint's weights were left out and which are new, in transformers' words."""
+    left_out, new = (list(HEAD_PARAMS.get(c.task, {})) for c in (model.config, config))
+    if left_out:
+        log.warning(
+            f"Some weights of the model checkpoint at {name} were not used when initializing "
+            f"{TASKS[config.task]}: {left_out}"
+        )
+    if new:
+        log.warning(
+            f"Some weights of {TASKS[config.task]} were not initialized from the model checkpoint at {name} "
+            f"and are newly initialized: {new}; train them before using the model's outputs"
+        )
+    model.config = config
+    head = task_head(config, param_dtype=model.wpe.embedding.get_value().dtype, rngs=nnx.Rngs(0))
+    if head is not None and placement is not None:
+        for _, variable in nnx.to_flat_state(nnx.state(head, nnx.Param)):
+            variable.set_value(place(np.asarray(variable.get_value()), placement(variable)))
+    model.head = nnx.data(head)
 
 
 def _add_adapter(model: GPTNeo, adapter: Adapter, directory: Path, placement) -> None:

@@ -54,6 +54,12 @@ TOP_PARAMS = {
     "transformer.ln_f.weight": ("ln_f", "scale"),
     "transformer.ln_f.bias": ("ln_f", "bias"),
 }
+# A task's head (config.task) -> its tensors, outside ``transformer.``.
+HEAD_PARAMS = {
+    "sequence-classification": {"score.weight": ("head", "kernel")},
+    "token-classification": {"classifier.weight": ("head", "kernel"), "classifier.bias": ("head", "bias")},
+    "question-answering": {"qa_outputs.weight": ("head", "kernel"), "qa_outputs.bias": ("head", "bias")},
+}
 # In checkpoints but not parameters: the tied head, and the mask buffers old checkpoints carry.
 IGNORED = re.compile(r"lm_head\.weight|transformer\.h\.\d+\.attn\.attention\.(bias|masked_bias)")
 
@@ -74,6 +80,7 @@ BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 def param_layout(config: GPTNeoConfig) -> dict[tuple, list[str]]:
     """Our parameter path -> the Hugging Face tensors stacked into it, in stacking order."""
     layout: dict[tuple, list[str]] = {path: [name] for name, path in TOP_PARAMS.items()}
+    layout.update({path: [name] for name, path in HEAD_PARAMS.get(config.task, {}).items()})
     period = len(config.layer_period)
     for slot in range(period):
         for suffix, path in LAYER_PARAMS.items():
@@ -302,9 +309,14 @@ def copy_companion_files(source: Path, destination: Path) -> None:
 def save_safetensors(model: GPTNeo, directory: Path, max_shard_size, progress: str | bool) -> None:
     from huggingface_hub import split_state_dict_into_shards_factory
 
-    tensors = hf_tensors(model)
+    # transformers' GPTNeoModel saves its tensors without the "transformer." of the classes with a head
+    stored = (lambda name: name.removeprefix("transformer.")) if model.config.task == "feature-extraction" else str
+    tensors = {stored(name): tensor for name, tensor in hf_tensors(model).items()}
     values = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    shapes = {name: jax.ShapeDtypeStruct(*spec) for name, spec in hf_shapes(param_layout(model.config), values).items()}
+    shapes = {
+        stored(name): jax.ShapeDtypeStruct(*spec)
+        for name, spec in hf_shapes(param_layout(model.config), values).items()
+    }
     split = split_state_dict_into_shards_factory(
         shapes,
         get_storage_size=lambda s: s.size * s.dtype.itemsize,

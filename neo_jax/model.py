@@ -20,8 +20,9 @@ no mesh both are inert.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -171,8 +172,69 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.ln_2(x)), "batch", None, None), state
 
 
+# What a call with output_hidden_states / output_attentions returns, with transformers' field names: every
+# layer's input (hidden_states[0] is the embeddings' sum), the last one after ln_f; attention probabilities
+# [batch, heads, query, key] per layer. Pytrees, so jitted functions return them.
+@partial(
+    jax.tree_util.register_dataclass, data_fields=["last_hidden_state", "hidden_states", "attentions"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class BaseModelOutput:
+    """A feature-extraction model's (transformers' ``BaseModelOutputWithPast``)."""
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["logits", "hidden_states", "attentions"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class LogitsOutput:
+    """A causal LM's, a sequence classifier's or a token classifier's (``CausalLMOutputWithPast``,
+    ``SequenceClassifierOutputWithPast``, ``TokenClassifierOutput``)."""
+
+    logits: jax.Array
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["start_logits", "end_logits", "hidden_states", "attentions"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class QuestionAnsweringOutput:
+    """A question-answering model's (``QuestionAnsweringModelOutput``)."""
+
+    start_logits: jax.Array
+    end_logits: jax.Array
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+def task_head(config: GPTNeoConfig, *, param_dtype, rngs: nnx.Rngs) -> Dense | None:
+    """The task's head on the final hidden states, as transformers builds it: sequence classification's
+    ``score`` (no bias), token classification's ``classifier`` and question answering's ``qa_outputs`` (with
+    bias); None for a causal LM (its head is the token embedding) and for features. It runs in float32."""
+    if not config.head_outputs:
+        return None
+    bias = config.task != "sequence-classification"
+    return Dense(
+        config.hidden_size,
+        config.head_outputs,
+        ("labels", "embed"),
+        use_bias=bias,
+        config=config,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 class GPTNeo(nnx.Module):
-    """GPT-Neo causal language model.
+    """GPT-Neo with the head of ``config.task``: a causal language model (the default), features alone, or
+    transformers' sequence classification, token classification or question answering head.
 
     ``periods`` holds one period of the layer pattern (a list of blocks, e.g. a global then a local
     block) with every parameter stacked along a leading ``layers`` axis of length ``num_periods``:
@@ -214,33 +276,106 @@ class GPTNeo(nnx.Module):
 
         self.periods = stacked_period(rngs)
         self.ln_f = _layer_norm(config, dtype, param_dtype, rngs)
+        self.head: Dense | None = nnx.data(task_head(config, param_dtype=param_dtype, rngs=rngs))
         self.wte_scale = nnx.data(None)  # int8 token embedding (neo_jax.quantize): one scale per token row
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        """Logits ``[batch, seq, vocab]`` in float32.
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """The task's output, float32:
+
+        - causal-lm: logits ``[batch, seq, vocab]``;
+        - feature-extraction: the last hidden state ``[batch, seq, embed]`` (in the compute dtype);
+        - sequence-classification: logits ``[batch, num_labels]`` at each row's last token that is not
+          ``config.pad_token_id`` (the last token when there is none; then a batch must be one row);
+        - token-classification: logits ``[batch, seq, num_labels]``;
+        - question-answering: ``(start_logits, end_logits)``, each ``[batch, seq]``.
+
+        With ``output_hidden_states`` or ``output_attentions`` the output is an object with transformers' field
+        names (``BaseModelOutput``, ``LogitsOutput``, ``QuestionAnsweringOutput``): ``hidden_states`` holds
+        ``num_layers + 1`` states (the embeddings' sum, each block's output, the last after ``ln_f``) and
+        ``attentions`` each layer's probabilities ``[batch, heads, seq, seq]``, which are computed densely
+        whatever the attention implementation.
 
         Without ``position_ids`` positions are ``0..seq-1`` for every row, as in the reference forward.
-        ``attention_mask`` ([batch, seq], 1 = token, 0 = padding, left padding only) hides padded keys.
+        ``attention_mask`` ([batch, seq], 1 = token, 0 = padding, on either side) hides padded keys.
 
-        Called with concrete arrays, ids outside ``[0, vocab_size)`` and a mask that is not 0/1 or not
-        left-padded are a ``ValueError``. Inside ``jit`` the values are not known, so nothing is checked: an
-        out-of-range id reads a NaN embedding (JAX's gather fills out-of-bounds rows with NaN) and its
-        row's logits are NaN from that position on.
+        Called with concrete arrays, ids outside ``[0, vocab_size)`` and a mask that is not 0/1 are a
+        ``ValueError``. Inside ``jit`` the values are not known, so nothing is checked: an out-of-range id reads
+        a NaN embedding (JAX's gather fills out-of-bounds rows with NaN) and its row's outputs are NaN from that
+        position on.
         """
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
+        everything = output_hidden_states or output_attentions
+        hidden, layers, attentions = self.features(
+            input_ids, attention_mask, position_ids, every_layer=output_hidden_states, attentions=output_attentions
+        )
+        outputs = self.head_outputs(hidden, input_ids)
+        if not everything:
+            return outputs
+        if self.config.task == "question-answering":
+            return QuestionAnsweringOutput(*outputs, layers, attentions)
+        if self.config.task == "feature-extraction":
+            return BaseModelOutput(outputs, layers, attentions)
+        return LogitsOutput(outputs, layers, attentions)
+
+    def head_outputs(self, hidden, input_ids):
+        """The task's output (see ``__call__``) from the final hidden states."""
+        task = self.config.task
+        if task == "causal-lm":
+            return self.logits(hidden)
+        if task == "feature-extraction":
+            return hidden
+        head = cast(Dense, self.head)
+        if task == "sequence-classification":  # the head of one position per row, as transformers pools
+            return head(hidden[jnp.arange(hidden.shape[0]), self.last_tokens(input_ids)])
+        logits = head(hidden)
+        if task == "question-answering":
+            return logits[..., 0], logits[..., 1]
+        return constrain(logits, "batch", None, None)
+
+    def last_tokens(self, input_ids):
+        """Each row's last position whose token is not ``pad_token_id`` (0 if all are), as transformers'
+        sequence classifier finds it: left and right padding alike."""
+        input_ids = jnp.asarray(input_ids)
+        pad = self.config.pad_token_id
+        if pad is None:
+            if input_ids.shape[0] != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            return jnp.full((1,), input_ids.shape[1] - 1)
+        return jnp.argmax(jnp.arange(input_ids.shape[1]) * (input_ids != pad), axis=-1)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, remat: str = "none"):
         """The final hidden states ``[batch, seq, embed]`` (after ``ln_f``), before the LM head: the loss
         takes the head of only the positions that predict a token. ``remat`` (training: "full" or "dots",
         ``REMAT_POLICIES``) recomputes each layer period's activations in the backward pass."""
+        return self.features(input_ids, attention_mask, position_ids, remat=remat)[0]
+
+    def features(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        *,
+        remat: str = "none",
+        every_layer: bool = False,
+        attentions: bool = False,
+    ) -> tuple[jax.Array, tuple | None, tuple | None]:
+        """``(final hidden states, every layer's hidden states or None, every layer's attention probabilities
+        or None)`` of a forward pass over whole sequences (see ``__call__``)."""
         if _known(input_ids):  # on the host; inside jit see __call__
             validate.token_ids(input_ids, self.config.vocab_size)
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         if attention_mask is not None and _known(attention_mask):
-            validate.attention_mask(attention_mask, input_ids.shape)
-        seq_len = input_ids.shape[1]
+            validate.attention_mask(attention_mask, input_ids.shape, left_padded=False)
+        batch, seq_len = input_ids.shape
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {seq_len} exceeds max_position_embeddings "
@@ -249,13 +384,27 @@ class GPTNeo(nnx.Module):
         if position_ids is None:
             position_ids = jnp.arange(seq_len)[None, :]
         mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        window = self.config.window_size
 
         def attention(layer, kind, q, k, v, state):
-            window = self.config.window_size
             return attention_impls.self_attention(q, k, v, kind, window, mask, self.attention), state
 
-        hidden, _ = self.transform(input_ids, position_ids, attention, remat=remat)
-        return hidden
+        def with_probabilities(layer, kind, q, k, v, state):  # always dense: it forms [seq, seq] anyway
+            out, probs = attention_impls.dense_self_attention(q, k, v, kind, window, mask)
+            return out, jax.lax.dynamic_update_index_in_dim(state, probs, layer, 0)
+
+        state = None
+        if attentions:
+            shape = (self.config.num_layers, batch, self.config.num_heads, seq_len, seq_len)
+            state = constrain(jnp.zeros(shape, self.dtype), None, "batch", "heads", None, None)
+        x = self.embed(input_ids, position_ids)
+        last, state, outputs = self.blocks(
+            x, with_probabilities if attentions else attention, state, remat=remat, every_layer=every_layer
+        )
+        hidden = self.ln_f(last)
+        layers = None if outputs is None else (x, *(outputs[i] for i in range(self.config.num_layers - 1)), hidden)
+        probabilities = None if state is None else tuple(state[i] for i in range(self.config.num_layers))
+        return hidden, layers, probabilities
 
     def transform(
         self,
@@ -278,31 +427,50 @@ class GPTNeo(nnx.Module):
         static layer index: decoding uses it, because XLA:CPU copies every weight it slices out of a
         stacked array, which would double the memory traffic of a single-token step.
         """
+        x, state, _ = self.blocks(self.embed(input_ids, position_ids), attention, state, periods, remat=remat)
+        return self.ln_f(x), state
+
+    def embed(self, input_ids, position_ids):
+        """The token and position embeddings' sum, the first block's input."""
         tokens = _lookup(self.wte, input_ids)
         if self.wte_scale is not None:
             tokens = tokens * self.wte_scale[...][input_ids][..., None].astype(tokens.dtype)
-        x = constrain(tokens + _lookup(self.wpe, position_ids), "batch", None, None)
+        return constrain(tokens + _lookup(self.wpe, position_ids), "batch", None, None)
+
+    def blocks(
+        self, x, attention: LayerAttention, state: Any = None, periods=None, *, remat="none", every_layer=False
+    ) -> tuple[jax.Array, Any, jax.Array | None]:
+        """Every block over ``x`` (see ``transform``): ``(the last block's output, state, every block's output
+        stacked [layers, ...] if ``every_layer``, else None)``."""
         size = len(self.config.layer_period)
 
         def run(x, state, index, period):
+            outputs = []
             for slot, block in enumerate(period):
                 x, state = block(x, partial(attention, index * size + slot), state)
-            return x, state
+                outputs.append(x)
+            return x, state, jnp.stack(outputs) if every_layer else None
 
         if periods is None:
 
             def run_period(carry, period):
                 x, state, index = carry
-                return *run(x, state, index, period), index + 1
+                x, state, outputs = run(x, state, index, period)
+                return (x, state, index + 1), outputs
 
             if remat != "none":  # recompute a period's activations in the backward pass
                 run_period = nnx.remat(run_period, policy=REMAT_POLICIES[remat])
-            run_period = nnx.scan(run_period, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            x, state, _ = run_period((x, state, jnp.int32(0)), self.periods)
+            run_period = nnx.scan(run_period, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            (x, state, _), outputs = run_period((x, state, jnp.int32(0)), self.periods)
         else:
+            outputs = []
             for index, period in enumerate(periods):
-                x, state = run(x, state, index, period)
-        return self.ln_f(x), state
+                x, state, out = run(x, state, index, period)
+                outputs.append(out)
+            outputs = jnp.stack(outputs) if every_layer else None
+        if outputs is not None:  # [periods, period, ...] -> [layers, ...]: layer i is period i // size, slot i % size
+            outputs = outputs.reshape(-1, *outputs.shape[2:])
+        return x, state, outputs
 
     def logits(self, hidden):
         """The tied LM head, accumulated and returned in float32."""

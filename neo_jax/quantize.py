@@ -26,9 +26,10 @@ def check_weights(weights: str) -> str:
 
 
 def _dense_layers(model):
+    """The blocks' Dense layers (a task head keeps its float weights: it is tiny)."""
     from neo_jax.model import Dense
 
-    return [module for _, module in nnx.iter_modules(model) if isinstance(module, Dense)]
+    return [module for _, module in nnx.iter_modules(model.periods) if isinstance(module, Dense)]
 
 
 def is_quantized(model) -> bool:

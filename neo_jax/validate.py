@@ -41,10 +41,10 @@ def token_ids(ids, vocab_size: int, name: str = "input_ids") -> np.ndarray:
     return ids
 
 
-def attention_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
-    """``mask`` ([batch, seq]) if it is 0/1, left-padded (each row's zeros come before its ones) and has a token
-    in every row. Right padding is refused rather than followed: a right-padded row's logits at its padding
-    positions would be computed from padding, and generation would continue after the padding."""
+def attention_mask(mask, shape: tuple[int, ...], left_padded: bool = True) -> np.ndarray:
+    """``mask`` ([batch, seq]) if it is 0/1, has a token in every row and, if ``left_padded`` (generation), is
+    left-padded: each row's zeros come before its ones. Generation refuses right padding rather than follow it:
+    it would continue after the padding. A forward pass takes padding on either side."""
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
         raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {tuple(shape)}")
@@ -53,7 +53,7 @@ def attention_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
     if not np.isin(mask, (0, 1)).all():
         raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got values {np.unique(mask)[:5]}")
     right_padded = (np.diff(mask.astype(np.int8), axis=-1) < 0).any(axis=-1)
-    if right_padded.any():
+    if left_padded and right_padded.any():
         row = int(np.nonzero(right_padded)[0][0])
         raise ValueError(
             f"attention_mask row {row} has padding after a token: neo_jax takes left padding only (pad on the left, "
@@ -61,5 +61,5 @@ def attention_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
         )
     if not mask.any(axis=-1).all():
         row = int(np.nonzero(~mask.any(axis=-1))[0][0])
-        raise ValueError(f"a prompt row is empty (row {row}): its attention_mask is all zeros")
+        raise ValueError(f"row {row} is empty: its attention_mask is all zeros")
     return mask

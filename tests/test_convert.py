@@ -77,11 +77,17 @@ def test_bfloat16_bin_checkpoint(tmp_path):
 
 
 def test_base_model_checkpoint_without_prefix(tmp_path):
-    """A GPTNeoModel (no LM head) saves names without the 'transformer.' prefix."""
+    """A GPTNeoModel (no LM head) saves names without the 'transformer.' prefix. It loads as features, and as a
+    causal LM with its head tied to the embeddings."""
     model = make_hf_model()
     model.transformer.save_pretrained(tmp_path / "base")
     ids = random_ids(1, 30, SMALL["vocab_size"])
-    ours = neo_jax.from_pretrained(tmp_path / "base", progress=False)
+    features = neo_jax.from_pretrained(tmp_path / "base", progress=False)
+    assert features.config.task == "feature-extraction"
+    with torch.no_grad():
+        expected = model.transformer(torch.tensor(ids)).last_hidden_state.numpy()
+    assert np.abs(np.asarray(features(ids)) - expected).max() <= TOL
+    ours = neo_jax.from_pretrained(tmp_path / "base", task="causal-lm", progress=False)
     assert np.abs(logits(ours, ids) - hf_logits(model, ids)).max() <= TOL
 
 

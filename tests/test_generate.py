@@ -264,7 +264,7 @@ def test_processors_equal_transformers_warpers(seed):
     "kwargs, message",
     [
         (dict(input_ids=np.zeros((1, 0), np.int64)), "prompt is empty"),
-        (dict(attention_mask=np.zeros((1, 4), np.int64)), "prompt row is empty"),
+        (dict(attention_mask=np.zeros((1, 4), np.int64)), "row 0 is empty"),
         (dict(max_new_tokens=300), "exceeds max_position_embeddings"),
         (dict(top_p=0.0, do_sample=True), "top_p must be in"),
         (dict(top_p=1.5, do_sample=True), "top_p must be in"),
