@@ -287,7 +287,7 @@ class GPTNeo(nnx.Module):
         *,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-    ):
+    ) -> Any:
         """The task's output, float32:
 
         - causal-lm: logits ``[batch, seq, vocab]``;
@@ -324,7 +324,7 @@ class GPTNeo(nnx.Module):
             return BaseModelOutput(outputs, layers, attentions)
         return LogitsOutput(outputs, layers, attentions)
 
-    def head_outputs(self, hidden, input_ids):
+    def head_outputs(self, hidden, input_ids) -> Any:
         """The task's output (see ``__call__``) from the final hidden states."""
         task = self.config.task
         if task == "causal-lm":
