@@ -319,7 +319,8 @@ class GPTNeo(nnx.Module):
         if not everything:
             return outputs
         if self.config.task == "question-answering":
-            return QuestionAnsweringOutput(*outputs, layers, attentions)
+            start, end = outputs
+            return QuestionAnsweringOutput(start, end, layers, attentions)
         if self.config.task == "feature-extraction":
             return BaseModelOutput(outputs, layers, attentions)
         return LogitsOutput(outputs, layers, attentions)
