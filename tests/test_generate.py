@@ -84,6 +84,34 @@ def test_greedy_with_repetition_penalty_matches_transformers(small):
     assert not (ours == gen.generate(model, ids, mask, max_new_tokens=30, pad_token_id=PAD)).all()
 
 
+def test_min_lengths_bad_words_and_logit_bias_match_transformers(small):
+    """min_new_tokens and min_length (prompt and padding counted, as transformers counts) hold EOS back;
+    bad_words_ids bans one-token words always and longer ones after their prefix, the prefix reaching into the
+    prompt; logit_bias equals transformers' sequence_bias of one-token sequences."""
+    hf, model = small
+    ids, mask = left_padded([5, 11, 3, 8], SMALL["vocab_size"], seed=4)
+    width = ids.shape[1]
+    free = hf_generate(hf, ids, mask, max_new_tokens=20, eos_token_id=None)[:, width:]
+    eos = int(free[0, 1])  # row 0 would stop at its second token
+    frequent = frequent_token(free)
+    cases = [
+        dict(min_new_tokens=6),
+        dict(min_length=width + 9),
+        dict(bad_words_ids=[[frequent], [int(free[1, 0]), int(free[1, 1])], [int(ids[2, -1]), int(free[2, 0])]]),
+        dict(logit_bias={frequent: -4.0, int(free[3, 2]): 2.5, eos: 1.0}),
+        dict(min_new_tokens=4, bad_words_ids=[[frequent]], logit_bias={int(free[0, 0]): -30.0}),
+    ]
+    for kwargs in cases:
+        theirs = dict(kwargs)
+        if "logit_bias" in theirs:
+            theirs["sequence_bias"] = {(token,): bias for token, bias in theirs.pop("logit_bias").items()}
+        ref = hf_generate(hf, ids, mask, max_new_tokens=20, eos_token_id=eos, **theirs)
+        ours = gen.generate(model, ids, mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=PAD, **kwargs)
+        assert_same_tokens(ours, ref)
+        plain = gen.generate(model, ids, mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=PAD)
+        assert not (ours == plain).all(), kwargs  # each setting changes what is generated
+
+
 @pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), (True, 0.5), ("never", 2.0), (False, -1.0)])
 def test_beam_search_matches_transformers(small, early_stopping, length_penalty):
     hf, model = small
@@ -273,6 +301,17 @@ def test_processors_equal_transformers_warpers(seed):
         (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
         (dict(num_beams=2, do_sample=True), "num_beams > 1 is beam search"),
         (dict(input_ids=np.full((1, 4), 10_000)), "input_ids must be in"),
+        (dict(min_new_tokens=-1), "min_new_tokens must be >= 0"),
+        (dict(min_length=2.5), "min_length must be an integer"),
+        (dict(bad_words_ids=[1, 2]), "bad_words_ids must be a list of non-empty lists"),
+        (dict(bad_words_ids=[[]]), "bad_words_ids must be a list of non-empty lists"),
+        (dict(bad_words_ids=[[400]]), "a bad_words_ids token must be <= 319"),
+        (dict(logit_bias={"x": 1.0}), "logit_bias key 'x' must be an integer"),
+        (dict(logit_bias={320: 1.0}), "logit_bias key 320 must be <= 319"),
+        (dict(logit_bias={5: float("nan")}), r"logit_bias\[5\] must be a finite number"),
+        (dict(logit_bias=[5]), "logit_bias must map token ids to numbers"),
+        (dict(num_beams=2, min_new_tokens=3, eos_token_id=1), "min_length / min_new_tokens is not supported with beam"),
+        (dict(num_beams=2, bad_words_ids=[[3]]), "bad_words_ids is not supported with beam search"),
     ],
 )
 def test_bad_input_fails_before_compiling(small, monkeypatch, kwargs, message):

@@ -462,6 +462,27 @@ def test_greedy_through_the_server_equals_generate(server, client, model, gpt2_m
     assert echoed.choices[0].text == texts[1] + sorted(response.choices, key=lambda c: c.index)[1].text
 
 
+def test_min_tokens_and_logit_bias_through_the_server_equal_generate(client, model, gpt2_model_dir):
+    """EOS pushed up by logit_bias and held back by min_tokens: each completion is exactly the min_tokens
+    tokens of generate with the same settings; logit_bias alone stops at once."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_model_dir)
+    text = "Once upon a time"
+    ids = tokenizer(text)["input_ids"]
+    settings = dict(min_tokens=5, logit_bias={"50256": 100})
+    response = client.completions.create(
+        model="neo", prompt=[text, "1 2"], max_tokens=12, temperature=0, extra_body=settings
+    )
+    held = min(response.choices, key=lambda c: c.index)
+    expected = neo_jax.generate(
+        model, np.array(ids), max_new_tokens=12, min_new_tokens=5, logit_bias={50256: 100}, eos_token_id=50256
+    )[0, len(ids) :]
+    assert expected[5] == 50256 and held.finish_reason == "stop"
+    assert held.text == tokenizer.decode(expected[:5])
+    assert all(choice.finish_reason == "stop" for choice in response.choices)
+    biased = client.completions.create(model="neo", prompt=text, max_tokens=4, temperature=0, logit_bias={"50256": 100})
+    assert biased.choices[0].text == "" and biased.choices[0].finish_reason == "stop"
+
+
 def test_each_adapter_through_the_server_equals_its_merged_model(server, client, gpt2_model_dir, adapters):
     from neo_jax import lora
 
@@ -641,7 +662,13 @@ BAD_BODIES = [  # (body or raw text, status, param)
     ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"prompt": "hi", "suffix": "end"}, 400, "suffix"),
     ({"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
-    ({"prompt": "hi", "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"50256": -101}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"50257": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": "a"}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+    ({"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ({"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),  # more than max_tokens (16)
     ({"max_tokens": 3}, 400, "prompt"),
     ('{"model": "neo", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ('{"model": "neo", "prompt": "hi", "top_p": Infinity}', 400, "top_p"),

@@ -37,7 +37,7 @@ from neo_jax.attention import dense
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, _set, init_cache, prefill
 from neo_jax.generation.programs import build
-from neo_jax.generation.sampling import NEG_INF, min_p, repetition_penalty, seed_key, temperature
+from neo_jax.generation.sampling import NEG_INF, min_new_tokens, min_p, repetition_penalty, seed_key, temperature
 from neo_jax.shapes import bucket
 
 TOP_LOGPROBS = 5  # the most alternatives per token OpenAI's completions API returns
@@ -58,10 +58,19 @@ class RowSampling:
     repetition_penalty: jax.Array
     sample: jax.Array  # bool: sample, else the most likely token
     key: jax.Array  # typed PRNG keys
+    eos: jax.Array  # the row's EOS id (-1: none)
+    min_tokens: jax.Array  # no EOS before this many tokens
+    bias_ids: jax.Array  # [rows, MAX_LOGIT_BIAS] logit_bias: token ids (padding: 0 with value 0)
+    bias_values: jax.Array  # [rows, MAX_LOGIT_BIAS] the numbers added to their logits first
 
     @classmethod
     def of(cls, rows: list[dict]) -> RowSampling:
-        column = lambda name, dtype: jnp.asarray(np.array([r[name] for r in rows], dtype))
+        column = lambda name, dtype: jnp.asarray(np.array([r.get(name, NEUTRAL[name]) for r in rows], dtype))
+        bias_ids = np.zeros((len(rows), MAX_LOGIT_BIAS), np.int32)
+        bias_values = np.zeros((len(rows), MAX_LOGIT_BIAS), np.float32)
+        for i, row in enumerate(rows):
+            bias = row.get("logit_bias") or {}
+            bias_ids[i, : len(bias)], bias_values[i, : len(bias)] = list(bias), list(bias.values())
         return cls(
             temperature=column("temperature", np.float32),
             top_k=column("top_k", np.int32),
@@ -70,10 +79,17 @@ class RowSampling:
             repetition_penalty=column("repetition_penalty", np.float32),
             sample=column("sample", bool),
             key=jax.random.wrap_key_data(jnp.stack([jax.random.key_data(seed_key(r["seed"])) for r in rows])),
+            eos=column("eos", np.int32),
+            min_tokens=column("min_tokens", np.int32),
+            bias_ids=jnp.asarray(bias_ids),
+            bias_values=jnp.asarray(bias_values),
         )
 
 
-NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, sample=False, seed=0)
+NEUTRAL = dict(
+    temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, sample=False, seed=0, eos=-1, min_tokens=0
+)
+MAX_LOGIT_BIAS = 300  # logit_bias entries a request may give
 
 
 def _threshold(values, enough, low, high, steps: int = 32):
@@ -120,14 +136,19 @@ def _choose(logits, seen, settings: RowSampling, steps):
     s = settings
     sampled = s.sample
     keep = lambda x, _: x
+    rows = jnp.arange(logits.shape[0])[:, None]
+    x = jax.lax.cond(
+        jnp.any(s.bias_values != 0), lambda x: x.at[rows, s.bias_ids].add(s.bias_values), lambda x: x, logits
+    )
     x = jax.lax.cond(
         jnp.any(s.repetition_penalty != 1),
         repetition_penalty,
         lambda x, *_: x,
-        logits,
+        x,
         seen,
         s.repetition_penalty[:, None],
     )
+    x = min_new_tokens(x, steps[:, None], s.min_tokens[:, None], s.eos[:, None])
     x = temperature(x, s.temperature[:, None])
     x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
     x = jax.lax.cond(jnp.any(sampled & (s.top_p < 1)), top_p_rows, keep, x, s.top_p)

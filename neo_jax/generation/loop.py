@@ -30,13 +30,19 @@ class LoopState:
     positions: jax.Array  # [batch] position of ``last``
     finished: jax.Array  # [batch]
     seen: jax.Array  # [batch, vocab] tokens in the sequence (repetition penalty), else [batch, 1]
+    prompt_tail: jax.Array  # [batch, params.history] the prompt's last tokens (banned sequences)
     step: jax.Array  # number of tokens generated so far
     key: jax.Array
 
 
 def _emit(state: LoopState, logits, params: SamplingParams, eos, pad) -> LoopState:
     """Pick the next token of every row from ``logits`` and record it."""
-    token = params.choose(params.process(logits, state.seen), jax.random.fold_in(state.key, state.step))
+    # a row's latest ``params.history`` tokens: the prompt's tail, then what was generated
+    history = jax.lax.dynamic_slice_in_dim(
+        jnp.concatenate([state.prompt_tail, state.tokens], axis=1), state.step, params.history, axis=1
+    )
+    logits = params.process(logits, state.seen, state.step, history, eos)
+    token = params.choose(logits, jax.random.fold_in(state.key, state.step))
     token = jnp.where(state.finished, pad, token)
     seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True) if params.use_repetition_penalty else state.seen
     return dataclasses.replace(
@@ -51,7 +57,19 @@ def _emit(state: LoopState, logits, params: SamplingParams, eos, pad) -> LoopSta
 
 @partial(jax.jit, static_argnames=("graphdefs", "max_len", "max_new"))
 def _start(
-    graphdefs, arrays, input_ids, attention_mask, seen, params: SamplingParams, key, eos, pad, *, max_len, max_new
+    graphdefs,
+    arrays,
+    input_ids,
+    attention_mask,
+    seen,
+    prompt_tail,
+    params: SamplingParams,
+    key,
+    eos,
+    pad,
+    *,
+    max_len,
+    max_new,
 ):
     """Prefill and pick the first new token."""
     model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
@@ -64,6 +82,7 @@ def _start(
         positions=attention_mask.sum(axis=1).astype(jnp.int32),  # where the first new token goes
         finished=jnp.zeros((batch,), bool),
         seen=seen,
+        prompt_tail=prompt_tail,
         step=jnp.int32(0),
         key=key,
     )
@@ -96,6 +115,12 @@ def compiled_programs() -> dict[str, int]:
     return {name: jitted._cache_size() for name, jitted in programs.items()}
 
 
+def _params(model: GPTNeo, sampling: dict, prompt_length: int, eos_token_id) -> SamplingParams:
+    return SamplingParams.of(
+        **sampling, vocab_size=model.config.vocab_size, prompt_length=prompt_length, eos_token_id=eos_token_id
+    )
+
+
 def stream(
     model: GPTNeo,
     input_ids,
@@ -112,7 +137,8 @@ def stream(
 
     Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
     """
-    params = SamplingParams.of(**sampling, vocab_size=model.config.vocab_size)
+    width = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
+    params = _params(model, sampling, width, eos_token_id)
     key = seed_key(seed)
     if chunk_size is not None:
         validate.integer("chunk_size", chunk_size, least=1)
@@ -120,12 +146,16 @@ def stream(
     if max_new_tokens == 0:
         return
     vocab = model.config.vocab_size
+    caller_ids = np.asarray(input_ids).reshape(request.input_ids.shape[0], -1)
     if params.use_repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
-        caller_ids = np.asarray(input_ids).reshape(request.input_ids.shape[0], -1)
         seen = np.zeros((caller_ids.shape[0], vocab), bool)
         seen[np.arange(caller_ids.shape[0])[:, None], caller_ids] = True
     else:
         seen = np.zeros((request.input_ids.shape[0], 1), bool)
+    prompt_tail = np.full((caller_ids.shape[0], params.history), -2, np.int32)  # -2: before the prompt, no token
+    if params.history:
+        tail = caller_ids[:, -params.history :]
+        prompt_tail[:, params.history - tail.shape[1] :] = tail
     weights = Weights.of(model)
     graphdefs, arrays = (weights.graphdef, weights.period_graphdef), (weights.params, weights.periods)
     max_len = cache_bucket(request.input_ids.shape[1] + max_new_tokens)
@@ -138,6 +168,7 @@ def stream(
             jnp.asarray(request.input_ids),
             jnp.asarray(request.attention_mask),
             jnp.asarray(seen),
+            jnp.asarray(prompt_tail),
             params,
             key,
             eos,
@@ -176,11 +207,13 @@ def generate(
     Returns ``[batch, seq + max_new_tokens]``: the prompt, then the new tokens; after a row emits
     ``eos_token_id`` the rest of it is ``pad_token_id`` (default: the EOS id). ``eos_token_id=None`` never
     stops early. Greedy by default; ``sampling`` takes transformers' keywords (``do_sample``, ``temperature``,
-    ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``: ``SamplingParams.of``); ``num_beams > 1`` is
+    ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``min_length``, ``min_new_tokens``,
+    ``bad_words_ids``) and OpenAI's ``logit_bias`` (``SamplingParams.of``); ``num_beams > 1`` is
     beam search with ``length_penalty`` and ``early_stopping`` as in transformers. The same ``seed`` gives
     the same samples.
     """
-    check_beams(SamplingParams.of(**sampling), num_beams)
+    width = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
+    check_beams(_params(model, sampling, width, eos_token_id), num_beams)
     prompt = np.asarray(input_ids)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if num_beams > 1:

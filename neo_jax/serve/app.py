@@ -69,7 +69,8 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 class CompletionRequest(BaseModel):
-    """The fields of OpenAI's ``/v1/completions``, plus ``top_k``, ``min_p`` and ``repetition_penalty``."""
+    """The fields of OpenAI's ``/v1/completions``, plus ``top_k``, ``min_p``, ``repetition_penalty`` and
+    ``min_tokens`` (vLLM's)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)  # "4" or true is not an integer
     model: str
@@ -80,6 +81,8 @@ class CompletionRequest(BaseModel):
     top_k: int | None = 0
     min_p: float | None = 0.0
     repetition_penalty: float | None = 1.0
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=16)
     best_of: int | None = None
     stop: str | list[str] | None = None
@@ -93,7 +96,6 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict | None = None
 
     def unsupported(self) -> str | None:
         if self.best_of is not None and self.best_of != self.n:
@@ -103,7 +105,7 @@ class CompletionRequest(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 return name
-        return "logit_bias" if self.logit_bias else None
+        return None
 
 
 class _Choice:
@@ -375,8 +377,12 @@ def create_app(
             if "maximum context length" in message:
                 raise APIError(400, message, param="prompt", code="context_length_exceeded") from None
             raise APIError(400, message, param="max_tokens" if message.startswith("max_tokens") else "prompt") from None
-        values = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
-        values = {k: v for k, v in values.items() if v is not None}
+        fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_tokens", "logit_bias")
+        values = {k: v for k in fields if (v := getattr(body, k)) is not None}
+        if body.min_tokens > max_tokens:
+            raise APIError(
+                400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens"
+            )
         try:
             base = sampling_settings(**values, seed=body.seed, vocab_size=vocab)
         except ValueError as error:

@@ -46,6 +46,7 @@ from neo_jax.generation import batching
 from neo_jax.generation.batching import (
     BLOCK,
     DEFAULT_PREFILL_CHUNK,
+    MAX_LOGIT_BIAS,
     NEUTRAL,
     Lanes,
     RowSampling,
@@ -123,11 +124,15 @@ def sampling_settings(
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    min_tokens: int = 0,
+    logit_bias: dict | None = None,
     seed: int | None = None,
     vocab_size: int,
 ) -> dict:
     """One request's settings, checked as ``generate`` checks them (``SamplingParams.of``): ``temperature`` 0
-    is greedy, ``top_k`` 0 (or -1, vLLM's spelling) is off; without a ``seed`` a random one is drawn."""
+    is greedy, ``top_k`` 0 (or -1, vLLM's spelling) is off; ``min_tokens`` (vLLM's) holds EOS back;
+    ``logit_bias`` is OpenAI's (at most ``MAX_LOGIT_BIAS`` token ids, each biased by -100 to 100); without a
+    ``seed`` a random one is drawn."""
     if top_k == -1 and not isinstance(top_k, bool):
         top_k = 0
     params = SamplingParams.of(
@@ -137,8 +142,17 @@ def sampling_settings(
         top_p=top_p,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
+        min_new_tokens=min_tokens,
+        logit_bias=logit_bias,
         vocab_size=vocab_size,
     )
+    bias = {}
+    if params.use_logit_bias:
+        if len(logit_bias or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(logit_bias or {})}")
+        bias = {int(token): float(params.logit_bias[int(token)]) for token in logit_bias or {}}
+        if any(not -100 <= value <= 100 for value in bias.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     validate.integer("seed", seed)
@@ -152,6 +166,8 @@ def sampling_settings(
         repetition_penalty=float(params.repetition_penalty),
         sample=params.do_sample,
         seed=seed,
+        min_tokens=int(params.min_new),
+        logit_bias=bias,
     )
 
 
@@ -325,6 +341,7 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (checked first); raises QueueFull or EngineStopped when it cannot wait."""
         self.check(request.prompt, request.max_tokens)
+        request.sampling = {**request.sampling, "eos": -1 if self.eos_token_id is None else self.eos_token_id}
         if not -1 <= request.adapter < len(self.adapters):
             raise ValueError(f"adapter {request.adapter} is not one of this engine's {len(self.adapters)}")
         with self._lock:
