@@ -123,6 +123,8 @@ def test_generate_sampling_and_beams(text_dir, capsys):
     assert json.loads(capsys.readouterr().out)["completion"] == first
     assert main([*base, "--num-beams", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] > 0
+    assert main([*base, "--min-new-tokens", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 8
 
 
 @pytest.mark.parametrize(
@@ -134,6 +136,8 @@ def test_generate_sampling_and_beams(text_dir, capsys):
         (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["--num-beams", "2", "--temperature", "0.5"], "cannot be combined"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--min-new-tokens", "-1"], "min_new_tokens must be >= 0"),
+        (["--num-beams", "2", "--min-length", "9"], "min_length / min_new_tokens is not supported with beam search"),
     ],
 )
 def test_generate_rejects_bad_options_before_loading(tmp_path, capsys, extra, message):

@@ -37,6 +37,10 @@ def add_parser(commands) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set reaching this probability")
     p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="generate at least this many tokens before EOS")
+    p.add_argument(
+        "--min-length", type=int, default=0, help="no EOS before the prompt plus the new tokens are this long"
+    )
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
@@ -61,7 +65,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
     if args.num_beams > 1 and knobs:
         raise ValueError("--num-beams is beam search: it cannot be combined with --temperature/--top-k/--top-p/--min-p")
     options = {"do_sample": bool(knobs), **knobs, "repetition_penalty": args.repetition_penalty}
-    check_beams(SamplingParams.of(**options), args.num_beams)
+    options |= {"min_new_tokens": args.min_new_tokens, "min_length": args.min_length}
+    check_beams(SamplingParams.of(**options, eos_token_id=-1), args.num_beams)  # -1: whatever EOS the model has
     return options | {"num_beams": args.num_beams, "seed": args.seed}
 
 
