@@ -14,6 +14,7 @@ _EXPORTS = {
     "generate": "neo_jax.generation",
     "init_model": "neo_jax.model",
     "make_mesh": "neo_jax.sharding",
+    "pipeline": "neo_jax.pipelines",
     "save_pretrained": "neo_jax.convert",
 }
 __all__ = list(_EXPORTS)
