@@ -269,6 +269,7 @@ def generate_programs(
     )
     ids = _input((batch, width), jnp.int32, mesh)
     seen = _input((batch, 1), jnp.bool_, mesh)
+    prompt_tail = _input((batch, 0), jnp.int32, mesh)  # no banned sequences
     with jax.set_mesh(mesh):
         prefill = _start.lower(
             graphdefs,
@@ -276,6 +277,7 @@ def generate_programs(
             ids,
             ids,
             seen,
+            prompt_tail,
             params,
             key,
             scalar(jnp.int32),

@@ -77,6 +77,19 @@ def token_losses(model: GPTNeo, input_ids, loss_mask=None, *, remat: str = "none
     return (losses * weights).sum(), weights.sum()
 
 
+def head_losses(model: GPTNeo, input_ids, attention_mask, labels, *, remat: str = "none"):
+    """(sum of the task head's losses in float32, number of labelled examples or tokens) for one batch: cross
+    entropy for a classifier (labels -100 are left out), squared error for a one-output (regression) head."""
+    hidden = model.hidden_states(input_ids, attention_mask, remat=remat)
+    logits = model.head_outputs(hidden, input_ids).astype(jnp.float32)  # [batch, labels] or [batch, seq, labels]
+    if logits.shape[-1] == 1:
+        return ((logits[..., 0] - labels) ** 2).sum(), jnp.float32(labels.size)
+    keep = labels != -100
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    losses = -jnp.take_along_axis(log_probs, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(keep, losses, 0.0).sum(), keep.sum().astype(jnp.float32)
+
+
 def next_token_loss(model: GPTNeo, input_ids, loss_mask=None, *, remat: str = "none"):
     """Mean next-token cross entropy over the batch's target tokens."""
     total, count = token_losses(model, input_ids, loss_mask, remat=remat)
@@ -92,8 +105,12 @@ def train_step(
     grad_accum: int = 1,
     remat: str = "none",
     rng=None,
+    labels=None,
 ):
     """One optimizer step on a batch, in place; returns ``{"loss", "grad_norm"}``.
+
+    With ``labels`` the loss is the task head's (``head_losses``) and ``loss_mask`` is the batch's attention mask
+    (its padding); without, it is the next-token loss of a causal LM.
 
     With ``grad_accum > 1`` the batch is cut into that many micro-batches whose gradients are summed in a
     scan before the single update: the same step as the whole batch at once, in less activation memory.
@@ -112,26 +129,38 @@ def train_step(
     elif rng is None:
         raise ValueError("this model's LoRA adapters use dropout: pass rng=jax.random.key(...) for the step's masks")
     with use_mesh(model_mesh(model)):
-        return compiled_train_step(model, optimizer, input_ids, loss_mask, rng, grad_accum=grad_accum, remat=remat)
+        return compiled_train_step(
+            model, optimizer, input_ids, loss_mask, rng, labels, grad_accum=grad_accum, remat=remat
+        )
 
 
 @partial(nnx.jit, static_argnames=("grad_accum", "remat"), donate_argnames=("model", "optimizer"))
 def compiled_train_step(
-    model: GPTNeo, optimizer: nnx.Optimizer, input_ids, loss_mask, rng=None, *, grad_accum: int, remat: str = "none"
+    model: GPTNeo,
+    optimizer: nnx.Optimizer,
+    input_ids,
+    loss_mask,
+    rng=None,
+    labels=None,
+    *,
+    grad_accum: int,
+    remat: str = "none",
 ):
     """``train_step``'s program; the caller enters the model's mesh (``neo_jax.aot`` lowers it for a TPU)."""
     graphdef, params, rest = nnx.split(model, trainable(model), ...)  # gradients for what trains only
 
-    def summed(params, rest, ids, mask, rng):
+    def summed(params, rest, ids, mask, rng, labels):
         # copy=True: fresh Variables at this trace level for what does not train (frozen LoRA bases) too
         model = nnx.merge(graphdef, params, rest, copy=True)
         if rng is not None:
             with_dropout(model, rng)
+        if labels is not None:
+            return head_losses(model, ids, mask, labels, remat=remat)
         return token_losses(model, ids, mask, remat=remat)
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
     if grad_accum == 1:
-        (total, count), grads = grad_fn(params, rest, input_ids, loss_mask, rng)
+        (total, count), grads = grad_fn(params, rest, input_ids, loss_mask, rng, labels)
     else:
         if input_ids.shape[0] % grad_accum:
             raise ValueError(f"batch {input_ids.shape[0]} does not split into {grad_accum} micro-batches")
@@ -145,7 +174,8 @@ def compiled_train_step(
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
-        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro(input_ids), micro(loss_mask), rngs))
+        batches = (micro(input_ids), micro(loss_mask), rngs, None if labels is None else micro(labels))
+        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, batches)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     optimizer.update(model, grads)
