@@ -89,15 +89,15 @@ def from_pretrained(
     if weights is not None and check_weights(weights) != "int8":  # int8 leaves param_dtype to the rest
         param_dtype = jnp.dtype(weights)
     source = src if isinstance(src, Source) else resolve(src, revision)
-    stored = (source.base or source).config
-    config = stored.with_task(task, num_labels)  # checked before any weights are read
+    stored = (source.base or source).config  # what the weights hold; a LoRA run's own config may add a head
+    config = source.config.with_task(task, num_labels)  # checked before any weights are read
     if adapter is not None:
         source = source.with_adapter(adapter)  # checked before the base's weights load
     placement = None if mesh is None else partial(variable_sharding, mesh=mesh, rules=rules)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     model = _load(source.base or source, placement, progress, dtype, param_dtype, attention, weights)
-    if config.task != stored.task:
-        _new_head(model, config, source.name, placement)
+    if config.task != stored.task:  # a LoRA run's trained head comes with its adapters, below
+        _new_head(model, config, source.name, placement, quiet=source.adapter is not None and config == source.config)
     if source.adapter is not None:
         _add_adapter(model, source.adapter, source.require_directory(), placement)
     _SOURCES[model] = source.directory
@@ -123,10 +123,10 @@ def _load(source: Source, placement, progress: bool, dtype, param_dtype, attenti
     return to_int8(model) if weights == "int8" and not source.int8 else model
 
 
-def _new_head(model: GPTNeo, config: GPTNeoConfig, name: str, placement) -> None:
+def _new_head(model: GPTNeo, config: GPTNeoConfig, name: str, placement, quiet: bool = False) -> None:
     """Give ``model`` the head of ``config``'s task, freshly initialised (in place), saying which of the
-    checkpoint's weights were left out and which are new, in transformers' words."""
-    left_out, new = (list(HEAD_PARAMS.get(c.task, {})) for c in (model.config, config))
+    checkpoint's weights were left out and which are new, in transformers' words (unless ``quiet``)."""
+    left_out, new = ([] if quiet else list(HEAD_PARAMS.get(c.task, {})) for c in (model.config, config))
     if left_out:
         log.warning(
             f"Some weights of the model checkpoint at {name} were not used when initializing "
@@ -153,7 +153,7 @@ def _add_adapter(model: GPTNeo, adapter: Adapter, directory: Path, placement) ->
         peft.load(model, adapter.directory, checked)  # read again only if no tensors came with the source
         return
     lora.add(model, adapter.lora)
-    adapters = load_orbax(adapter.directory, nnx.state(model, lora.LoRAParam), placement)
+    adapters = load_orbax(adapter.directory, nnx.state(model, lora.trainable(model)), placement)  # and a head
     check_finite(adapters, directory)
     nnx.update(model, adapters)
 

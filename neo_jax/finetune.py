@@ -36,8 +36,10 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -50,11 +52,16 @@ from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
 from neo_jax.source import RUN_FILE, Source, resolve
 from neo_jax.train import learning_rate_schedule, make_optimizer, mean_loss, train_step
 
+if TYPE_CHECKING:
+    from neo_jax.labelled import LabelledData
+
 CHECKPOINTS, METRICS, ADAPTER_DIR, DATA_DIR = TRAINING_DIR, "metrics.jsonl", "adapter", "data"
 # Settings that decide which batch each step sees: a resumed run must keep them. (The data itself is checked
 # by a fingerprint kept in every checkpoint, so the same files may be named by other paths.)
 RESUME_KEYS = (
     "model",
+    "task",
+    "num_labels",
     "seq_len",
     "batch_size",
     "seed",
@@ -112,8 +119,18 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
         )
     if config.adapter is not None and config.lora_rank:
         raise ValueError("give --adapter (it brings its own rank, alpha and targets) or --lora-rank, not both")
+    if config.num_labels is not None and config.task == "causal-lm":
+        raise ValueError("num_labels is for --task sequence-classification or token-classification")
+    if config.num_labels is not None and config.num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {config.num_labels}")
+    if config.label_field is not None and config.task == "causal-lm":
+        raise ValueError("label_field is for --task sequence-classification or token-classification")
     data = _data_files(config)
     source = resolve(config.model)
+    if config.task != "causal-lm" and source.format == "config":
+        raise ValueError(
+            f"--task {config.task} trains a head on a trained model: give --model a checkpoint, not a config"
+        )
     if config.adapter is not None:
         source = source.with_adapter(config.adapter)
     model_config = source.config
@@ -138,9 +155,90 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
         export = Path(config.export_hf).expanduser()
         if export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
-    _check_data(config, source, data)
-    _check_output(config, model_config)
+    if config.task == "causal-lm":
+        _check_data(config, source, data)
+    else:
+        labelled_data(config, source)  # every example and label checked, before anything is written
+    _check_output(config, run_config(config, source))
     return mesh, source
+
+
+def run_config(config: FinetuneConfig, source: Source):
+    """The model config the run trains and writes: the source's, with the task's head (its label names from the
+    data) and, for a head, a padding id (the tokenizer's, else its EOS, as is usual for GPT-2's tokenizer)."""
+    import dataclasses
+
+    model_config = source.config
+    if config.task == "causal-lm":
+        return (
+            model_config
+            if model_config.task in ("causal-lm", "feature-extraction")
+            else model_config.with_task("causal-lm")
+        )
+    names = _labels(config, source)[2]
+    model_config = model_config.with_task(config.task, None if model_config.task == config.task else len(names))
+    pad = model_config.pad_token_id
+    if pad is None:
+        tokenizer = _head_tokenizer(config, source)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dataclasses.replace(model_config, labels=names, pad_token_id=pad)
+
+
+_LABELS: dict = {}  # (settings, source) -> the examples read and their labels as ids, read once per process
+
+
+def _labels(config: FinetuneConfig, source: Source):
+    """(inputs, label ids, label names) of a head run's JSONL data, checked."""
+    from neo_jax.data import expand_paths
+    from neo_jax.labelled import label_ids, read_examples
+
+    key = (config.task, config.data, config.text_field, config.label_field, config.num_labels, source.name)
+    if key not in _LABELS:
+        inputs, labels, _, _ = read_examples(
+            expand_paths(config.data), config.task, config.text_field, config.label_field
+        )
+        own = source.config.labels if source.config.task == config.task else None
+        if own is not None and config.num_labels is not None and config.num_labels != len(own):
+            raise ValueError(
+                f"num_labels={config.num_labels} disagrees with {config.model}'s {config.task} head, which has "
+                f"{len(own)} labels: leave num_labels out"
+            )
+        ids, names = label_ids(labels, own, config.num_labels)
+        _LABELS.clear()
+        _LABELS[key] = inputs, ids, names
+    return _LABELS[key]
+
+
+def _head_tokenizer(config: FinetuneConfig, source: Source):
+    """The model's tokenizer, given EOS as its pad token when it has none; for words (token classification)
+    with a space before each, as GPT-2's tokenizer needs for words given one by one."""
+    from neo_jax.hf import load_tokenizer
+
+    if source.tokenizer is None:
+        raise ValueError(f"{config.model} has no tokenizer files to read the examples with: add them to it")
+    options = {"add_prefix_space": True} if config.task == "token-classification" else {}
+    tokenizer = load_tokenizer(source.tokenizer, **options)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def labelled_data(config: FinetuneConfig, source: Source) -> LabelledData:
+    from neo_jax.labelled import LabelledData
+
+    inputs, ids, _ = _labels(config, source)
+    pad = cast(int, run_config(config, source).pad_token_id)  # a head's run config always has one
+    tokenizer = _head_tokenizer(config, source)
+    return LabelledData(
+        inputs,
+        ids,
+        tokenizer,
+        config.task,
+        seq_len=config.seq_len,
+        pad_id=pad,
+        seed=config.seed,
+        validation=config.validation_fraction,
+    )
 
 
 def _check_fits(config: FinetuneConfig, model_config, mesh: Mesh) -> None:
@@ -303,6 +401,11 @@ class Metrics:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
 
+    def tokens_seen(self, step: int) -> int:
+        """The tokens trained on up to ``step``, as its line says."""
+        records = [record for _, record in _records(self.path)] if step and self.path.exists() else []
+        return next((r.get("tokens_seen", 0) for r in records if r["step"] == step), 0)
+
     def write(self, record: dict) -> None:
         if not self.main:
             return
@@ -386,6 +489,13 @@ def _prepare_output(config: FinetuneConfig, model_config, tokenizer_source: Path
         model_config.to_json_file(output / "config.json")
         if tokenizer_source != output:
             copy_companion_files(tokenizer_source, output)
+        if config.task != "causal-lm":  # with the pad token the head was trained with
+            from neo_jax.hf import load_tokenizer
+
+            tokenizer = load_tokenizer(output)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model_config.pad_token_id)
+                tokenizer.save_pretrained(output)
     distributed.barrier("neo_jax.finetune.output")
     return output
 
@@ -416,7 +526,7 @@ def _prepare_raw(config: FinetuneConfig, tokenizer_source: Path, output: Path) -
                 tokenizer_source,
                 num_proc=min(os.cpu_count() or 1, 8),
                 validation_fraction=config.validation_fraction,
-                text_field=config.text_field,
+                text_field=config.text_field or "text",
                 split=config.split,
                 progress=distributed.is_main_process(),
             )
@@ -442,6 +552,7 @@ def _model(config: FinetuneConfig, source: Source, mesh, new_adapters, uses_lora
             )
         else:
             frozen_dtype = config.dtype if uses_lora else "float32"  # a frozen base may be stored in the compute dtype
+            head = run_config(config, source)
             model = from_pretrained(
                 source,
                 dtype=config.dtype,
@@ -450,6 +561,8 @@ def _model(config: FinetuneConfig, source: Source, mesh, new_adapters, uses_lora
                 mesh=mesh,
                 attention=config.attention,
                 progress=progress,
+                task=head.task,
+                num_labels=head.num_labels if head.task != source.config.task and head.head_outputs else None,
             )
         if new_adapters is not None:  # PEFT's init, seeded by --seed: only they train and are saved
             from neo_jax.lora import add
@@ -471,35 +584,117 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
         return _train(config, source, mesh if mesh.size > 1 else None, stop, progress)
 
 
+class TextFeed:
+    """A causal LM's batches: windows of the token shards (``neo_jax.data``), read ahead by a ``Loader``; its
+    evaluation is the validation split's next-token loss."""
+
+    def __init__(self, config: FinetuneConfig, directory: Path, mesh):
+        from neo_jax.data import Batches, TokenData
+
+        self.data = TokenData(directory)
+        self.batches = Batches(self.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+        self.mesh, self.loader, self.config = mesh, None, config
+        self.fingerprint = self.batches.fingerprint()
+        self.evaluates = self.data.validation.tokens >= config.seq_len
+        self.description = (
+            f"data: {directory}, {self.data.train.tokens:,} training tokens ({self.batches.windows:,} windows of "
+            f"{config.seq_len}, {self.batches.steps_per_epoch:,} steps per epoch), {self.data.validation.tokens:,} "
+            "validation tokens"
+        ) + ("" if self.evaluates else f"; no validation split of {config.seq_len} tokens: training without evaluation")
+
+    def start(self, step: int) -> None:
+        from neo_jax.data import Loader
+
+        self.loader = Loader(self.batches, self.mesh, start=step)
+
+    def next(self, step: int) -> tuple[dict, float, tuple[int, int]]:
+        """The step's ``train_step`` arguments, the seconds waited for them, and their (rows, width)."""
+        batch, waited = cast(Any, self.loader).next()
+        return {"input_ids": batch}, waited, (self.config.batch_size, self.config.seq_len)
+
+    def evaluate(self, model) -> dict:
+        loss = mean_loss(model, (place_batch(rows, self.mesh) for rows in self.batches.validation_batches()))
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+
+
+class LabelledFeed:
+    """A task head's batches (``neo_jax.labelled``), and its evaluation: loss, accuracy and macro-F1 on the
+    held-out examples."""
+
+    def __init__(self, config: FinetuneConfig, data, mesh):
+        self.data, self.mesh, self.config = data, mesh, config
+        self.fingerprint = data.fingerprint()
+        self.evaluates = bool(data.validation)
+        cut = f", {data.truncated} cut to {config.seq_len} tokens" if data.truncated else ""
+        self.description = (
+            f"data: {len(data.train):,} training and {len(data.validation):,} validation examples{cut}"
+            + ("" if self.evaluates else "; none held out (validation_fraction 0): training without evaluation")
+        )
+
+    def start(self, step: int) -> None:
+        pass
+
+    def next(self, step: int) -> tuple[dict, float, tuple[int, int]]:
+        began = time.perf_counter()
+        ids, mask, labels = self.data.batch(self.data.step_indices(step, self.config.batch_size))
+        args = {"input_ids": ids, "loss_mask": mask, "labels": labels}
+        return {k: place_batch(v, self.mesh) for k, v in args.items()}, time.perf_counter() - began, ids.shape
+
+    def evaluate(self, model) -> dict:
+        import numpy as np
+
+        from neo_jax.labelled import scores
+
+        logits, labels = [], []
+        rows = self.data.validation
+        for first in range(0, len(rows), self.config.batch_size):
+            ids, mask, target = self.data.batch(rows[first : first + self.config.batch_size])
+            with use_mesh(self.mesh):
+                out = _head_outputs(model, place_batch(ids, self.mesh), place_batch(mask, self.mesh))
+            logits.append(np.asarray(out, np.float32).reshape(-1, out.shape[-1]))
+            labels.append(target.reshape(-1))
+        return scores(np.concatenate(logits), np.concatenate(labels))
+
+    def close(self) -> None:
+        pass
+
+
+@nnx.jit
+def _head_outputs(model, input_ids, attention_mask):
+    return model(input_ids, attention_mask)
+
+
 def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
     from neo_jax.convert import from_pretrained
-    from neo_jax.data import Batches, Loader, TokenData
 
-    scratch, model_config = source.format == "config", source.config
+    scratch, model_config = source.format == "config", run_config(config, source)
     output = Path(config.output).expanduser().absolute()
     directory = prepared_directory(config)
     created = not output.exists()
     try:
-        if directory is None:  # raw text: tokenized once, into the run directory
-            output.mkdir(parents=True, exist_ok=True)
-            directory = _prepare_raw(config, source.require_directory(), output)
-        data = TokenData(directory)
-        batches = Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
-        _check_resumed_data(output, batches.fingerprint())
+        if config.task != "causal-lm":
+            feed: TextFeed | LabelledFeed = LabelledFeed(config, labelled_data(config, source), mesh)
+        else:
+            if directory is None:  # raw text: tokenized once, into the run directory
+                output.mkdir(parents=True, exist_ok=True)
+                directory = _prepare_raw(config, source.require_directory(), output)
+            feed = TextFeed(config, directory, mesh)
+        _check_resumed_data(output, feed.fingerprint)
     except ValueError:
         if created and distributed.is_main_process():  # bad data: leave nothing behind
             shutil.rmtree(output, ignore_errors=True)
         raise
-    distributed.log(
-        f"data: {directory}, {data.train.tokens:,} training tokens ({batches.windows:,} windows of {config.seq_len}, "
-        f"{batches.steps_per_epoch:,} steps per epoch), {data.validation.tokens:,} validation tokens"
-    )
-    if data.validation.tokens < config.seq_len:
-        distributed.log(f"{directory} has no validation split of {config.seq_len} tokens: training without evaluation")
+    distributed.log(feed.description)
     new_adapters = config.lora()
     uses_lora = new_adapters is not None or config.adapter is not None
     model = _model(config, source, mesh, new_adapters, uses_lora, progress, output if created else None)
-    output = _prepare_output(config, model_config, directory if scratch else source.require_directory())
+    model.config = model_config  # a head's label names and padding id
+    tokenizer_source = directory if scratch and directory is not None else source.require_directory()
+    output = _prepare_output(config, model_config, tokenizer_source)
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))
@@ -516,13 +711,13 @@ def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list
     if start >= config.steps:
         distributed.log(f"{output} is already trained to step {start}: raise --steps to go on")
 
-    tokens = config.batch_size * config.seq_len
     from neo_jax.aot import peak_flops, train_flops
 
-    model_flops = train_flops(model_config, config.batch_size, config.seq_len)[0]
     peak = peak_flops(mesh.devices.flat if mesh is not None else jax.devices()[:1], config.dtype)
-    loader = Loader(batches, mesh, start=start) if start < config.steps else None
+    if start < config.steps:
+        feed.start(start)
     record, stopped = {}, "done"
+    tokens_seen = metrics.tokens_seen(start)  # a head's batches vary in width: counted as they come
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -534,14 +729,14 @@ def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list
     step = start
     dropout_key = jax.random.key(config.seed)
     try:
-        while loader is not None and step < config.steps and not interrupted:
+        while start < config.steps and step < config.steps and not interrupted:
             step += 1
             began = time.perf_counter()
-            batch, waited = loader.next()
+            batch, waited, (rows, width) = feed.next(step)
             out = train_step(
                 model,
                 optimizer,
-                batch,
+                **batch,
                 grad_accum=config.grad_accum,
                 remat=config.remat,
                 rng=jax.random.fold_in(dropout_key, step),  # LoRA dropout's masks: the same on a resume
@@ -563,27 +758,23 @@ def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list
                 "loss": loss,
                 "lr": float(jax.device_get(schedule(step - 1))),
                 "grad_norm": grad_norm,
-                "tokens_per_s": round(tokens / seconds, 1),
-                "tokens_seen": step * tokens,
-                "mfu": round(model_flops / seconds / peak, 5),
+                "tokens_per_s": round(rows * width / seconds, 1),
+                "tokens_seen": (tokens_seen := tokens_seen + rows * width),
+                "mfu": round(train_flops(model_config, rows, width)[0] / seconds / peak, 5),
                 "data_wait_s": round(waited, 5),
                 "seconds": round(seconds, 4),
             }
             evaluates = (config.eval_every and step % config.eval_every == 0) or step == config.steps
-            if evaluates and data.validation.tokens >= config.seq_len:
-                eval_loss = mean_loss(model, (place_batch(rows, mesh) for rows in batches.validation_batches()))
-                record |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700.0))}
+            if evaluates and feed.evaluates:
+                record |= feed.evaluate(model)
             metrics.write(record)
-            bar.set_postfix(
-                loss=f"{loss:.4f}",
-                tokens=f"{step * tokens:.3g}",
-                mfu=f"{record['mfu']:.1%}",
-                wait=f"{waited:.3f}s",
-                refresh=False,
-            )
+            shown = {"loss": f"{loss:.4f}", "tokens": f"{tokens_seen:.3g}", "mfu": f"{record['mfu']:.1%}"}
+            shown |= {"wait": f"{waited:.3f}s"}
+            shown |= {k[5:]: f"{v:.3f}" for k, v in record.items() if k in ("eval_accuracy", "eval_macro_f1")}
+            bar.set_postfix(shown, refresh=False)
             bar.update()
             interrupted = distributed.any_process(bool(stop[0]))
-            metadata = {"fingerprint": batches.fingerprint(), "data": str(directory), "step": step}
+            metadata = {"fingerprint": feed.fingerprint, "data": str(directory or config.data), "step": step}
             checkpoints.save(step, model, optimizer, metadata=metadata, force=interrupted or step == config.steps)
         if interrupted:
             stopped = "sigint" if stop[0] == "Ctrl-C" else "sigterm"
@@ -591,8 +782,7 @@ def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list
                 f"\n{stop[0] or 'SIGTERM'}: stopped at step {step}, saved; run the same command again to resume"
             )
     finally:
-        if loader is not None:
-            loader.close()
+        feed.close()
         bar.close()
         checkpoints.close()
         metrics.close()

@@ -234,12 +234,12 @@ def check_checkpoint(config: GPTNeoConfig, checkpoint: HFCheckpoint, layout: dic
         )
 
 
-def load_tokenizer(directory: str | os.PathLike):
-    """The Hugging Face tokenizer saved beside a model (``transformers.AutoTokenizer``)."""
+def load_tokenizer(directory: str | os.PathLike, **options):
+    """The Hugging Face tokenizer saved beside a model (``transformers.AutoTokenizer``, with ``options``)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **options)
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())
         raise ValueError(f"no usable tokenizer in {directory} ({reason}); pass tokenizer=... explicitly") from None

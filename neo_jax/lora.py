@@ -231,9 +231,11 @@ def has_lora(model) -> bool:
 
 
 def trainable(model):
-    """What trains (and what a training checkpoint holds): the adapters alone if the model has any, else
-    every parameter."""
-    return LoRAParam if has_lora(model) else nnx.Param
+    """What trains (and what a training checkpoint holds): the adapters and a task head, if the model has
+    adapters, else every parameter."""
+    if not has_lora(model):
+        return nnx.Param
+    return LoRAParam if model.head is None else nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.PathContains("head")))
 
 
 def merge(model):

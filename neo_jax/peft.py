@@ -10,13 +10,21 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from neo_jax.checkpoints import atomic_directory, check_destination
 from neo_jax.config import GPTNeoConfig
-from neo_jax.hf import LAYER_PARAMS
+from neo_jax.hf import HEAD_PARAMS, LAYER_PARAMS
 from neo_jax.lora import TARGETS, LoRAConfig, adapted_layers, add
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+TASK_TYPES = {  # neo_jax's tasks as PEFT's task_type
+    "causal-lm": "CAUSAL_LM",
+    "feature-extraction": "FEATURE_EXTRACTION",
+    "sequence-classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "question-answering": "QUESTION_ANS",
+}
 PREFIX = "base_model.model."
 
 
@@ -199,9 +207,13 @@ def save(model, directory: str | os.PathLike, *, base_model: str | None = None, 
             for i, stem in enumerate(stems):
                 tensors[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i], np.float32)
                 tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i], np.float32)
+    head = HEAD_PARAMS.get(model.config.task, {})  # a task head trains whole: PEFT's modules_to_save
+    for name, path in head.items():
+        value = nnx.to_flat_state(nnx.state(model, nnx.Param))
+        tensors[PREFIX + name] = np.ascontiguousarray(jax.device_get(dict(value)[path].get_value()), np.float32)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": TASK_TYPES[model.config.task],
         "base_model_name_or_path": base_model,
         "r": settings.r,
         "lora_alpha": settings.alpha,
@@ -212,7 +224,7 @@ def save(model, directory: str | os.PathLike, *, base_model: str | None = None, 
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted({name.split(".")[0] for name in head}) or None,
         "inference_mode": True,
     }
     with atomic_directory(out) as tmp:

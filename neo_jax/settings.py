@@ -77,7 +77,18 @@ class FinetuneConfig:
     remat: str = setting("none", "recompute activations in the backward pass", REMAT)
     attention: str = setting("auto", "attention: auto, dense, blockwise, splash (TPU), cudnn (GPU)")
     mesh: str | None = setting(None, "D,F,T data, fsdp and tensor sizes (default: every device on fsdp)")
-    text_field: str = setting("text", "JSONL/dataset field holding the text")
+    task: str = setting(
+        "causal-lm",
+        "what to train: the next-token loss, or a classifier head on JSONL examples",
+        ("causal-lm", "sequence-classification", "token-classification"),
+    )
+    num_labels: int | None = setting(None, "a new head's outputs (default: the data's labels; 1: a regression head)")
+    text_field: str | None = setting(
+        None, "JSONL/dataset field holding the text (default: text; tokens, a list of words, for token-classification)"
+    )
+    label_field: str | None = setting(
+        None, "JSONL field holding the label (default: label; tags, one per word, for token-classification)"
+    )
     split: str = setting("train", "dataset split")
     tensorboard: bool = setting(False, "also write TensorBoard events")
     export_hf: str | None = setting(None, "at the end, write the model for transformers to this directory")

@@ -175,7 +175,8 @@ def _lora_run(name: str, directory: Path) -> Source | None:
     base = resolve(run["model"])
     step, params = _latest(directory)
     adapter = Adapter(params, lora, "orbax")
-    return Source(name, "run", base.config, directory, None, step=step, base=base, adapter=adapter)
+    config = _config(directory)  # the base's, with the head the run trained, if any
+    return Source(name, "run", config, directory, None, step=step, base=base, adapter=adapter)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

@@ -4,6 +4,7 @@ sampling settings."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -177,7 +178,7 @@ class SamplingParams:
         """How many of a row's latest tokens the banned sequences look back at."""
         return self.bad_words.shape[1] - 1 if self.use_bad_words else 0
 
-    def process(self, logits, seen, step=0, history=None, eos=-1):
+    def process(self, logits, seen, step: Any = 0, history=None, eos: Any = -1):
         """The logits after the processors that are on, in transformers' order: ``step`` tokens have been
         generated, ``history`` ([batch, ``self.history``]) are a row's latest tokens, ``eos`` the EOS id."""
         if self.use_logit_bias:
@@ -216,7 +217,7 @@ def check_logit_bias(bias, vocab_size: int | None) -> np.ndarray | None:
     vector = np.zeros(vocab_size, np.float32)
     for key, value in bias.items():
         token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
-        validate.integer(f"logit_bias key {key!r}", token, 0, vocab_size - 1)
+        token = validate.integer(f"logit_bias key {key!r}", token, 0, vocab_size - 1)
         vector[token] = validate.real(f"logit_bias[{key!r}]", value)
     return vector
 
