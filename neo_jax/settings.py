@@ -108,8 +108,10 @@ class FinetuneConfig:
 
     @classmethod
     def types(cls) -> dict[str, type]:
-        """Each setting's type, resolved from the annotations."""
-        return typing.get_type_hints(cls)
+        """Each setting's type, resolved from the annotations (``int | None``: int; None means the default)."""
+        hints = typing.get_type_hints(cls)
+        optional = lambda hint: [a for a in typing.get_args(hint) if a is not type(None)]
+        return {name: optional(hint)[0] if len(optional(hint)) == 1 else hint for name, hint in hints.items()}
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> FinetuneConfig:
@@ -167,7 +169,7 @@ class FinetuneConfig:
         values["data"] = tuple(values["data"])
         for name, kind in types.items():
             value = values.get(name)
-            if kind in (str, str | None) and value is not None:
+            if kind is str and value is not None:
                 if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
                     raise bad(name, "a non-empty string")
                 values[name] = str(value)
