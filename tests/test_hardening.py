@@ -450,8 +450,7 @@ def test_python_api_refuses_what_would_hang_or_give_nan(tmp_path):
             neo_jax.generate(model, ids, **kwargs)
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, 320\)"):
         model(np.array([[1, 2, SMALL["vocab_size"]]]))
-    with pytest.raises(ValueError, match="padding after a token"):
-        model(ids, attention_mask=np.array([[1, 1, 0]]))
+    assert np.isfinite(model(ids, attention_mask=np.array([[1, 1, 0]]))).all()  # a forward pass takes right padding
     with pytest.raises(ValueError, match="only 0 .padding. and 1"):
         model(ids, attention_mask=np.array([[1, 2, 1]]))
     with pytest.raises(ValueError, match="padding after a token"):
