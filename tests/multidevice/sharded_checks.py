@@ -90,6 +90,38 @@ def test_logits_equal_one_device(checkpoint, single, shape):
     np.testing.assert_allclose(np.asarray(out), np.asarray(single(ids, attention_mask=mask)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)])
+def test_a_classifiers_every_layer_on_a_mesh_equals_one_device_and_is_split(checkpoint, tmp_path, shape):
+    """A token classifier's logits, hidden states and attention probabilities on a mesh equal one device's; the
+    compiled program's outputs per device are the whole outputs split over the batch (data x fsdp) and, for
+    the attentions, over the heads (tensor)."""
+    directory = tmp_path / "classifier"
+    neo_jax.save_pretrained(neo_jax.from_pretrained(checkpoint, task="token-classification", progress=False), directory)
+    single = neo_jax.from_pretrained(directory, progress=False)
+    mesh = sharding.make_mesh(*shape)
+    model = neo_jax.from_pretrained(directory, mesh=mesh, progress=False)
+    ids = np.random.default_rng(3).integers(0, SMALL["vocab_size"], (8, 40)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 30:] = 0  # right padding
+    batch = sharding.batch_sharding(mesh, ids.shape)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x, a: nnx.merge(graphdef, s)(x, a, output_hidden_states=True, output_attentions=True))
+    args = (state, jax.device_put(ids, batch), jax.device_put(mask, batch))
+    with sharding.use_mesh(mesh):
+        out = forward(*args)
+        compiled = forward.lower(*args).compile()
+    expected = single(ids, mask, output_hidden_states=True, output_attentions=True)
+    for mine, theirs in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-5, rtol=0)
+    split = {x.shape: math.prod(x.shape) // math.prod(x.addressable_shards[0].data.shape) for x in jax.tree.leaves(out)}
+    replicas = shape[0] * shape[1]
+    assert split[(8, SMALL["num_heads"], 40, 40)] == replicas * shape[2]  # batch over data x fsdp, heads over tensor
+    assert split[(8, 40, SMALL["hidden_size"])] == replicas
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(expected))
+    per_device = compiled.memory_analysis().output_size_in_bytes  # XLA's own figure for one device
+    assert per_device <= whole / replicas * 1.05, (per_device, whole)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_splash_on_a_mesh_equals_one_device(checkpoint, single, shape):
     """Splash (in Pallas' interpret mode) under the mesh runs once per shard of the batch and heads, inside a
