@@ -305,7 +305,7 @@ def test_processors_equal_transformers_warpers(seed):
         (dict(min_length=2.5), "min_length must be an integer"),
         (dict(bad_words_ids=[1, 2]), "bad_words_ids must be a list of non-empty lists"),
         (dict(bad_words_ids=[[]]), "bad_words_ids must be a list of non-empty lists"),
-        (dict(bad_words_ids=[[400]]), "a bad_words_ids token must be <= 319"),
+        (dict(bad_words_ids=[[400]]), "bad_words_ids token must be <= 319"),
         (dict(logit_bias={"x": 1.0}), "logit_bias key 'x' must be an integer"),
         (dict(logit_bias={320: 1.0}), "logit_bias key 320 must be <= 319"),
         (dict(logit_bias={5: float("nan")}), r"logit_bias\[5\] must be a finite number"),

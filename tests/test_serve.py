@@ -481,6 +481,16 @@ def test_min_tokens_and_logit_bias_through_the_server_equal_generate(client, mod
     assert all(choice.finish_reason == "stop" for choice in response.choices)
     biased = client.completions.create(model="neo", prompt=text, max_tokens=4, temperature=0, logit_bias={"50256": 100})
     assert biased.choices[0].text == "" and biased.choices[0].finish_reason == "stop"
+    # banned sequences, one of them reaching back into the prompt, each row its own, in one batch
+    free = neo_jax.generate(model, np.array(ids), max_new_tokens=10)[0, len(ids) :].tolist()
+    bans = [[[free[0]]], [[free[1], free[2]]], [[ids[-1], free[0]], [free[3]]]]
+    requests_ = [dict(prompt=ids, max_tokens=10, temperature=0, extra_body={"bad_words_ids": ban}) for ban in bans]
+    with ThreadPoolExecutor(len(bans)) as pool:
+        answers = list(pool.map(lambda kwargs: client.completions.create(model="neo", **kwargs), requests_))
+    for ban, answer in zip(bans, answers, strict=True):
+        expected = neo_jax.generate(model, np.array(ids), max_new_tokens=10, bad_words_ids=ban, eos_token_id=50256)
+        assert answer.choices[0].text == tokenizer.decode(expected[0, len(ids) :]), ban
+        assert answer.choices[0].text != tokenizer.decode(free)
 
 
 def test_each_adapter_through_the_server_equals_its_merged_model(server, client, gpt2_model_dir, adapters):
@@ -668,6 +678,11 @@ BAD_BODIES = [  # (body or raw text, status, param)
     ({"prompt": "hi", "logit_bias": {"5": "a"}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     ({"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ({"prompt": "hi", "bad_words_ids": [1, 2]}, 400, "bad_words_ids"),
+    ({"prompt": "hi", "bad_words_ids": [[]]}, 400, "bad_words_ids"),
+    ({"prompt": "hi", "bad_words_ids": [[50257]]}, 400, "bad_words_ids"),
+    ({"prompt": "hi", "bad_words_ids": [[5]] * 17}, 400, "bad_words_ids"),
+    ({"prompt": "hi", "bad_words_ids": [[5] * 9]}, 400, "bad_words_ids"),
     ({"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),  # more than max_tokens (16)
     ({"max_tokens": 3}, 400, "prompt"),
     ('{"model": "neo", "prompt": "hi", "temperature": NaN}', 400, "temperature"),

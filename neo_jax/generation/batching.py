@@ -37,7 +37,15 @@ from neo_jax.attention import dense
 from neo_jax.evaluate import token_logprobs
 from neo_jax.generation.cache import KVCache, _set, init_cache, prefill
 from neo_jax.generation.programs import build
-from neo_jax.generation.sampling import NEG_INF, min_new_tokens, min_p, repetition_penalty, seed_key, temperature
+from neo_jax.generation.sampling import (
+    NEG_INF,
+    bad_words,
+    min_new_tokens,
+    min_p,
+    repetition_penalty,
+    seed_key,
+    temperature,
+)
 from neo_jax.shapes import bucket
 
 TOP_LOGPROBS = 5  # the most alternatives per token OpenAI's completions API returns
@@ -62,15 +70,23 @@ class RowSampling:
     min_tokens: jax.Array  # no EOS before this many tokens
     bias_ids: jax.Array  # [rows, MAX_LOGIT_BIAS] logit_bias: token ids (padding: 0 with value 0)
     bias_values: jax.Array  # [rows, MAX_LOGIT_BIAS] the numbers added to their logits first
+    bad_words: jax.Array  # [rows, MAX_BAD_WORDS, MAX_BAD_LENGTH] banned sequences, right-aligned after -1
+    tail: jax.Array  # [rows, MAX_BAD_LENGTH - 1] the prompt's last tokens (-2 before a short prompt)
 
     @classmethod
     def of(cls, rows: list[dict]) -> RowSampling:
         column = lambda name, dtype: jnp.asarray(np.array([r.get(name, NEUTRAL[name]) for r in rows], dtype))
         bias_ids = np.zeros((len(rows), MAX_LOGIT_BIAS), np.int32)
         bias_values = np.zeros((len(rows), MAX_LOGIT_BIAS), np.float32)
+        bad_words = np.full((len(rows), MAX_BAD_WORDS, MAX_BAD_LENGTH), -1, np.int32)
+        tail = np.full((len(rows), MAX_BAD_LENGTH - 1), -2, np.int32)
         for i, row in enumerate(rows):
             bias = row.get("logit_bias") or {}
             bias_ids[i, : len(bias)], bias_values[i, : len(bias)] = list(bias), list(bias.values())
+            for j, word in enumerate(row.get("bad_words_ids") or ()):
+                bad_words[i, j, MAX_BAD_LENGTH - len(word) :] = word
+            prompt = list(row.get("tail") or ())[-(MAX_BAD_LENGTH - 1) :]
+            tail[i, MAX_BAD_LENGTH - 1 - len(prompt) :] = prompt
         return cls(
             temperature=column("temperature", np.float32),
             top_k=column("top_k", np.int32),
@@ -83,6 +99,8 @@ class RowSampling:
             min_tokens=column("min_tokens", np.int32),
             bias_ids=jnp.asarray(bias_ids),
             bias_values=jnp.asarray(bias_values),
+            bad_words=jnp.asarray(bad_words),
+            tail=jnp.asarray(tail),
         )
 
 
@@ -90,6 +108,7 @@ NEUTRAL = dict(
     temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, sample=False, seed=0, eos=-1, min_tokens=0
 )
 MAX_LOGIT_BIAS = 300  # logit_bias entries a request may give
+MAX_BAD_WORDS, MAX_BAD_LENGTH = 16, 8  # banned sequences a request may give, and their longest
 
 
 def _threshold(values, enough, low, high, steps: int = 32):
@@ -127,7 +146,7 @@ def _sample(logits, keys):
     return jnp.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
 
 
-def _choose(logits, seen, settings: RowSampling, steps):
+def _choose(logits, seen, settings: RowSampling, steps, history):
     """The next token of every row under its own settings, and the raw model's log-probabilities of it and
     of its ``TOP_LOGPROBS`` most likely alternatives. Each processor runs only when some row uses it, so an
     all-greedy batch costs an argmax."""
@@ -148,6 +167,7 @@ def _choose(logits, seen, settings: RowSampling, steps):
         seen,
         s.repetition_penalty[:, None],
     )
+    x = jax.lax.cond(jnp.any(s.bad_words[..., -1] >= 0), bad_words, lambda x, *_: x, x, history, s.bad_words)
     x = min_new_tokens(x, steps[:, None], s.min_tokens[:, None], s.eos[:, None])
     x = temperature(x, s.temperature[:, None])
     x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
@@ -170,6 +190,7 @@ class Slots:
     last: jax.Array  # [slots] the newest token, fed to the next step
     positions: jax.Array  # [slots] position id of ``last``
     seen: jax.Array  # [slots, vocab] tokens in the sequence (repetition penalty)
+    history: jax.Array  # [slots, MAX_BAD_LENGTH - 1] the sequence's latest tokens (banned sequences)
     steps: jax.Array  # [slots] tokens generated so far (the sampling key's counter)
     settings: RowSampling
     adapter: jax.Array  # [slots] the row's LoRA adapter (-1: the base model)
@@ -223,6 +244,7 @@ def empty_slots(config, count: int, max_len: int, dtype, chunk: int = 0) -> Slot
         last=zeros,
         positions=zeros,
         seen=sharding.constrain(jnp.zeros((count, config.vocab_size), bool), "batch", None),
+        history=jnp.full((count, MAX_BAD_LENGTH - 1), -2, jnp.int32),
         steps=zeros,
         settings=RowSampling.of([NEUTRAL] * count),
         adapter=zeros - 1,
@@ -404,9 +426,11 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
 
     cache = slots.cache
     seen, settings, steps, adapter = slots.seen, slots.settings, slots.steps, slots.adapter
+    history = slots.history
     if lanes is not None:  # a prompt's first chunk sets its row up; every chunk's tokens are seen
         starting = jnp.where(lanes.first, lanes.row, count)
         settings = jax.tree.map(lambda rows, new: rows.at[starting].set(new, mode="drop"), settings, lanes.settings)
+        history = history.at[starting].set(lanes.settings.tail, mode="drop")
         seen = seen.at[starting].set(False, mode="drop")
         steps = steps.at[starting].set(0, mode="drop")
         adapter = adapter.at[starting].set(lanes.adapter, mode="drop")
@@ -425,7 +449,7 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         ending = jnp.zeros((count,), bool).at[finishing].set(True, mode="drop")
         end = cache.index.at[finishing].set(lanes.start + lanes.count, mode="drop")
     logits = model.logits(rows_hidden[:, None])[:, 0]
-    token, out = _choose(logits, seen, settings, steps)
+    token, out = _choose(logits, seen, settings, steps, history)
     produced = decoding | ending
     rows = jnp.arange(count)
     slots = Slots(
@@ -433,6 +457,7 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         last=jnp.where(produced, token, slots.last),
         positions=jnp.where(decoding, slots.positions + 1, jnp.where(ending, end, slots.positions)),
         seen=seen.at[rows, token].set(seen[rows, token] | produced),
+        history=jnp.where(produced[:, None], _appended(history, token), history),
         steps=steps + produced,
         settings=settings,
         adapter=adapter,
@@ -442,6 +467,11 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         return slots, pool, out, None
 
     return slots, pool, out, _prompt_logprobs(echo, model, chunks, lanes.targets)
+
+
+def _appended(history, token):
+    """Each row's latest tokens once ``token`` ([rows]) follows them."""
+    return jnp.concatenate([history[:, 1:], token[:, None].astype(history.dtype)], axis=1)
 
 
 def _prompt_logprobs(echo, model, hidden, targets):
@@ -502,13 +532,14 @@ def admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen
         valid=slots.cache.valid,
         index=slots.cache.index.at[slot].set(n),
     )
-    token, out = _choose(logits, seen[None], settings, jnp.zeros((1,), jnp.int32))
+    token, out = _choose(logits, seen[None], settings, jnp.zeros((1,), jnp.int32), settings.tail)
     at = lambda rows, value: rows.at[slot].set(value)
     slots = Slots(
         cache=cache,
         last=at(slots.last, token[0]),
         positions=at(slots.positions, n),
         seen=at(slots.seen, seen.at[token[0]].set(True)),
+        history=at(slots.history, _appended(settings.tail, token)[0]),
         steps=at(slots.steps, 1),
         settings=jax.tree.map(lambda rows, row: rows.at[slot].set(row[0]), slots.settings, settings),
         adapter=at(slots.adapter, adapter),

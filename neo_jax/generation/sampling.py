@@ -65,11 +65,14 @@ def min_new_tokens(logits, step, minimum, eos):
 
 
 def bad_words(logits, history, words):
-    """Ban the last token of each sequence in ``words`` ([words, length], right-aligned, -1 before a shorter
-    one) whose earlier tokens are the end of a row's ``history`` ([batch, length - 1]): a one-token word always."""
-    prefix, last = words[:, :-1], words[:, -1]
-    match = ((prefix[None] == -1) | (prefix[None] == history[:, None, :])).all(axis=-1)  # [batch, words]
-    banned = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], last[None, :]].max(match)
+    """Ban the last token of each sequence in ``words`` (``[words, length]`` for every row, or ``[batch, words,
+    length]`` per row; right-aligned, -1 before a shorter one, all -1 for none) whose earlier tokens are the end
+    of a row's ``history`` (``[batch, length - 1]``): a one-token word always."""
+    words = jnp.broadcast_to(words, (logits.shape[0], *words.shape[-2:]))
+    prefix, last = words[..., :-1], words[..., -1]
+    match = ((prefix == -1) | (prefix == history[:, None, :])).all(axis=-1) & (last >= 0)  # [batch, words]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    banned = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(last, 0)].max(match)
     return jnp.where(banned, NEG_INF, logits)
 
 
@@ -232,7 +235,7 @@ def check_bad_words(words, vocab_size: int | None, eos_token_id: int | None) -> 
         raise ValueError(f"{shape}; got {words!r}")
     for word in words:
         for token in word:
-            validate.integer("a bad_words_ids token", token, 0, None if vocab_size is None else vocab_size - 1)
+            validate.integer("bad_words_ids token", token, 0, None if vocab_size is None else vocab_size - 1)
     kept = [list(w) for w in words if list(w) != [eos_token_id]]
     if not kept:
         return None

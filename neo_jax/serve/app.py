@@ -69,8 +69,8 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 class CompletionRequest(BaseModel):
-    """The fields of OpenAI's ``/v1/completions``, plus ``top_k``, ``min_p``, ``repetition_penalty`` and
-    ``min_tokens`` (vLLM's)."""
+    """The fields of OpenAI's ``/v1/completions``, plus ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``min_tokens`` (vLLM's) and ``bad_words_ids`` (transformers')."""
 
     model_config = ConfigDict(extra="ignore", strict=True)  # "4" or true is not an integer
     model: str
@@ -83,6 +83,7 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = 1.0
     min_tokens: int = Field(0, ge=0)
     logit_bias: dict[str, float] | None = None
+    bad_words_ids: list[list[int]] | None = None
     n: int = Field(1, ge=1, le=16)
     best_of: int | None = None
     stop: str | list[str] | None = None
@@ -378,6 +379,7 @@ def create_app(
                 raise APIError(400, message, param="prompt", code="context_length_exceeded") from None
             raise APIError(400, message, param="max_tokens" if message.startswith("max_tokens") else "prompt") from None
         fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_tokens", "logit_bias")
+        fields += ("bad_words_ids",)
         values = {k: v for k in fields if (v := getattr(body, k)) is not None}
         if body.min_tokens > max_tokens:
             raise APIError(

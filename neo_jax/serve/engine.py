@@ -46,6 +46,8 @@ from neo_jax.generation import batching
 from neo_jax.generation.batching import (
     BLOCK,
     DEFAULT_PREFILL_CHUNK,
+    MAX_BAD_LENGTH,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     NEUTRAL,
     Lanes,
@@ -126,13 +128,15 @@ def sampling_settings(
     repetition_penalty: float = 1.0,
     min_tokens: int = 0,
     logit_bias: dict | None = None,
+    bad_words_ids: list | None = None,
     seed: int | None = None,
     vocab_size: int,
 ) -> dict:
     """One request's settings, checked as ``generate`` checks them (``SamplingParams.of``): ``temperature`` 0
     is greedy, ``top_k`` 0 (or -1, vLLM's spelling) is off; ``min_tokens`` (vLLM's) holds EOS back;
-    ``logit_bias`` is OpenAI's (at most ``MAX_LOGIT_BIAS`` token ids, each biased by -100 to 100); without a
-    ``seed`` a random one is drawn."""
+    ``logit_bias`` is OpenAI's (at most ``MAX_LOGIT_BIAS`` token ids, each biased by -100 to 100);
+    ``bad_words_ids`` transformers' (at most ``MAX_BAD_WORDS`` sequences of at most ``MAX_BAD_LENGTH`` tokens);
+    without a ``seed`` a random one is drawn."""
     if top_k == -1 and not isinstance(top_k, bool):
         top_k = 0
     params = SamplingParams.of(
@@ -144,8 +148,14 @@ def sampling_settings(
         repetition_penalty=repetition_penalty,
         min_new_tokens=min_tokens,
         logit_bias=logit_bias,
+        bad_words_ids=bad_words_ids,
         vocab_size=vocab_size,
     )
+    words = [list(map(int, word)) for word in bad_words_ids or ()]
+    if len(words) > MAX_BAD_WORDS or any(len(word) > MAX_BAD_LENGTH for word in words):
+        raise ValueError(
+            f"bad_words_ids takes at most {MAX_BAD_WORDS} sequences of at most {MAX_BAD_LENGTH} tokens each"
+        )
     bias = {}
     if params.use_logit_bias:
         if len(logit_bias or {}) > MAX_LOGIT_BIAS:
@@ -168,6 +178,7 @@ def sampling_settings(
         seed=seed,
         min_tokens=int(params.min_new),
         logit_bias=bias,
+        bad_words_ids=words,
     )
 
 
@@ -341,7 +352,8 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (checked first); raises QueueFull or EngineStopped when it cannot wait."""
         self.check(request.prompt, request.max_tokens)
-        request.sampling = {**request.sampling, "eos": -1 if self.eos_token_id is None else self.eos_token_id}
+        eos = -1 if self.eos_token_id is None else self.eos_token_id
+        request.sampling = {**request.sampling, "eos": eos, "tail": request.prompt[-(MAX_BAD_LENGTH - 1) :]}
         if not -1 <= request.adapter < len(self.adapters):
             raise ValueError(f"adapter {request.adapter} is not one of this engine's {len(self.adapters)}")
         with self._lock:
