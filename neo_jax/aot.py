@@ -195,7 +195,7 @@ def train_program(
     sequences of ``seq`` tokens. ``optimizer``: a ``neo_jax.settings.OptimizerConfig`` (default settings);
     ``attention``: the implementation (``neo_jax.attention``); ``lora``: a ``neo_jax.lora.LoRAConfig`` to train
     adapters only, the frozen base stored in ``dtype`` as ``neo-jax train`` stores it (``int8``: in int8, as
-    ``--lora-base int8`` stores it)."""
+    ``--lora-base int8`` stores it). A classifier config (``config.task``) trains its head on labels."""
     from neo_jax.train import compiled_train_step, make_optimizer
 
     check_train(config, dict(mesh.shape), batch, seq, remat, grad_accum)
@@ -217,8 +217,11 @@ def train_program(
         model, opt = (_place(tree, mesh) for tree in nnx.eval_shape(create))
     ids = _input((batch, seq), jnp.int32, mesh)
     rng = _input((), jax.random.key(0).dtype, mesh, names=()) if lora is not None and lora.dropout else None
+    # a classifier's labels (one per sequence, or per token): its head's loss, the ids doubling as the mask
+    shape = {"sequence-classification": (batch,), "token-classification": (batch, seq)}.get(config.task)
+    labels = None if shape is None else _input(shape, jnp.int32, mesh)
     with jax.set_mesh(mesh):
-        return compiled_train_step.lower(model, opt, ids, ids, rng, grad_accum=grad_accum, remat=remat)
+        return compiled_train_step.lower(model, opt, ids, ids, rng, labels, grad_accum=grad_accum, remat=remat)
 
 
 def generation_lengths(config: GPTNeoConfig, batch: int, max_len: int | None, prompt_len: int | None):
