@@ -69,9 +69,8 @@ class GPTNeoConfig:
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
     # The task (TASKS) and, for a classifier, its label names by id (len = num_labels) and transformers'
-    # problem_type. They are compared with the rest (the config is a static part of every compiled program, and
-    # Flax NNX hands a program's static values back to the model it runs), so models that differ only in label
-    # names each compile their own programs.
+    # problem_type. A model's compiled programs see only its ``architecture()``, in which the names are
+    # placeholders: classifiers that differ only in label names share their programs.
     task: str = "causal-lm"
     labels: tuple = ("LABEL_0", "LABEL_1")
     problem_type: str | None = None
@@ -94,6 +93,11 @@ class GPTNeoConfig:
     def layer_period(self) -> tuple[str, ...]:
         """The shortest pattern whose repetition gives ``attention_layers`` (the whole list if none)."""
         return shortest_period(self.attention_layers)
+
+    def architecture(self) -> GPTNeoConfig:
+        """This config with placeholder label names and no problem_type: what a compiled program depends on."""
+        placeholders = tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        return dataclasses.replace(self, labels=placeholders, problem_type=None)
 
     @property
     def num_labels(self) -> int:

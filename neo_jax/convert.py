@@ -120,6 +120,7 @@ def _load(source: Source, placement, progress: bool, dtype, param_dtype, attenti
         state = load_orbax(source.weights, state, placement)
         check_finite(state, source.require_directory())
     model = nnx.merge(graphdef, state)
+    model.config = source.config  # with its label names
     return to_int8(model) if weights == "int8" and not source.int8 else model
 
 

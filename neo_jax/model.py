@@ -21,6 +21,7 @@ no mesh both are inert.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from functools import partial
 from typing import Any, Protocol, cast
 
@@ -250,7 +251,7 @@ class GPTNeo(nnx.Module):
         attention: str = "auto",
         rngs: nnx.Rngs,
     ):
-        self.config = config
+        self.config = config  # its architecture in the module, its label names beside it (see ``config``)
         self.dtype = jnp.dtype(dtype)
         self.attention = attention_impls.check_implementation(attention)  # see neo_jax.attention
         embed = partial(
@@ -278,6 +279,21 @@ class GPTNeo(nnx.Module):
         self.ln_f = _layer_norm(config, dtype, param_dtype, rngs)
         self.head: Dense | None = nnx.data(task_head(config, param_dtype=param_dtype, rngs=rngs))
         self.wte_scale = nnx.data(None)  # int8 token embedding (neo_jax.quantize): one scale per token row
+
+    @property
+    def config(self) -> GPTNeoConfig:
+        """The model's config. The module holds ``architecture`` (its config with placeholder label names), a
+        static part of every compiled program; the label names are kept beside the module, so classifiers that
+        differ only in them share their programs (Flax NNX hands a cached program's static values back to the
+        model that runs it, so names inside the module could be swapped for another model's). A model rebuilt
+        from its graph (``nnx.merge``, inside a program) has the architecture's placeholder names."""
+        full = _CONFIGS.get(self)
+        return full if full is not None and full.architecture() == self.architecture else self.architecture
+
+    @config.setter
+    def config(self, config: GPTNeoConfig) -> None:
+        self.architecture = config.architecture()
+        _CONFIGS[self] = config
 
     def __call__(
         self,
@@ -482,6 +498,8 @@ class GPTNeo(nnx.Module):
         return constrain(logits, "batch", None, "vocab")
 
 
+_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its config, label names included
+
 INITS = ("gpt-neo", "hf")
 
 
@@ -548,4 +566,6 @@ def init_model(
     graphdef, state = nnx.split(nnx.eval_shape(create))
     pure = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create())), out_shardings=param_shardings(state, mesh, rules))()
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    model.config = config
+    return model
