@@ -8,10 +8,10 @@ import signal
 import sys
 import threading
 
-from neo_jax.cli import convert, evaluate, generate, plan, serve, train
+from neo_jax.cli import convert, embed, evaluate, generate, plan, serve, train
 from neo_jax.cli.signals import INTERRUPTED, on_ctrl_c
 
-FAMILIES = (convert, generate, serve, plan, train, evaluate)  # in the order `neo-jax --help` lists them
+FAMILIES = (convert, generate, serve, embed, plan, train, evaluate)  # in the order `neo-jax --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
