@@ -10,6 +10,7 @@ _EXPORTS = {
     "GPTNeo": "neo_jax.model",
     "GPTNeoConfig": "neo_jax.config",
     "TextGenerator": "neo_jax.generation",
+    "encode": "neo_jax.embed",
     "from_pretrained": "neo_jax.convert",
     "generate": "neo_jax.generation",
     "init_model": "neo_jax.model",

@@ -60,22 +60,55 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from neo_jax import distributed, embed, sharding, validate
+    from neo_jax import distributed, embed
     from neo_jax.convert import from_pretrained
-    from neo_jax.data import expand_paths, read_documents
+    from neo_jax.data import read_documents
+
+    start = time.perf_counter()
+    source, out, mesh, tokenizer, settings = _checked(args)  # before the model loads
+    enable_compilation_cache(args.compilation_cache)
+    model = from_pretrained(
+        source, task="feature-extraction", dtype=args.dtype, param_dtype=args.dtype, weights=args.weights, mesh=mesh
+    )
+    embedder = embed.Embedder(
+        model,
+        pooling=settings["pooling"],
+        normalize=settings["normalize"],
+        layer=settings["layer"],
+        max_length=settings["max_length"],
+        batch_size=args.batch_size,
+    )
+    documents = lambda: read_documents(args.data, args.text_field, args.split)
+    summary = embed.embed_corpus(embedder, tokenizer, documents, out, settings, log=distributed.log)
+    print(
+        json.dumps(
+            {"output": str(out), "documents": summary["count"], "dimensions": embedder.width}
+            | {key: settings[key] for key in ("pooling", "normalize", "layer", "max_length")}
+            | {"truncated": summary["cut"], "empty": summary["empty"], "tokens": summary["tokens"]}
+            | {"seconds": round(time.perf_counter() - start, 2)}
+        )
+    )
+    if summary["cut"]:
+        distributed.log(
+            f"{summary['cut']} of {summary['count']} documents were longer than {settings['max_length']} tokens and "
+            "were cut"
+        )
+    sys.stdout.flush()
+
+
+def _checked(args: argparse.Namespace):
+    """Everything a user can get wrong, checked: (source, output path, mesh, tokenizer, settings)."""
+    from neo_jax import embed, sharding, validate
+    from neo_jax.data import expand_paths
     from neo_jax.hf import load_tokenizer
     from neo_jax.prepare import describe_sources
     from neo_jax.source import resolve
 
-    start = time.perf_counter()
-    # everything a user can get wrong is checked before the model loads
     sources = expand_paths(args.data)
     out = embed.output_path(args.output, sources, args.overwrite)
     validate.integer("--batch-size", args.batch_size, least=1)
     source = resolve(args.model, args.revision)
     recipe = embed.recipe_of(source.directory, source.config)
-    pooling = args.pooling or recipe.pooling
-    normalize = recipe.normalize if args.normalize is None else args.normalize
     max_length = recipe.max_length if args.max_length is None else args.max_length
     try:
         layer = embed.check_layer(args.layer, source.config)
@@ -89,11 +122,10 @@ def run(args: argparse.Namespace) -> None:
     mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None
     if mesh is not None and args.batch_size % (rows := mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data x fsdp ({rows})")
-    tokenizer = load_tokenizer(source.require_directory())
     settings = {
         "model": str(source.name),
-        "pooling": pooling,
-        "normalize": normalize,
+        "pooling": args.pooling or recipe.pooling,
+        "normalize": recipe.normalize if args.normalize is None else args.normalize,
         "layer": layer,
         "max_length": max_length,
         "dtype": args.dtype,
@@ -102,36 +134,4 @@ def run(args: argparse.Namespace) -> None:
         "split": args.split,
         "sources": describe_sources(args.data),
     }
-    enable_compilation_cache(args.compilation_cache)
-    model = from_pretrained(
-        source, task="feature-extraction", dtype=args.dtype, param_dtype=args.dtype, weights=args.weights, mesh=mesh
-    )
-    embedder = embed.Embedder(
-        model, pooling=pooling, normalize=normalize, layer=layer, max_length=max_length, batch_size=args.batch_size
-    )
-    log = lambda message: distributed.log(message)
-    summary = embed.embed_corpus(
-        embedder,
-        tokenizer,
-        lambda: read_documents(args.data, args.text_field, args.split),
-        out,
-        settings,
-        log=log,
-    )
-    seconds = time.perf_counter() - start
-    result = {
-        "output": str(out),
-        "documents": summary["count"],
-        "dimensions": embedder.width,
-        "pooling": pooling,
-        "normalize": normalize,
-        "max_length": max_length,
-        "truncated": summary["cut"],
-        "empty": summary["empty"],
-        "tokens": summary["tokens"],
-        "seconds": round(seconds, 2),
-    }
-    print(json.dumps(result))
-    if summary["cut"]:
-        log(f"{summary['cut']} of {summary['count']} documents were longer than {max_length} tokens and were cut")
-    sys.stdout.flush()
+    return source, out, mesh, load_tokenizer(source.require_directory()), settings
