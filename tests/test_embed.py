@@ -12,9 +12,9 @@ import torch
 import transformers
 
 import neo_jax
-from neo_jax.source import config_of
 from neo_jax import embed
 from neo_jax.cli import main
+from neo_jax.source import config_of
 from tests.conftest import TOKENIZER_DIR, make_hf_model
 
 TOL = 1e-4  # relative to the reference's largest magnitude
@@ -37,7 +37,11 @@ def save_sgpt(directory: Path, pooling: str = "weightedmean", normalize: bool = 
 
     base = directory.with_name(directory.name + "-base")
     hf = make_hf_model(
-        vocab_size=50257, num_layers=2, attention_types=[[["global", "local"], 1]], eos_token_id=50256, bos_token_id=50256
+        vocab_size=50257,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        eos_token_id=50256,
+        bos_token_id=50256,
     )
     hf.transformer.save_pretrained(base)
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
@@ -116,7 +120,7 @@ def test_encode_normalizes_layers_and_one_string(sgpt, tmp_path):
 
 def test_embed_command_writes_rows_in_corpus_order_and_resumes(sgpt, tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(0)
-    words = "the cat sat on a mat while dogs ran through fields of green grass".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "through", "fields", "of", "green", "grass"]
     texts = [" ".join(rng.choice(words, int(rng.integers(1, 70)))) for _ in range(45)]
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -151,7 +155,10 @@ def test_embed_command_writes_rows_in_corpus_order_and_resumes(sgpt, tmp_path, m
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main([*command, "--overwrite", "--pooling", "last", "--normalize"]) == 0
     again = np.load(out)
-    assert close(again, reference(sgpt, texts, "last") / np.linalg.norm(reference(sgpt, texts, "last"), axis=1)[:, None]) < TOL
+    assert (
+        close(again, reference(sgpt, texts, "last") / np.linalg.norm(reference(sgpt, texts, "last"), axis=1)[:, None])
+        < TOL
+    )
 
 
 def test_embed_command_refuses_bad_input_in_one_line(sgpt, tmp_path, capsys):
