@@ -13,16 +13,18 @@ checked against the most any prompt that fits the context could have.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -194,13 +196,13 @@ class _Choice:
         return self.logprobs_object(entries)
 
 
-def _prompts(prompt, tokenizer, max_chars: int) -> list[list]:
+def _prompts(prompt, tokenizer, max_chars: int, param: str = "prompt") -> list[list]:
     """Token ids of every prompt in a request; text is checked (valid Unicode, at most ``max_chars``
     characters) before it is tokenized. Runs in a worker thread."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
-        raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
+        raise APIError(400, f"{param} is empty: give a string, a list of strings, or token ids", param=param)
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
@@ -208,23 +210,21 @@ def _prompts(prompt, tokenizer, max_chars: int) -> list[list]:
             if len(text) > max_chars:
                 raise APIError(
                     400,
-                    f"prompt has {len(text)} characters, more than any prompt that fits this server's context "
+                    f"{param} has {len(text)} characters, more than any prompt that fits this server's context "
                     f"could have ({max_chars}); shorten it",
-                    param="prompt",
+                    param=param,
                     code="context_length_exceeded",
                 )
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
-                message = (
-                    f"prompt holds an unpaired surrogate ({text[e.start]!r} at character {e.start}): send valid Unicode"
-                )
-                raise APIError(400, message, param="prompt") from None
+                message = f"{param} holds an unpaired surrogate ({text[e.start]!r} at character {e.start}): send valid Unicode"
+                raise APIError(400, message, param=param) from None
         return [tokenizer(p)["input_ids"] for p in prompt]
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
     raise APIError(
-        400, "prompt must be a string, a list of strings, a list of token ids, or a list of those", param="prompt"
+        400, f"{param} must be a string, a list of strings, a list of token ids, or a list of those", param=param
     )
 
 
@@ -246,6 +246,39 @@ def _param_of(message: str) -> str | None:
     return first if first.isidentifier() else None
 
 
+@dataclasses.dataclass
+class Served:
+    """What every route reads: the engine, the tokenizer and the names served (``app.state.served``)."""
+
+    engine: Engine
+    tokenizer: Any
+    model_name: str
+    created: int
+    max_chars: int  # the most characters any prompt that fits the context could have
+    tokenizing: ThreadPoolExecutor  # one tokenizer, used in turn, off the event loop
+    names: dict[str, int]  # served name -> adapter index (-1: the base model)
+
+    def adapter_of(self, model: str) -> int:
+        """The adapter index of a request's ``model``, or a 404 naming what is served."""
+        if model not in self.names:
+            adapters = self.engine.adapters
+            served = f"'{self.model_name}'" + (
+                f" and its adapters {', '.join(map(repr, adapters))}" if adapters else ""
+            )
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves {served}",
+                param="model",
+                code="model_not_found",
+            )
+        return self.names[model]
+
+    async def tokenized(self, prompt, param: str = "prompt") -> list[list]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.tokenizing, _prompts, prompt, self.tokenizer, self.max_chars, param
+        )
+
+
 def create_app(
     engine: Engine,
     tokenizer,
@@ -259,12 +292,29 @@ def create_app(
     arrive within ``body_timeout`` seconds of its headers."""
     app = FastAPI(title="neo_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
-    metrics = engine.metrics
-    created = int(time.time())
-    vocab = engine.model.config.vocab_size
-    api_key = check_api_key(api_key, "api_key")
-    max_chars = engine.max_len * _longest_token(tokenizer)
-    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="neo-jax-tokenize")  # one tokenizer, used in turn
+    app.state.served = Served(
+        engine,
+        tokenizer,
+        model_name,
+        int(time.time()),
+        engine.max_len * _longest_token(tokenizer),
+        ThreadPoolExecutor(1, thread_name_prefix="neo-jax-tokenize"),
+        {model_name: -1, **{name: i for i, name in enumerate(engine.adapters)}},
+    )
+    _handle_errors(app)
+    app.add_middleware(
+        _Guard,
+        state=app.state,
+        api_key=check_api_key(api_key, "api_key"),
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+    )
+    app.include_router(router)
+    return app
+
+
+def _handle_errors(app: FastAPI) -> None:
+    """Every error as OpenAI shapes it (see the module)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -292,207 +342,233 @@ def create_app(
             APIError(error.status_code, f"{error.detail}: {request.method} {request.url.path}", type=kind)
         )
 
-    app.add_middleware(
-        _Guard, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout
+
+router = APIRouter()
+
+
+def served_by(http: Request) -> Served:
+    return http.app.state.served
+
+
+@router.get("/health")
+async def health(http: Request):
+    engine = served_by(http).engine
+    if http.app.state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if engine.error is not None:
+        return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
+    return {"status": "ok", "active_slots": engine.active, "queue_length": engine.waiting}
+
+
+@router.get("/metrics")
+async def prometheus(http: Request):
+    metrics = served_by(http).engine.metrics
+    if metrics is None:
+        raise APIError(404, "this server keeps no metrics")
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def playground():
+    return HTMLResponse(PLAYGROUND.read_text())
+
+
+@router.get("/v1/models")
+async def models(http: Request):
+    served = served_by(http)
+    entry = lambda name, parent: {
+        "id": name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "neo_jax",
+        "root": name,
+        "parent": parent,
+        "max_model_len": served.engine.max_len,
+    }
+    adapters = [entry(a, served.model_name) for a in served.engine.adapters]
+    return {"object": "list", "data": [entry(served.model_name, None), *adapters]}
+
+
+@router.post("/v1/chat/completions")
+async def chat():
+    raise APIError(
+        400,
+        "GPT-Neo is a base language model with no chat template, so /v1/chat/completions is not served; "
+        "send the text to continue to /v1/completions instead",
+        param="messages",
+        code="chat_not_supported",
     )
 
-    @app.get("/health")
-    async def health():
-        if app.state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        if engine.error is not None:
-            return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
-        return {"status": "ok", "active_slots": engine.active, "queue_length": engine.waiting}
 
-    @app.get("/metrics")
-    async def prometheus():
-        if metrics is None:
-            raise APIError(404, "this server keeps no metrics")
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request):
+    served = served_by(http)
+    adapter = served.adapter_of(body.model)
+    prompts, max_tokens, stop, base = await _checked_completion(served, body)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    echo_logprobs = body.echo and body.logprobs is not None
+    choices: list[_Choice] = []
+    for p, prompt in enumerate(prompts):
+        prefix = served.tokenizer.decode(prompt) if body.echo else ""
+        for j in range(body.n):
+            index = p * body.n + j
+            choice = _Choice(index, served.tokenizer, stop, body.logprobs, prefix)
+            settings = dict(base, seed=(base["seed"] + index) % 2**63)
+            choice.request = EngineRequest(
+                prompt,
+                max_tokens,
+                settings,
+                _emitter(loop, events, index),
+                echo_logprobs=echo_logprobs,
+                adapter=adapter,
+            )
+            choices.append(choice)
+    submit_all(served.engine, [c.request for c in choices])
 
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse(PLAYGROUND.read_text())
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    usage = lambda: {
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "completion_tokens": sum(c.generated for c in choices),
+        "total_tokens": sum(len(p) for p in prompts) + sum(c.generated for c in choices),
+    }
+    take = partial(_take, choices, echo_logprobs)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _stream(choices, events, take, request_id, body.model, usage, include_usage, http),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    if not await _collect(choices, events, take, http):
+        return Response(status_code=499)
+    if any(c.finish_reason == "error" for c in choices):
+        raise APIError(500, "generation failed on the server", type="server_error")
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": c.logprobs_object(c.entries),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage(),
+    }
 
-    names = {model_name: -1, **{name: i for i, name in enumerate(engine.adapters)}}  # name -> adapter index
 
-    @app.get("/v1/models")
-    async def models():
-        entry = lambda name, parent: {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "neo_jax",
-            "root": name,
-            "parent": parent,
-            "max_model_len": engine.max_len,
-        }
-        return {"object": "list", "data": [entry(model_name, None), *(entry(a, model_name) for a in engine.adapters)]}
-
-    @app.post("/v1/chat/completions")
-    async def chat():
+async def _checked_completion(served: Served, body: CompletionRequest) -> tuple[list[list], int, list[str], dict]:
+    """A completion request's prompts (tokenized), ``max_tokens``, stop strings and sampling settings, or a 400."""
+    unsupported = body.unsupported()
+    if unsupported:
+        message = f"{unsupported} is not supported by this server; leave it out (repetition_penalty is available)"
+        raise APIError(400, message, param=unsupported)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP or not all(stop):
+        raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
+    engine = served.engine
+    choices_asked = _prompt_count(body.prompt) * body.n
+    if choices_asked > engine.max_queue:
         raise APIError(
             400,
-            "GPT-Neo is a base language model with no chat template, so /v1/chat/completions is not served; "
-            "send the text to continue to /v1/completions instead",
-            param="messages",
-            code="chat_not_supported",
+            f"this request asks for {choices_asked} completions (prompts times n), more than this server ever "
+            f"queues ({engine.max_queue}); split it into smaller requests",
+            param="n",
         )
+    prompts = await served.tokenized(body.prompt)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    try:
+        for prompt in prompts:
+            engine.check(prompt, max_tokens)
+    except ValueError as error:
+        message = str(error)
+        if "maximum context length" in message:
+            raise APIError(400, message, param="prompt", code="context_length_exceeded") from None
+        raise APIError(400, message, param="max_tokens" if message.startswith("max_tokens") else "prompt") from None
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_tokens", "logit_bias")
+    fields += ("bad_words_ids",)
+    values = {k: v for k in fields if (v := getattr(body, k)) is not None}
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens")
+    try:
+        base = sampling_settings(**values, seed=body.seed, vocab_size=engine.model.config.vocab_size)
+    except ValueError as error:
+        raise APIError(400, str(error), param=_param_of(str(error))) from None
+    return prompts, max_tokens, stop, base
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: Request):
-        if body.model not in names:
-            served = f"'{model_name}'" + (
-                f" and its adapters {', '.join(map(repr, engine.adapters))}" if engine.adapters else ""
-            )
-            raise APIError(
-                404,
-                f"the model '{body.model}' does not exist; this server serves {served}",
-                param="model",
-                code="model_not_found",
-            )
-        unsupported = body.unsupported()
-        if unsupported:
-            message = f"{unsupported} is not supported by this server; leave it out (repetition_penalty is available)"
-            raise APIError(400, message, param=unsupported)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > MAX_STOP or not all(stop):
-            raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
-        choices_asked = _prompt_count(body.prompt) * body.n
-        if choices_asked > engine.max_queue:
-            raise APIError(
-                400,
-                f"this request asks for {choices_asked} completions (prompts times n), more than this server ever "
-                f"queues ({engine.max_queue}); split it into smaller requests",
-                param="n",
-            )
-        prompts = await asyncio.get_running_loop().run_in_executor(
-            tokenizing, _prompts, body.prompt, tokenizer, max_chars
-        )
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+
+def _emitter(loop, events: asyncio.Queue, index: int):
+    """The engine's ``emit`` for request ``index``: its events onto ``events``, from the engine's thread."""
+
+    def emit(event):
         try:
-            for prompt in prompts:
-                engine.check(prompt, max_tokens)
-        except ValueError as error:
-            message = str(error)
-            if "maximum context length" in message:
-                raise APIError(400, message, param="prompt", code="context_length_exceeded") from None
-            raise APIError(400, message, param="max_tokens" if message.startswith("max_tokens") else "prompt") from None
-        fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_tokens", "logit_bias")
-        fields += ("bad_words_ids",)
-        values = {k: v for k in fields if (v := getattr(body, k)) is not None}
-        if body.min_tokens > max_tokens:
-            raise APIError(
-                400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens"
-            )
-        try:
-            base = sampling_settings(**values, seed=body.seed, vocab_size=vocab)
-        except ValueError as error:
-            raise APIError(400, str(error), param=_param_of(str(error))) from None
-        echo_logprobs = body.echo and body.logprobs is not None
+            loop.call_soon_threadsafe(events.put_nowait, (index, event))
+        except RuntimeError:  # the event loop has closed: nobody is listening
+            pass
 
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        choices: list[_Choice] = []
-        for p, prompt in enumerate(prompts):
-            prefix = tokenizer.decode(prompt) if body.echo else ""
-            for j in range(body.n):
-                index = p * body.n + j
-                choice = _Choice(index, tokenizer, stop, body.logprobs, prefix)
+    return emit
 
-                def emit(event, index=index):
-                    try:
-                        loop.call_soon_threadsafe(events.put_nowait, (index, event))
-                    except RuntimeError:  # the event loop has closed: nobody is listening
-                        pass
 
-                settings = dict(base, seed=(base["seed"] + index) % 2**63)
-                choice.request = EngineRequest(
-                    prompt, max_tokens, settings, emit, echo_logprobs=echo_logprobs, adapter=names[body.model]
-                )
-                choices.append(choice)
-        submitted = []
-        try:
-            for choice in choices:
-                submitted.append(engine.submit(choice.request))
-        except QueueFull as error:
-            for request in submitted:
-                request.cancel()
-            raise APIError(
-                429, f"the server is busy: {error}; retry later", type="rate_limit_error", code="queue_full"
-            ) from None
-        except EngineStopped as error:
-            for request in submitted:
-                request.cancel()
-            raise APIError(503, str(error), type="server_error", code="draining") from None
+def submit_all(engine: Engine, requests: list[EngineRequest]) -> None:
+    """Queue every request, or none: a 429 when the queue is full, a 503 while draining."""
+    submitted = []
+    try:
+        for request in requests:
+            submitted.append(engine.submit(request))
+    except QueueFull as error:
+        for request in submitted:
+            request.cancel()
+        raise APIError(
+            429, f"the server is busy: {error}; retry later", type="rate_limit_error", code="queue_full"
+        ) from None
+    except EngineStopped as error:
+        for request in submitted:
+            request.cancel()
+        raise APIError(503, str(error), type="server_error", code="draining") from None
 
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        usage = lambda: {
-            "prompt_tokens": sum(len(p) for p in prompts),
-            "completion_tokens": sum(c.generated for c in choices),
-            "total_tokens": sum(len(p) for p in prompts) + sum(c.generated for c in choices),
-        }
 
-        def take(index: int, event) -> _Choice:
-            choice = choices[index]
+def _take(choices: list[_Choice], echo_logprobs: bool, index: int, event) -> _Choice:
+    """Apply one engine event to its choice."""
+    choice = choices[index]
+    if isinstance(event, Finished):
+        choice.generated = event.generated
+        if choice.finish_reason is None:
+            choice.finish_reason = {"length": "length", "stop": "stop"}.get(event.reason, event.reason)
+        return choice
+    if choice.finish_reason is not None:  # cut by a stop string: later tokens are dropped
+        return choice
+    if echo_logprobs and not choice.entries:
+        choice.echo_prompt(choice.request.prompt, choice.request.prompt_logprobs)
+    if choice.add(event):
+        choice.finish_reason = "stop"
+        choice.generated = choice.request.generated
+        choice.request.cancel()
+    return choice
+
+
+async def _collect(choices: list[_Choice], events: asyncio.Queue, take, http: Request) -> bool:
+    """Wait for every choice to finish; False if the client went away first (the requests are cancelled)."""
+    remaining = {c.index for c in choices}
+    try:
+        while remaining:
+            try:
+                index, event = await asyncio.wait_for(events.get(), timeout=0.25)
+            except TimeoutError:
+                if await http.is_disconnected():  # nobody to answer: the finally frees the slots
+                    return False
+                continue
+            take(index, event)
             if isinstance(event, Finished):
-                choice.generated = event.generated
-                if choice.finish_reason is None:
-                    choice.finish_reason = {"length": "length", "stop": "stop"}.get(event.reason, event.reason)
-                return choice
-            if choice.finish_reason is not None:  # cut by a stop string: later tokens are dropped
-                return choice
-            if echo_logprobs and not choice.entries:
-                choice.echo_prompt(choice.request.prompt, choice.request.prompt_logprobs)
-            if choice.add(event):
-                choice.finish_reason = "stop"
-                choice.generated = choice.request.generated
-                choice.request.cancel()
-            return choice
-
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                _stream(choices, events, take, request_id, body.model, usage, include_usage, http),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-
-        remaining = {c.index for c in choices}
-        try:
-            while remaining:
-                try:
-                    index, event = await asyncio.wait_for(events.get(), timeout=0.25)
-                except TimeoutError:
-                    if await http.is_disconnected():  # nobody to answer: the finally frees the slots
-                        return Response(status_code=499)
-                    continue
-                take(index, event)
-                if isinstance(event, Finished):
-                    remaining.discard(index)
-        finally:
-            for choice in choices:
-                choice.request.cancel()
-        if any(c.finish_reason == "error" for c in choices):
-            raise APIError(500, "generation failed on the server", type="server_error")
-        return {
-            "id": request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [
-                {
-                    "index": c.index,
-                    "text": c.text,
-                    "logprobs": c.logprobs_object(c.entries),
-                    "finish_reason": c.finish_reason,
-                }
-                for c in choices
-            ],
-            "usage": usage(),
-        }
-
-    return app
+                remaining.discard(index)
+    finally:
+        for choice in choices:
+            choice.request.cancel()
+    return True
 
 
 class _Guard:
