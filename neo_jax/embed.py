@@ -157,6 +157,19 @@ def normalized(x):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def from_sums(sums: np.ndarray, tokens: int, pooling: str, normalize: bool) -> np.ndarray:
+    """A text's vector from its final states' sums (``[3, H]``: plain, weighted by position + 1, the last token's;
+    the serving engine adds them up chunk by chunk): what ``pool`` gives for one text of ``tokens`` tokens."""
+    if pooling == "mean":
+        vector = sums[0] / tokens
+    elif pooling == "weightedmean":
+        vector = sums[1] / (tokens * (tokens + 1) / 2)
+    else:
+        vector = sums[2]
+    vector = np.asarray(vector, np.float32)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12) if normalize else vector
+
+
 def _pooled(graphdef, state, input_ids, attention_mask, *, pooling: str, layer: int | None, normalize: bool):
     model = nnx.merge(graphdef, state)
     hidden, layers, _ = model.features(input_ids, attention_mask, every_layer=layer is not None)

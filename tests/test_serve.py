@@ -285,6 +285,45 @@ def test_the_prefix_cache_changes_no_output_and_keeps_echo_logprobs(model, engin
         cached.stop()
 
 
+def test_embeddings_ride_the_prefill_chunks_and_equal_encode(engine, model):
+    """Embedding requests of every length around the chunk (64) and the slot (256), submitted while a stream
+    decodes, each equal ``encode``'s vector for every pooling (from one set of sums), and compile nothing."""
+    from neo_jax.embed import Embedder, from_sums
+    from neo_jax.serve.engine import Embedded
+
+    rng = np.random.default_rng(8)
+    inputs = [rng.integers(1, 50000, n).tolist() for n in (1, 17, 63, 64, 65, 130, MAX_LEN)]
+    got, finished = {}, threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event):
+            if isinstance(event, Embedded):
+                got[i] = event
+            elif isinstance(event, Finished):
+                got[("reason", i)] = event.reason
+                finished.release()
+
+        return emit
+
+    settings = sampling_settings(temperature=0, vocab_size=50257)
+    with backend_compiles() as compiles, ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(engine.generate, inputs[5], 40, temperature=0)
+        for i, ids in enumerate(inputs):
+            engine.submit(Request(ids, 1, settings, emitter(i), embedding=True))
+        assert all(finished.acquire(timeout=60) for _ in inputs)
+        tokens, _ = stream.result(60)
+    assert compiles == []
+    assert tokens == neo_jax.generate(model, np.array(inputs[5]), max_new_tokens=40)[0, 130:].tolist()
+    assert [got[("reason", i)] for i in range(len(inputs))] == ["embedded"] * len(inputs)
+    for pooling in ("mean", "weightedmean", "last"):
+        ours = np.stack([from_sums(got[i].sums, got[i].tokens, pooling, True) for i in range(len(inputs))])
+        embedder = Embedder(model, pooling=pooling, normalize=True, batch_size=4)
+        np.testing.assert_allclose(ours, embedder(inputs), atol=1e-5)
+    assert metric_value(engine.metrics.embedding_requests) >= len(inputs)
+    with pytest.raises(ValueError, match="maximum context length is 256 tokens, but the input has 257"):
+        engine.check([1] * 257, 0, embedding=True)
+
+
 def metric_value(counter) -> float:
     return next(iter(counter.collect())).samples[0].value
 

@@ -58,6 +58,11 @@ def add_parser(commands) -> None:
         help="MiB of device memory that keep the keys and values of prompt blocks for later requests that start "
         "the same way (least recently used out first; default 0: no prefix cache)",
     )
+    p.add_argument(
+        "--embedding-pooling",
+        choices=("mean", "weightedmean", "last"),
+        help="how /v1/embeddings pools the final hidden states (default: the checkpoint's own, as neo-jax embed)",
+    )
     p.add_argument("--compilation-cache", help=CACHE_HELP)
     p.set_defaults(run=serve)
 
@@ -152,4 +157,5 @@ def serve(args: argparse.Namespace) -> int:
         weights=args.weights,
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,
+        embedding_pooling=args.embedding_pooling,
     )

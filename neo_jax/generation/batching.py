@@ -466,7 +466,20 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
     if lanes is None:
         return slots, pool, out, None
 
-    return slots, pool, out, _prompt_logprobs(echo, model, chunks, lanes.targets)
+    return slots, pool, out, (_prompt_logprobs(echo, model, chunks, lanes.targets), _lane_sums(chunks, lanes, last))
+
+
+def _lane_sums(chunks, lanes: Lanes, last):
+    """Each lane's final hidden states summed over its real tokens, plain and weighted by position + 1, and its
+    last token's: ``[lanes, 3, embed]`` float32, what an embedding's pooling adds up chunk by chunk
+    (``neo_jax.embed.from_sums``)."""
+    width = chunks.shape[1]
+    real = (jnp.arange(width)[None, :] < lanes.count[:, None]).astype(jnp.float32)
+    weight = real * (lanes.start[:, None] + jnp.arange(1, width + 1)[None, :]).astype(jnp.float32)
+    hidden = chunks.astype(jnp.float32)
+    total = jnp.einsum("lwh,lw->lh", hidden, real)
+    weighted = jnp.einsum("lwh,lw->lh", hidden, weight)
+    return jnp.stack([total, weighted, last.astype(jnp.float32)], axis=1)
 
 
 def _appended(history, token):

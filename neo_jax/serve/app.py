@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP layer over ``Engine``: ``/v1/completions`` (streamed as server-sent events or
-not), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus) and the playground page at ``/``.
+not), ``/v1/embeddings``, ``/v1/models``, ``/health``, ``/metrics`` (Prometheus) and the playground page at ``/``.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
 (naming the field), 401 for a missing or wrong API key, 404 for an unknown model or path, 408 for a body
@@ -13,6 +13,7 @@ checked against the most any prompt that fits the context could have.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import json
@@ -22,8 +23,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -31,8 +33,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from neo_jax.embed import check_pooling, from_sums
 from neo_jax.generation.batching import TOP_LOGPROBS
-from neo_jax.serve.engine import Engine, EngineStopped, Finished, QueueFull, sampling_settings
+from neo_jax.serve.engine import Embedded, Engine, EngineStopped, Finished, QueueFull, sampling_settings
 from neo_jax.serve.engine import Request as EngineRequest
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -257,6 +260,7 @@ class Served:
     max_chars: int  # the most characters any prompt that fits the context could have
     tokenizing: ThreadPoolExecutor  # one tokenizer, used in turn, off the event loop
     names: dict[str, int]  # served name -> adapter index (-1: the base model)
+    embedding_pooling: str  # neo_jax.embed.POOLINGS
 
     def adapter_of(self, model: str) -> int:
         """The adapter index of a request's ``model``, or a 404 naming what is served."""
@@ -287,9 +291,10 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 4 << 20,
     body_timeout: float = 30.0,
+    embedding_pooling: str = "mean",
 ) -> FastAPI:
     """The FastAPI application serving ``engine`` (which the caller starts and stops); a request's body must
-    arrive within ``body_timeout`` seconds of its headers."""
+    arrive within ``body_timeout`` seconds of its headers. ``/v1/embeddings`` pools by ``embedding_pooling``."""
     app = FastAPI(title="neo_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
     app.state.served = Served(
@@ -300,6 +305,7 @@ def create_app(
         engine.max_len * _longest_token(tokenizer),
         ThreadPoolExecutor(1, thread_name_prefix="neo-jax-tokenize"),
         {model_name: -1, **{name: i for i, name in enumerate(engine.adapters)}},
+        check_pooling(embedding_pooling, "embedding_pooling"),
     )
     _handle_errors(app)
     app.add_middleware(
@@ -440,7 +446,7 @@ async def completions(body: CompletionRequest, http: Request):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    if not await _collect(choices, events, take, http):
+    if not await _collect([c.request for c in choices], events, take, http):
         return Response(status_code=499)
     if any(c.finish_reason == "error" for c in choices):
         raise APIError(500, "generation failed on the server", type="server_error")
@@ -551,9 +557,10 @@ def _take(choices: list[_Choice], echo_logprobs: bool, index: int, event) -> _Ch
     return choice
 
 
-async def _collect(choices: list[_Choice], events: asyncio.Queue, take, http: Request) -> bool:
-    """Wait for every choice to finish; False if the client went away first (the requests are cancelled)."""
-    remaining = {c.index for c in choices}
+async def _collect(requests: list[EngineRequest], events: asyncio.Queue, take, http: Request) -> bool:
+    """Hand each request's events to ``take`` until every one has finished; False if the client went away first
+    (the requests are cancelled)."""
+    remaining = set(range(len(requests)))
     try:
         while remaining:
             try:
@@ -566,9 +573,79 @@ async def _collect(choices: list[_Choice], events: asyncio.Queue, take, http: Re
             if isinstance(event, Finished):
                 remaining.discard(index)
     finally:
-        for choice in choices:
-            choice.request.cancel()
+        for request in requests:
+            request.cancel()
     return True
+
+
+class EmbeddingRequest(BaseModel):
+    """The fields of OpenAI's ``/v1/embeddings``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, http: Request):
+    """Each input's vector, pooled from the final hidden states and L2-normalised (as OpenAI and vLLM return
+    them). The inputs are prefilled as prompts are, chunk by chunk in the decode step's budget, so running
+    completion streams keep their pace."""
+    served = served_by(http)
+    adapter = served.adapter_of(body.model)
+    engine = served.engine
+    width = engine.model.config.hidden_size
+    if body.dimensions is not None and body.dimensions != width:
+        message = f"dimensions must be this model's width, {width}, or left out: its vectors cannot be shortened"
+        raise APIError(400, message, param="dimensions")
+    if (count := _prompt_count(body.input)) > engine.max_queue:
+        message = f"this request holds {count} inputs, more than this server ever queues ({engine.max_queue}); split it"
+        raise APIError(400, message, param="input")
+    inputs = await served.tokenized(body.input, "input")
+    for i, ids in enumerate(inputs):
+        where = "input" if len(inputs) == 1 else f"input[{i}]"
+        if not ids:
+            raise APIError(400, f"{where} is empty: every input needs at least one token", param="input")
+        try:
+            engine.check(ids, 0, embedding=True)
+        except ValueError as error:
+            code = "context_length_exceeded" if "maximum context length" in str(error) else None
+            raise APIError(400, f"{where}: {error}", param="input", code=code) from None
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    settings = sampling_settings(temperature=0.0, seed=0, vocab_size=engine.model.config.vocab_size)
+    requests = [
+        EngineRequest(ids, 1, settings, _emitter(loop, events, i), adapter=adapter, embedding=True)
+        for i, ids in enumerate(inputs)
+    ]
+    submit_all(engine, requests)
+    vectors: dict[int, np.ndarray] = {}
+    failed = []
+
+    def take(index: int, event) -> None:
+        if isinstance(event, Embedded):
+            vectors[index] = from_sums(event.sums, event.tokens, served.embedding_pooling, normalize=True)
+        elif isinstance(event, Finished) and event.reason != "embedded":
+            failed.append(event.reason)
+
+    if not await _collect(requests, events, take, http):
+        return Response(status_code=499)
+    if failed or len(vectors) != len(inputs):
+        raise APIError(500, "embedding failed on the server", type="server_error")
+    encode = (
+        (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode())
+        if body.encoding_format == "base64"
+        else (lambda v: v.tolist())
+    )
+    tokens = sum(len(ids) for ids in inputs)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(vectors[i])} for i in range(len(inputs))],
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 class _Guard:

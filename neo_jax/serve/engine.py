@@ -94,9 +94,20 @@ class Finished:
 
 
 @dataclasses.dataclass
+class Embedded:
+    """An embedding request's prompt has run: its final hidden states summed over its tokens, plainly and
+    weighted by position + 1, and its last token's (``neo_jax.embed.from_sums`` pools them)."""
+
+    sums: np.ndarray  # [3, embed] float32
+    tokens: int
+
+
+@dataclasses.dataclass
 class Request:
     """One sequence to continue. Events (``Token``, then one ``Finished``) go to ``emit``, called from the
-    engine's thread. ``prompt_logprobs`` is filled before the first token when the request asked for it."""
+    engine's thread. ``prompt_logprobs`` is filled before the first token when the request asked for it.
+    An ``embedding`` request generates nothing: its prompt is prefilled like any other, chunk by chunk, and
+    its ``Embedded`` event comes before ``Finished("embedded")``."""
 
     prompt: list[int]
     max_tokens: int
@@ -104,6 +115,8 @@ class Request:
     emit: Callable[[object], None]
     echo_logprobs: bool = False
     adapter: int = -1  # the LoRA adapter (index in ``Engine.adapters``); -1: the base model
+    embedding: bool = False
+    sums: np.ndarray | None = None  # an embedding's sums so far
     prompt_logprobs: list = dataclasses.field(default_factory=list)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -332,8 +345,9 @@ class Engine:
         return time.perf_counter() - start
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def check(self, prompt: list[int], max_tokens: int) -> None:
-        """Raise ValueError if the request cannot be served: bad token ids, or more tokens than a slot holds."""
+    def check(self, prompt: list[int], max_tokens: int, embedding: bool = False) -> None:
+        """Raise ValueError if the request cannot be served: bad token ids, or more tokens than a slot holds (an
+        embedding's prompt may fill it: nothing follows)."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt):
@@ -341,6 +355,18 @@ class Engine:
         vocab = self.model.config.vocab_size
         if bad := [t for t in prompt if not 0 <= t < vocab]:  # in Python: 10**30 overflows any array dtype
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}")
+        if embedding:
+            if not self.prefill_chunk:
+                raise ValueError(
+                    "embeddings are computed in prefill chunks, and this engine prefills whole prompts "
+                    "(prefill_chunk 0): give it a prefill_chunk"
+                )
+            if len(prompt) > self.max_len:
+                raise ValueError(
+                    f"this server's maximum context length is {self.max_len} tokens, but the input has {len(prompt)}; "
+                    "shorten it"
+                )
+            return
         validate.integer("max_tokens", max_tokens, least=1)
         if len(prompt) + max_tokens > self.max_len:
             raise ValueError(
@@ -351,7 +377,7 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (checked first); raises QueueFull or EngineStopped when it cannot wait."""
-        self.check(request.prompt, request.max_tokens)
+        self.check(request.prompt, request.max_tokens, request.embedding)
         eos = -1 if self.eos_token_id is None else self.eos_token_id
         request.sampling = {**request.sampling, "eos": eos, "tail": request.prompt[-(MAX_BAD_LENGTH - 1) :]}
         if not -1 <= request.adapter < len(self.adapters):
@@ -498,7 +524,7 @@ class Engine:
         computed by an earlier step). At least one prompt token is always prefilled (its logits give the first
         token); with ``echo`` the last cached block is computed again too, its last position giving the
         log-probability of the next block's first token."""
-        if self.prefix_cache is None:
+        if self.prefix_cache is None or request.embedding:  # an embedding pools every token's state
             return
         found = self.prefix_cache.lookup(request.chain, request.echo_logprobs)
         usable = min(len(found), (len(request.prompt) - 1) // BLOCK)
@@ -585,18 +611,28 @@ class Engine:
                 self._arrays, self._slots, self._pool, None, self._replicated(np.bool_(False))
             )
         tokens, logprobs, top_ids, top_logprobs = jax.device_get(out)
+        embedding = any(request.embedding for request, *_ in held)
+        prompt_out, sums = prompt_out or (None, None)
         prompt_out = jax.device_get(prompt_out) if echo else None
+        sums = np.asarray(jax.device_get(sums)) if embedding else None
         now = time.perf_counter()
-        producing = list(decoding)
+        producing, freed = list(decoding), []
         for lane, (request, start, count, saved) in enumerate(held):
             request.started = True
             request.done = start + count
             if request.echo_logprobs:
                 self._keep_prompt_logprobs(request, [x[lane] for x in prompt_out or ()], start, count, saved)
+            if request.embedding and sums is not None:  # the plain and weighted sums add up; the last is the newest
+                request.sums = (
+                    sums[lane] if request.sums is None else np.stack([*(request.sums + sums[lane])[:2], sums[lane, 2]])
+                )
             if request.done == len(request.prompt):
                 self._prefilling.remove(request)
-                producing.append(request)
-        freed = []
+                if request.embedding:
+                    self._embedded(request)
+                    freed.append(request.slot)
+                else:
+                    producing.append(request)
         for request in producing:
             slot = request.slot
             if request.cancelled:
@@ -605,6 +641,16 @@ class Engine:
             elif self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot], now):
                 freed.append(slot)
         self._release(freed)
+
+    def _embedded(self, request: Request) -> None:
+        """An embedding's last chunk has run: hand it its sums."""
+        sums = np.asarray(request.sums, np.float32)
+        if not request.cancelled:
+            request.emit(Embedded(sums, len(request.prompt)))
+        if self.metrics:
+            self.metrics.embedding_requests.inc()
+            self.metrics.embedding_tokens.inc(len(request.prompt))
+        self._finish(request, "cancelled" if request.cancelled else "embedded")
 
     def _keep_prompt_logprobs(self, request: Request, computed: list, start: int, count: int, saved: list[int]) -> None:
         """Add a chunk's log-probabilities of the prompt's tokens to ``request`` (position j predicts token

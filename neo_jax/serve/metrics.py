@@ -17,6 +17,8 @@ class Metrics:
         self.active_slots = Gauge("neo_jax_active_slots", "Slots generating a request", registry=r)
         self.generated_tokens = Counter("neo_jax_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("neo_jax_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.embedding_requests = Counter("neo_jax_embedding_requests", "Inputs embedded", registry=r)
+        self.embedding_tokens = Counter("neo_jax_embedding_tokens", "Tokens of the inputs embedded", registry=r)
         self.requests = Counter("neo_jax_requests", "Finished sequences", ["finish_reason"], registry=r)
         self.prefix_cache_hits = Counter(
             "neo_jax_prefix_cache_hits", "Requests that reused cached prompt blocks", registry=r

@@ -167,9 +167,11 @@ def serve(
     weights: str | None = None,
     header_timeout: float = 10.0,
     max_connections: int = 2048,
+    embedding_pooling: str | None = None,
 ) -> int:
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
+    from neo_jax.embed import check_pooling, recipe_of
     from neo_jax.hf import load_tokenizer
     from neo_jax.lora import add_many
     from neo_jax.peft import by_target
@@ -185,6 +187,9 @@ def serve(
     if connections < max_connections:
         log(f"the open-file limit fits {connections} connections: serving at most that many, not {max_connections}")
     source = resolve(model)
+    if embedding_pooling is None:  # the checkpoint's own (a sentence-transformers layout's), else mean
+        embedding_pooling = recipe_of(source.directory, source.config).pooling
+    check_pooling(embedding_pooling, "--embedding-pooling")
     tokenizer = load_tokenizer(source.require_directory())  # before the weights: a model without a tokenizer fails fast
     named = check_adapters(source, adapters, served_model_name or model)  # before the weights too: adapters are small
     try:
@@ -201,7 +206,11 @@ def serve(
             f"--prefill-chunk is longer than a slot of {max_len} positions can use: prefilling {prefill_chunk} at a time"
         )
     device_mesh = sharding.make_mesh(**sharding.parse_mesh(mesh)) if mesh else None
-    loaded = from_pretrained(source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter)
+    # causal-lm whatever the checkpoint's class: a bare GPTNeoModel (SGPT) has no head of its own, and GPT-Neo's
+    # language-model head is the token embedding, so completions work on it too
+    loaded = from_pretrained(
+        source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter, task="causal-lm"
+    )
     if named:
         add_many(loaded, [(checked[0], by_target(source.config, checked)) for checked in named.values()])
     engine = Engine(
@@ -220,7 +229,12 @@ def serve(
         f"compiled {len(engine._program_names())} programs in {seconds:.1f}s; ready in {time.perf_counter() - start:.1f}s"
     )
     app = create_app(
-        engine, tokenizer, model_name=served_model_name or model, api_key=api_key, body_timeout=header_timeout
+        engine,
+        tokenizer,
+        model_name=served_model_name or model,
+        api_key=api_key,
+        body_timeout=header_timeout,
+        embedding_pooling=embedding_pooling,
     )
     config = uvicorn.Config(
         app,
