@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import neo_jax
 from neo_jax.evaluate import token_logprobs
@@ -942,8 +942,14 @@ def test_soak_with_cancellations(server):
 
 
 def test_playground_streams_the_greedy_completion_in_a_browser(server, client):
+    """The base model, then an adapter picked from the page's model list: each the greedy completion the API
+    gives for that model."""
     url, _ = server
-    expected = client.completions.create(model="neo", prompt="The playground", max_tokens=24, temperature=0)
+    expected = {
+        name: client.completions.create(model=name, prompt="The playground", max_tokens=24, temperature=0)
+        for name in ("neo", "mlp")
+    }
+    assert expected["neo"].choices[0].text != expected["mlp"].choices[0].text
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
@@ -958,15 +964,20 @@ def test_playground_streams_the_greedy_completion_in_a_browser(server, client):
         for name, value in (("max_tokens", "24"), ("temperature", "0")):
             field = driver.find_element(By.ID, name)
             field.clear()
-            field.send_keys(value)
-        driver.find_element(By.ID, "generate").click()
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").get_attribute("data-done") == "1")
-        assert driver.find_element(By.ID, "error").text == ""
-        assert (
-            driver.execute_script("return document.getElementById('completion').textContent")
-            == expected.choices[0].text
-        )
-        assert "tokens/s" in driver.find_element(By.ID, "status").text
+            field.send_keys(value)  # leaving the key's field fires its change: the model list loads with the key
+        picker = Select(driver.find_element(By.ID, "model"))
+        WebDriverWait(driver, 30).until(lambda d: len(picker.options) == 1 + len(ADAPTERS))
+        assert [o.get_attribute("value") for o in picker.options] == ["neo", *ADAPTERS]
+        for name in ("neo", "mlp"):
+            picker.select_by_value(name)
+            driver.execute_script("document.getElementById('status').dataset.done = ''")
+            driver.find_element(By.ID, "generate").click()
+            done = lambda d: d.find_element(By.ID, "status").get_attribute("data-done") == "1"
+            WebDriverWait(driver, 60).until(done)
+            assert driver.find_element(By.ID, "error").text == ""
+            completion = driver.execute_script("return document.getElementById('completion').textContent")
+            assert completion == expected[name].choices[0].text, name
+            assert "tokens/s" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
 
