@@ -121,12 +121,12 @@ def _st_pooling(path: Path) -> str:
 
 
 def widths(limit: int) -> list[int]:
-    """The padded widths a batch may have, up to ``limit``: 8, 16, then four per doubling (32, 40, 48, 56, 64,
-    80, ...), and ``limit`` itself."""
+    """The padded widths a batch may have, up to ``limit``: multiples of 8 up to 64, then four per doubling (80,
+    96, 112, 128, 160, ...), and ``limit`` itself."""
     out, width = [], 8
     while width < limit:
         out.append(width)
-        width += max(8, 2 ** (width.bit_length() - 1) // 4) if width >= 16 else 8
+        width += max(8, 2 ** (width.bit_length() - 1) // 4)
     return [*out, limit]
 
 

@@ -21,10 +21,11 @@ from flax import nnx, traverse_util
 import neo_jax
 from neo_jax import distributed
 from neo_jax.train import train_step
-from tests.conftest import SMALL
+from tests.conftest import SMALL, TOKENIZER_DIR
 
 ROOT = Path(__file__).parents[1]
 WORKER = ROOT / "tests" / "multidevice" / "multihost_worker.py"
+EMBED_WORKER = ROOT / "tests" / "multidevice" / "embed_worker.py"
 
 
 def free_port() -> int:
@@ -87,6 +88,26 @@ def test_two_processes_match_one(tmp_path):
     for key, value in saved.items():
         np.testing.assert_array_equal(np.asarray(value), got["/".join(map(str, key))])
     assert not list(tmp_path.glob(".orbax*"))
+
+
+def test_two_hosts_embed_one_corpus_into_one_file(tmp_path):
+    """`neo-jax embed` on two processes (a (2, 2, 1) mesh over both): each writes its rows of every batch into the
+    one output, which equals one process's vectors."""
+    from neo_jax.embed import encode
+
+    config = transformers.GPTNeoConfig(**SMALL)
+    torch.manual_seed(0)
+    transformers.GPTNeoModel(config).save_pretrained(tmp_path / "hf")
+    transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / "hf")
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["ab", "cd", "ef"][i % 3] for i in range(int(n))) for n in rng.integers(1, 60, 23)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    run_two_processes(EMBED_WORKER, tmp_path / "hf", tmp_path / "docs.jsonl", tmp_path / "out.npy")
+
+    single = neo_jax.from_pretrained(tmp_path / "hf", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), encode(single, texts), atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "hf", "out.npy"]
 
 
 def test_single_process_helpers(capsys):

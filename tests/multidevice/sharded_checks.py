@@ -122,6 +122,28 @@ def test_a_classifiers_every_layer_on_a_mesh_equals_one_device_and_is_split(chec
     assert per_device <= whole / replicas * 1.05, (per_device, whole)
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_embeddings_on_a_mesh_equal_one_device_and_are_split_by_batch(checkpoint, single, shape):
+    """``neo-jax embed``'s program on a mesh: every pooling's vectors equal one device's, and XLA's output per
+    device is the batch's rows over data x fsdp."""
+    from neo_jax.embed import Embedder
+
+    mesh = sharding.make_mesh(*shape)
+    model = neo_jax.from_pretrained(checkpoint, mesh=mesh, progress=False)
+    rng = np.random.default_rng(4)
+    texts = [rng.integers(0, SMALL["vocab_size"], int(n)).tolist() for n in rng.integers(1, 90, 16)]
+    for pooling in ("mean", "weightedmean", "last"):
+        options = dict(pooling=pooling, normalize=pooling == "mean", batch_size=8)
+        np.testing.assert_allclose(
+            Embedder(model, **options)(texts), Embedder(single, **options)(texts), atol=1e-5, rtol=0
+        )
+    embedder = Embedder(model, batch_size=8)
+    out = embedder.run(texts[:8])
+    assert out.addressable_shards[0].data.shape == (8 // (shape[0] * shape[1]), SMALL["hidden_size"])
+    compiled = embedder.compile(96)
+    assert compiled.memory_analysis().output_size_in_bytes == 8 // (shape[0] * shape[1]) * SMALL["hidden_size"] * 4
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_splash_on_a_mesh_equals_one_device(checkpoint, single, shape):
     """Splash (in Pallas' interpret mode) under the mesh runs once per shard of the batch and heads, inside a
