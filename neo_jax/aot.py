@@ -343,6 +343,21 @@ def serve_programs(
         }
 
 
+def embed_program(
+    config: GPTNeoConfig, mesh: Mesh, *, batch: int, seq: int, dtype=jnp.bfloat16, pooling: str = "mean"
+) -> Lowered:
+    """The program ``neo-jax embed`` runs on ``batch`` documents padded to ``seq`` tokens, lowered for ``mesh``
+    (weights stored and computed in ``dtype``)."""
+    from neo_jax import embed
+
+    model = abstract_model(config, mesh, dtype=dtype, param_dtype=dtype)
+    graphdef, state = nnx.split(model)
+    ids = _input((batch, seq), jnp.int32, mesh)
+    program = jax.jit(functools.partial(embed._pooled, graphdef, pooling=pooling, layer=None, normalize=False))
+    with jax.set_mesh(mesh), attention_impls.compiling_for(_platform(mesh)):
+        return program.lower(state, ids, ids)
+
+
 class Lowered(Protocol):
     """A lowered program, from ``jax.jit`` or ``nnx.jit``: what ``analyse`` compiles."""
 

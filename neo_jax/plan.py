@@ -509,6 +509,51 @@ def serve_report(
     return result
 
 
+def embed_report(
+    config: GPTNeoConfig,
+    *,
+    batch: int,
+    seq: int,
+    topology: str | None = None,
+    mesh: Mapping[str, int] | None = None,
+    dtype="bfloat16",
+    compile: bool = True,
+) -> dict:
+    """Everything ``neo-jax plan --task embed`` says of ``neo-jax embed`` on batches of ``batch`` documents of
+    ``seq`` tokens: weights in ``dtype`` and, on a slice, XLA:TPU's memory of the pooled forward per chip (else an
+    estimate: the weights, one layer's activations at a time, the hidden states), its FLOPs, the roofline and
+    the documents per second it bounds."""
+    mesh = _mesh_sizes(topology, mesh)
+    dtype = jnp.dtype(dtype)
+    rows = mesh["data"] * mesh["fsdp"]
+    if batch % rows:
+        raise ValueError(f"batch {batch} must be a multiple of the mesh's data x fsdp ({rows})")
+    if seq > config.max_position_embeddings:
+        raise ValueError(f"seq {seq} is more than the model's {config.max_position_embeddings} positions")
+    result = {"parameters": parameter_bytes(config, mesh, dtype), "mesh": mesh, "seq": seq}
+    if topology and compile:
+        from neo_jax import aot
+
+        compiled = aot.analyse(
+            aot.embed_program(config, aot.slice_mesh(topology, **mesh), batch=batch, seq=seq, dtype=dtype)
+        )
+        result |= {k: compiled[k] for k in ("arguments", "temporaries")} | {"total": compiled["total"]}
+    else:
+        h, inner, t = config.hidden_size, config.inner_size, mesh["tensor"]
+        scores = (4 + dtype.itemsize) * config.num_heads / _split(config.num_heads, t) * seq
+        per_token = dtype.itemsize * (4 * h + 2 * inner / _split(inner, t)) + scores
+        result["activations"] = int(batch // rows * seq * per_token)
+        result["total"] = result["parameters"] + result["activations"]
+    # the forward pass without the LM head: 2 x the blocks' matmul parameters, and q @ k^T and p @ v, per token
+    blocks = matmul_params(config) - config.vocab_size * config.hidden_size
+    flops = batch * seq * (2 * blocks + 4 * config.num_layers * seq * config.hidden_size)
+    step_bytes = result["parameters"] * mesh["fsdp"] * math.prod(mesh.values())  # every weight read once
+    result = _on_slice(result, topology, flops, flops, step_bytes)
+    if topology:
+        result["roofline"]["documents_per_s"] = batch / result["roofline"]["seconds"]
+    return result
+
+
 def _dense_shape(config: GPTNeoConfig, target: str) -> tuple[int, int]:
     """(out, in) of a LoRA target layer."""
     d, inner = config.hidden_size, config.inner_size
@@ -546,8 +591,10 @@ def describe(result: dict) -> str:
     if chip is not None and "roofline" in result:
         line = result["roofline"]
         rate = f", at most {line['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in line else ""
+        rate += f", at most {line['documents_per_s']:,.0f} documents/s" if "documents_per_s" in line else ""
+        step = "decode step at a full cache" if "kv_cache" in result else "train step"
         lines.append(
-            f"{'decode step at a full cache' if 'kv_cache' in result else 'train step'}: "
+            f"{'embedding batch' if 'documents_per_s' in line else step}: "
             f"{result['flops_per_chip'] / 1e12:.3f} TFLOP per chip; roofline lower bound {line['seconds'] * 1e3:.1f} ms "
             f"({line['bound']}-bound{rate}), MFU ceiling {line['mfu_ceiling']:.0%}; peaks used: {chip['name']} "
             f"{chip['peak_tflops_bf16']:.0f} TFLOP/s bf16, {chip['hbm_gb_per_s']:.0f} GB/s HBM"

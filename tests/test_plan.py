@@ -131,3 +131,25 @@ def test_serving_adapters_cost_their_own_bytes_compiled_for_a_tpu(gpt2_model_dir
     # XLA:TPU pads this tiny model's 64-wide dimensions to its tiles: 655,360 bytes for 458,752 of adapters
     assert grown["step"] == grown["mixed"] and 8 * per_adapter <= grown["step"] <= 1.5 * 8 * per_adapter, grown
     assert lora.LoRAConfig(r=16).targets == ("q_proj", "v_proj")  # the default when --lora-targets is left out
+
+
+def test_embedding_plan_compiled_for_a_tpu(capsys):
+    """``--task embed`` compiles ``neo-jax embed``'s pooled forward for a v5e-8: XLA:TPU's temporaries grow with the
+    tokens per chip, the arguments are the weights' shards (and the ids), and the FLOPs are the blocks' forward."""
+    argv = ["plan", "--task", "embed", "--model", "125M", "--topology", "v5e-8", "--json"]
+    results = {}
+    for batch, seq in ((16, 128), (16, 512)):
+        assert main([*argv, "--batch", str(batch), "--seq", str(seq)]) == 0
+        results[seq] = json.loads(capsys.readouterr().out)
+    small, big = results[128], results[512]
+    assert small["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and small["fits"]
+    assert small["parameters"] <= small["arguments"] <= small["parameters"] * 1.1
+    assert big["temporaries"] > 3 * small["temporaries"] > 0
+    config = GPTNeoConfig.preset("125M")
+    blocks = config.num_layers * (4 * 768 * 768 + 2 * 768 * 3072)  # no LM head: nothing is predicted
+    assert small["flops_per_chip"] == 16 * 128 * (2 * blocks + 4 * 12 * 128 * 768) / 8
+    assert big["roofline"]["documents_per_s"] > 0
+    assert main([*argv, "--batch", "12", "--seq", "128"]) == 2  # 12 rows do not split over 8 chips
+    assert "must be a multiple of the mesh's data x fsdp (8)" in capsys.readouterr().err
+    assert main([*argv, "--batch", "16"]) == 2
+    assert "--batch and --seq are required for --task embed" in capsys.readouterr().err

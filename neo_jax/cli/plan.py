@@ -23,9 +23,9 @@ def add_parser(commands) -> None:
     p.add_argument("--config", help="a fine-tuning YAML (configs/finetune-*.yaml): its settings, flags override")
     p.add_argument("--topology", help="TPU slice to compile for: v5e-1, v5e-8, v4-8, v5p-8, v6e-8, v5e-256, ...")
     p.add_argument("--mesh", help="D,F,T: data, fsdp and tensor sizes (default with --topology: every chip on fsdp)")
-    p.add_argument("--task", choices=("train", "generate", "serve"), default="train")
+    p.add_argument("--task", choices=("train", "generate", "serve", "embed"), default="train")
     p.add_argument("--batch", type=int, help="global batch size (sequences; serve: slots)")
-    p.add_argument("--seq", type=int, help="train: sequence length")
+    p.add_argument("--seq", type=int, help="train: sequence length; embed: tokens per document (padded)")
     p.add_argument("--grad-accum", type=int, help="train: micro-batches per step (default 1)")
     p.add_argument("--remat", choices=REMAT, help="train: recompute activations (default none)")
     p.add_argument("--max-len", type=int, help="generate, serve: positions in all (default: the model's maximum)")
@@ -94,8 +94,10 @@ def _where(args: argparse.Namespace) -> dict:
         check_implementation(args.attention)
     if args.model is None:
         raise ValueError("--model (or --config) is required")
-    if args.task == "train" and (args.batch is None or args.seq is None):
-        raise ValueError("--batch and --seq are required for --task train (or give --config)")
+    if args.task in ("train", "embed") and (args.batch is None or args.seq is None):
+        raise ValueError(
+            f"--batch and --seq are required for --task {args.task}" + " (or give --config)" * (args.task == "train")
+        )
     if args.task in ("generate", "serve") and args.batch is None:
         raise ValueError(f"--batch is required for --task {args.task}")
     _check_sizes(args)
@@ -134,6 +136,9 @@ def _check_sizes(args: argparse.Namespace) -> None:
         if args.prompt_len is not None:
             integer("--prompt-len", args.prompt_len, least=1)
         return
+    if args.task == "embed":
+        integer("--seq", args.seq, least=1)
+        return
     integer("--seq", args.seq, least=2)  # as neo-jax train checks them
     integer("--grad-accum", args.grad_accum, least=1)
     if args.lora_rank is not None:
@@ -160,6 +165,8 @@ def plan(args: argparse.Namespace) -> None:
             config, batch=args.batch, seq=args.seq, remat=args.remat, grad_accum=args.grad_accum,
             attention=args.attention, lora=lora, int8=int8, **where,
         )  # fmt: skip
+    elif args.task == "embed":
+        result = planning.embed_report(config, batch=args.batch, seq=args.seq, **where)
     elif args.task == "serve":
         result = planning.serve_report(
             config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
@@ -208,6 +215,8 @@ def _describe(args, result) -> str:
             f"{args.batch} slots of {result['max_len']} positions, prefill chunks of {chunk}{clamped}, "
             f"{args.dtype} weights{adapters}"
         )
+    if args.task == "embed":
+        return f"batches of {args.batch} documents x {args.seq} tokens, {args.dtype} weights"
     if args.task == "generate":
         weights = "int8" if args.weights == "int8" else args.dtype
         return (
