@@ -1,7 +1,7 @@
 """Serving load: `neo-jax serve` under concurrent streaming clients, in three workloads, each side by side in
 one run on the same random 125M-shape weights (seed 0), float32.
 
-    python benchmarks/serve.py [--workloads burst,prefix,adapters] [--requests 64] [--concurrency 16]
+    python benchmarks/serve.py [--workloads burst,prefix,adapters,embeddings] [--requests 64] [--concurrency 16]
                                [--max-batch 16] [--max-len 1024] [--prefill-chunk 64] [--skip-baselines]
 
 - "burst": prompt lengths uniform in [16, 512] tokens (random ids), ``max_tokens`` uniform in [16, 256],
@@ -18,6 +18,9 @@ one run on the same random 125M-shape weights (seed 0), float32.
   by one server, against the base model alone on the same requests, and against four servers of the
   adapters merged into the base, ``--max-batch / 4`` slots each (the same total), each request sent to its
   adapter's server.
+- "embeddings": 8 completion streams alone, then beside 16 clients sending embedding requests back to back; the
+  streams' inter-token latency p50/p99 in both and their ratio (`/v1/embeddings` prefills inside the decode
+  step's budget, so the ratio should stay near 1).
 Prints one JSON object.
 """
 
@@ -358,10 +361,50 @@ def mixed_adapters(directory, args) -> dict:
     return result
 
 
+def embeddings_load(directory, args) -> dict:
+    """8 completion streams (prompts of 16-512 tokens, 128 new tokens each) alone, then while 16 clients send
+    embedding requests (one input of 16-512 token ids each) back to back; the streams' inter-token latency in
+    both, and how many inputs were embedded meanwhile."""
+    jobs = [(prompt, 128, "neo", 0) for prompt, _ in workload(8, seed=3)]
+    flags = ["--served-model-name", "neo", "--max-batch", str(args.max_batch), "--max-len", str(args.max_len)]
+    with server(directory, *flags, "--prefill-chunk", str(args.prefill_chunk)) as (url, startup):
+        alone = asyncio.run(drive([url], jobs, len(jobs)))
+        loaded = asyncio.run(beside_embedders(url, jobs, 16))
+    return {
+        "streams": len(jobs),
+        "alone": alone,
+        "with_16_embedding_clients": loaded,
+        "inter_token_p99_ratio": round(loaded["inter_token_p99_s"] / alone["inter_token_p99_s"], 2),
+        "inter_token_p50_ratio": round(loaded["inter_token_p50_s"] / alone["inter_token_p50_s"], 2),
+        "startup_s": startup,
+    }
+
+
+async def beside_embedders(url: str, jobs, clients: int) -> dict:
+    stop, embedded = asyncio.Event(), []
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+
+    async def embedder(seed: int) -> None:
+        rng, count = random.Random(seed), 0
+        while not stop.is_set():
+            ids = [rng.randint(1, 50000) for _ in range(rng.randint(16, 512))]
+            await client.embeddings.create(model="neo", input=[ids])  # base64, as the client asks by default
+            count += 1
+        embedded.append(count)
+
+    running = [asyncio.create_task(embedder(i)) for i in range(clients)]
+    await asyncio.sleep(2)  # the embedding load is on before the streams start
+    result = await drive([url], jobs, len(jobs))
+    stop.set()
+    await asyncio.gather(*running)
+    await client.close()
+    return result | {"inputs_embedded": sum(embedded)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/gpt-neo-125M.json")
-    parser.add_argument("--workloads", default="burst,prefix,adapters")
+    parser.add_argument("--workloads", default="burst,prefix,adapters,embeddings")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=16)
@@ -385,7 +428,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
         transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER).save_pretrained(directory)
-        runs = {"burst": burst, "prefix": prefix, "adapters": mixed_adapters}
+        runs = {"burst": burst, "prefix": prefix, "adapters": mixed_adapters, "embeddings": embeddings_load}
         for name in workloads:
             result[name] = runs[name](directory, args)
             print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)

@@ -322,6 +322,9 @@ def test_embeddings_ride_the_prefill_chunks_and_equal_encode(engine, model):
     assert metric_value(engine.metrics.embedding_requests) >= len(inputs)
     with pytest.raises(ValueError, match="maximum context length is 256 tokens, but the input has 257"):
         engine.check([1] * 257, 0, embedding=True)
+    whole = Engine(model, max_batch=1, max_len=32, prefill_chunk=0)  # nothing compiles before warm_up
+    with pytest.raises(ValueError, match="embeddings are computed in prefill chunks"):
+        whole.check([1, 2], 0, embedding=True)
 
 
 def metric_value(counter) -> float:
