@@ -19,6 +19,7 @@ corpus compiles a few programs. Padding changes no real token's state (the atten
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -396,8 +397,8 @@ def embed_corpus(
         total=state["count"], initial=state["done"], unit="doc", disable=not (progress and main), dynamic_ncols=True
     )
     stream = iter(documents())
-    for _ in range(state["done"]):
-        next(stream)
+    if sum(1 for _ in itertools.islice(stream, state["done"])) < state["done"]:
+        raise ValueError(f"the sources now hold fewer than the {state['done']} documents embedded: they changed")
     first, seen, tokens_before = state["done"], 0, state["tokens"]
     while first < state["count"]:
         texts = [text for _, text in zip(range(WINDOW), stream, strict=False)]
