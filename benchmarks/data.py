@@ -7,6 +7,8 @@ Prints one JSON object:
   Hugging Face ``datasets``: ``load_dataset("json")`` then ``.map(tokenizer, batched=True, num_proc=N)``
   (both alone and together), on the larger corpus, the same GPT-2 tokenizer, single-threaded in each
   process (``TOKENIZERS_PARALLELISM=false``) so that N processes mean N cores;
+- ``formats``: tokens/s of preparing the smaller corpus as plain ``.jsonl``, as ``.jsonl.zst`` and as Parquet
+  (two processes each), and each compressed form's ratio to the plain file;
 - ``loader``: tokens/s of reading random 125M-sized batches (16 x 2048) through ``Batches`` and placing them
   with ``Loader``, against the tokens/s one 125M train step consumes on this machine (float32, 4 x 512);
 - ``start``: for the two corpora (``--tokens`` and ``--scale`` times as many), the peak RSS, the time from launch
@@ -108,6 +110,36 @@ def prepare_throughput(corpus: Path, tokenizer: Path, work: Path) -> dict:
         out["neo_jax_2_proc_tokens_per_s"] / out["datasets_map_2_proc_tokens_per_s"], 2
     )
     return out
+
+
+def formats_throughput(corpus: Path, tokenizer: Path, work: Path, repeats: int = 3) -> dict:
+    """tokens/s of preparing the same documents as plain .jsonl, .jsonl.zst (zstd level 3, as the Pile ships) and
+    Parquet (1 MiB row groups), two processes each, medians of ``repeats`` runs taken in turn."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from neo_jax import prepare
+    from neo_jax.data import TokenData
+
+    texts = [json.loads(line)["text"] for line in corpus.open()]
+    files = {"jsonl": corpus, "jsonl.zst": work / "corpus.jsonl.zst", "parquet": work / "corpus.parquet"}
+    files["jsonl.zst"].write_bytes(zstandard.ZstdCompressor(level=3).compress(corpus.read_bytes()))
+    pq.write_table(pa.table({"text": texts}), files["parquet"], row_group_size=max(1, len(texts) // 64))
+    seconds: dict[str, list[float]] = {name: [] for name in files}
+    tokens = 0
+    for _ in range(repeats):
+        for name, path in files.items():
+            target = work / f"prepared-{name}"
+            began = time.perf_counter()
+            prepare.prepare([str(path)], target, tokenizer, num_proc=2, progress=False)
+            seconds[name].append(time.perf_counter() - began)
+            tokens = TokenData(target).train.tokens
+            shutil.rmtree(target)
+    rate = {name: round(tokens / statistics.median(times)) for name, times in seconds.items()}
+    out = {f"{name}_tokens_per_s": value for name, value in rate.items()}
+    out |= {f"{name}_vs_jsonl": round(rate[name] / rate["jsonl"], 2) for name in ("jsonl.zst", "parquet")}
+    return out | {"mb": {name: round(path.stat().st_size / 2**20, 1) for name, path in files.items()}}
 
 
 def loader_throughput(directory: Path, skip_125m: bool) -> dict:
@@ -244,6 +276,7 @@ def main() -> None:
         make_corpus(corpora["large"], int(args.tokens * args.scale))
         result = {"benchmark": "data", "cpus": os.cpu_count()}
         result["prepare"] = prepare_throughput(corpora["large"], tokenizer, work)
+        result["formats"] = formats_throughput(corpora["small"], tokenizer, work)
         start = start_costs(corpora, tokenizer, work, args.old_commit)
         result["loader"] = loader_throughput(work / "prepared-large", args.skip_125m)
         result["start"] = start

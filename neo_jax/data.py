@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from neo_jax import corpus
+
 HUB_PREFIX = "hf:"
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 PIECE_CHARS = 1 << 20  # the most text the tokenizer is given at once: longer documents are cut into pieces
-_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 surrogate: JSON's "\\ud800" decodes to one
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -44,11 +45,14 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path | str]:
-    """The sources named by ``patterns``: files of paths or globs (sorted within each glob), saved-dataset
-    directories, and ``hf:`` names as they are. A pattern matching nothing is an error, raised before any
-    data is read."""
+    """The sources named by ``patterns``: files of paths or globs (sorted within each glob), URLs (their globs
+    expanded by fsspec, ``neo_jax.corpus``), saved-dataset directories, and ``hf:`` names as they are. A pattern
+    matching nothing is an error, raised before any data is read."""
     sources = []
     for pattern in patterns:
+        if corpus.is_url(pattern):
+            sources.extend(corpus.expand_url(pattern))
+            continue
         if pattern.startswith(HUB_PREFIX):
             if not pattern[len(HUB_PREFIX) :]:
                 raise ValueError(f"{pattern!r} names no dataset: write hf:NAME or hf:NAME:CONFIG")
@@ -132,57 +136,20 @@ def read_documents(patterns: Sequence[str], text_field: str = "text", split: str
     """Documents, in order: each line's ``text_field`` of ``.jsonl`` files, each row's ``text_field`` of
     Hugging Face datasets (their ``split``), each other file whole. A file that is not UTF-8 text, a line that
     is not JSON and a text with a lone surrogate are ValueErrors naming the file and line or byte."""
-    for path in expand_paths(patterns):
+    yield from read_sources(expand_paths(patterns), text_field, split)
+
+
+def read_sources(sources: Sequence[Path | str], text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """``read_documents`` of sources already expanded (``expand_paths``)."""
+    for path in sources:
         yield from _documents_of(path, text_field, split)
 
 
 def _documents_of(path, text_field: str, split: str) -> Iterator[str]:
-    if isinstance(path, str) or path.is_dir():
+    if (isinstance(path, str) and not corpus.is_url(path)) or (isinstance(path, Path) and path.is_dir()):
         yield from _dataset_texts(path, split, text_field)
-    elif path.suffix == ".jsonl":
-        with path.open("rb") as lines:  # bytes: a decoding error is then placed by line and column
-            for number, line in enumerate(lines, 1):
-                where = f"{path}:{number}"
-                text = _text(line, where, "column")
-                if not text.strip():
-                    continue
-                record = _json(text, where)
-                if not isinstance(record, dict) or text_field not in record:
-                    raise ValueError(f"{where} has no field {text_field!r}: set --text-field")
-                if not isinstance(record[text_field], str):
-                    kind = type(record[text_field]).__name__
-                    raise ValueError(f"{where}: field {text_field!r} holds {kind}, not a string")
-                if found := _SURROGATE.search(record[text_field]):
-                    raise ValueError(
-                        f"{where}: field {text_field!r} holds a lone surrogate escape (\\u{ord(found[0]):04x}), "
-                        "which is not text: fix or drop that record"
-                    )
-                yield record[text_field]
     else:
-        yield _text(path.read_bytes(), str(path), "byte")
-
-
-def _text(data: bytes, where: str, unit: str) -> str:
-    """``data`` decoded as UTF-8, or a ValueError placing the first bad byte (``unit``: byte or column, from 1
-    for a column, from 0 for a byte offset in the file)."""
-    try:
-        return data.decode()
-    except UnicodeDecodeError as e:
-        at = f"column {e.start + 1}" if unit == "column" else f"byte {e.start}"
-        raise ValueError(
-            f"{where} is not UTF-8 text ({at}: {e.reason}); give UTF-8 text files, .jsonl or a dataset"
-        ) from None
-
-
-def _json(text: str, where: str):
-    """``json.loads(text)``, or a one-line ValueError naming ``where`` (bad JSON, or nesting deeper than Python's
-    recursion allows)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{where} is not valid JSON here: it nests too deep to read") from None
+        yield from corpus.documents(path, text_field)
 
 
 def tokenized_documents(
@@ -228,14 +195,21 @@ def part_manifests(directory: Path) -> list[Path]:
 def union(directory: Path, manifests: list[dict]) -> dict:
     """One manifest for the parts of a ``--shard I/N`` preparation (all N, in order), which must agree."""
     first = manifests[0]
+    named = lambda m: [(s["name"], s["size"]) for s in m["sources"]]
     for other in manifests[1:]:
         for key in ("dtype", "eos_token_id", "vocab_size", "tokenizer", "settings", "sources"):
-            if other.get(key) != first.get(key):
+            differ = named(other) != named(first) if key == "sources" else other.get(key) != first.get(key)
+            if differ:
                 raise ValueError(
                     f"the parts in {directory} differ in {key}: prepare them with the same sources and settings"
                 )
     return first | {
         "parts": list(range(len(manifests))),
+        # parts that took whole files each hashed only their own: each source's hash from the part that has it
+        "sources": [
+            next((m["sources"][i] for m in manifests if m["sources"][i]["sha256"] is not None), source)
+            for i, source in enumerate(first["sources"])
+        ],
         "shards": [shard for m in manifests for shard in m["shards"]],
         "tokens": {k: sum(m["tokens"][k] for m in manifests) for k in first["tokens"]},
         "documents": {k: sum(m["documents"][k] for m in manifests) for k in first["documents"]},
@@ -279,7 +253,7 @@ def read_manifest(directory: Path) -> dict:
 
 
 def _load(path: Path) -> dict:
-    manifest = _json(_text(path.read_bytes(), str(path), "byte"), str(path))
+    manifest = corpus.parse_json(corpus.text(path.read_bytes(), str(path), "byte"), str(path))
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} is not a neo_jax data manifest: prepare the data again")
     return manifest

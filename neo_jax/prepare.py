@@ -20,8 +20,9 @@ One prepare at a time writes into a directory (or into a part of it): a lock fil
 writing there (manifests, progress files, shards, tokenizer files) and refuses a directory that holds
 anything else, naming it.
 
-``--shard I/N`` prepares every N-th document starting at the I-th (each of N machines reads the sources and
-encodes its own part) into ``part-I-of-N-*`` shards and a ``part-I-of-N.json`` manifest; the union
+``--shard I/N`` prepares part I of N: with at least N sources (files, URLs, datasets), every N-th source from
+the I-th, whole, opening no other (its manifest hashes only those); with fewer, every N-th document from the
+I-th (each of N machines reads the sources and encodes its own part). Each part goes into ``part-I-of-N-*`` shards and a ``part-I-of-N.json`` manifest; the union
 ``manifest.json`` is written as soon as a directory holds all N parts (the part that completes it writes it,
 or any later prepare of one of them).
 """
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from neo_jax import validate
+from neo_jax.corpus import describe_url, is_url, open_binary
 from neo_jax.data import (
     FORMAT,
     MANIFEST,
@@ -55,7 +57,7 @@ from neo_jax.data import (
     part_manifests,
     pieces,
     progress_files,
-    read_documents,
+    read_sources,
     union,
     vocab_hash,
 )
@@ -83,11 +85,13 @@ def _part_name(index: int, count: int) -> str:
     return "" if count == 1 else f"part-{index:05d}-of-{count:05d}"
 
 
-def _file_hash(path: Path) -> str:
+def _file_hash(source: Path | str) -> str:
+    """SHA-256 of a file, a URL's file (read as a stream), or every file of a directory in order."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    path = Path(source) if not is_url(source) else None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path is not None and path.is_dir() else [source]
     for file in files:
-        with file.open("rb") as f:
+        with open_binary(file) as f:
             while block := f.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()
@@ -97,6 +101,9 @@ def describe_sources(patterns: Sequence[str]) -> list[dict]:
     """Each source's name, size and modification time (what a resume and a resumed training run compare)."""
     out = []
     for source in expand_paths(patterns):
+        if is_url(source):
+            out.append(describe_url(str(source)))
+            continue
         if isinstance(source, str):
             out.append({"name": source, "size": None, "mtime_ns": None})
             continue
@@ -361,9 +368,13 @@ def _finish(out, prefix, index, count, state, settings, described, tok, tokenize
             "sha256": hashlib.sha256(json.dumps(tokenizer_files, sort_keys=True).encode()).hexdigest(),
             "vocab_sha256": settings["vocab_sha256"],
         },
-        "sources": [
-            {"name": s["name"], "size": s["size"], "sha256": None if s["size"] is None else _file_hash(Path(s["name"]))}
-            for s in described
+        "sources": [  # a part that took whole sources hashes only its own (the union has every hash)
+            {
+                "name": s["name"],
+                "size": s["size"],
+                "sha256": None if s["size"] is None or not own else _file_hash(s["name"]),
+            }
+            for s, own in zip(described, _own(len(described), index, count), strict=True)
         ],
         "settings": settings,
         "parts": [index] if count > 1 else None,
@@ -377,6 +388,11 @@ def _finish(out, prefix, index, count, state, settings, described, tok, tokenize
     _state_file(out, prefix).unlink()
     if count > 1:
         _write_union(out, count)
+
+
+def _own(sources: int, index: int, count: int) -> list[bool]:
+    """Which sources part ``index`` of ``count`` reads whole (all of them when parts take every N-th document)."""
+    return [not by_file(sources, count) or j % count == index for j in range(sources)]
 
 
 @contextlib.contextmanager
@@ -526,19 +542,27 @@ def _check_output(out: Path, overwrite: bool, prefix: str, settings: dict, descr
     return None
 
 
+def by_file(sources: int, count: int) -> bool:
+    """Whether N parts take whole sources each (source j is part j mod N's): with at least N of them. With fewer,
+    part I takes every N-th document from the I-th."""
+    return 1 < count <= sources
+
+
 def _documents(sources, text_field, split, index, count, state, settings) -> Iterator[tuple[str, bool]]:
-    """(text, held out) for this part's documents after those already done."""
+    """(text, held out) for this part's documents after those already done; a part that takes whole sources
+    opens only its own."""
     fraction, first_docs = settings["validation_fraction"], settings["validation_docs"]
-    mine = 0
-    for number, text in enumerate(read_documents(sources, text_field, split)):
-        if number % count != index:
-            continue
+    files = expand_paths(sources)
+    if by_file(len(files), count):
+        texts = read_sources(files[index::count], text_field, split)
+    else:
+        texts = (t for n, t in enumerate(read_sources(files, text_field, split)) if n % count == index)
+    for mine, text in enumerate(texts):
         if mine >= state["documents_done"]:
             held_out = mine < first_docs or (
                 fraction > 0 and math.floor((mine + 1) * fraction) > math.floor(mine * fraction)
             )
             yield text, held_out
-        mine += 1
 
 
 def _run(out, prefix, index, count, state, state_path, dtype, eos, num_proc, sources, progress) -> None:

@@ -102,12 +102,24 @@ DOCS = [
 ] + [f"Document number {i} says {'hello ' * (i % 7)}and goodbye." for i in range(60)]
 
 
-def write_sources(directory: Path) -> list[str]:
+def write_sources(directory: Path, compressed: bool = False) -> list[str]:
+    """DOCS as a JSONL file and ten text files; ``compressed``: the JSONL as zstd and the texts as gzip, named by
+    ``file://`` URLs (read through fsspec, as a bucket's would be)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:-10]))
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in DOCS[:-10]).encode()
+    if not compressed:
+        (directory / "a.jsonl").write_bytes(lines)
+        for i, text in enumerate(DOCS[-10:]):
+            (directory / f"b{i}.txt").write_text(text)
+        return [str(directory / "a.jsonl"), str(directory / "b*.txt")]
+    import gzip
+
+    import zstandard
+
+    (directory / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
     for i, text in enumerate(DOCS[-10:]):
-        (directory / f"b{i}.txt").write_text(text)
-    return [str(directory / "a.jsonl"), str(directory / "b*.txt")]
+        (directory / f"b{i}.txt.gz").write_bytes(gzip.compress(text.encode()))
+    return [f"file://{directory}/a.jsonl.zst", f"file://{directory}/b*.txt.gz"]
 
 
 def shard_tokens(directory: Path, split: str) -> np.ndarray:
@@ -162,10 +174,11 @@ def test_prepare_writes_the_tokenizers_exact_stream_in_shards_with_whole_validat
     np.testing.assert_array_equal(shard_tokens(one, "train"), expected(reference, DOCS[3:]))
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "compressed-urls"])
 def test_an_interrupted_prepare_leaves_no_partial_shard_and_continues_from_its_last_complete_one(
-    tmp_path, tokenizer_dir, monkeypatch
+    tmp_path, tokenizer_dir, monkeypatch, compressed
 ):
-    sources = write_sources(tmp_path / "src")
+    sources = write_sources(tmp_path / "src", compressed)
     options = dict(num_proc=1, validation_fraction=0.1, shard_tokens=200, progress=False)
     straight = prepare.prepare(sources, tmp_path / "straight", tokenizer_dir, **options)
 
@@ -199,17 +212,21 @@ def test_an_interrupted_prepare_leaves_no_partial_shard_and_continues_from_its_l
         np.testing.assert_array_equal(shard_tokens(out, split), shard_tokens(straight, split))
     assert data.TokenData(out).train.tokens == data.TokenData(straight).train.tokens
     assert not (out / prepare.STATE).exists()
+    if compressed:  # and the same stream as the plain files give
+        plain = prepare.prepare(write_sources(tmp_path / "plain"), tmp_path / "plain-out", tokenizer_dir, **options)
+        np.testing.assert_array_equal(shard_tokens(out, "train"), shard_tokens(plain, "train"))
 
 
 def test_parts_prepared_apart_make_one_directory(tmp_path, tokenizer_dir):
-    sources = write_sources(tmp_path / "src")
+    sources = write_sources(tmp_path / "src")[:1]  # one file for two parts: each takes every other document
+    docs = DOCS[:-10]
     reference = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     shared = tmp_path / "shared"
     for part in ("1/2", "0/2"):  # in any order, into one directory
         prepare.prepare(sources, shared, tokenizer_dir, shard=part, num_proc=1, progress=False)
     both = data.TokenData(shared)
     stream = both.train.read(0, both.train.tokens)
-    np.testing.assert_array_equal(stream, expected(reference, DOCS[0::2] + DOCS[1::2]))
+    np.testing.assert_array_equal(stream, expected(reference, docs[0::2] + docs[1::2]))
 
     apart = tmp_path / "apart"  # on two machines, then copied together: read as the union without manifest.json
     for part in ("0/2", "1/2"):
