@@ -112,6 +112,7 @@ def test_urls_are_read_through_fsspec_offline(tmp_path, gpt2_model_dir, capsys):
     found = data.expand_paths([f"file://{tmp_path}/src/docs.jsonl.*"])
     assert found == [f"file://{p}" for p in sorted((tmp_path / "src").glob("docs.jsonl.*"))]
     assert list(data.read_documents([found[-1]])) == DOCS
+
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
