@@ -236,7 +236,7 @@ def expand_url(pattern: str) -> list[str]:
         raise OSError(f"{pattern} cannot be read ({' '.join(str(e).split()) or type(e).__name__})") from None
     if not files:
         raise FileNotFoundError(f"no data file matches {pattern!r}")
-    return [fs.unstrip_protocol(m) if not m.startswith(pattern.split("://", 1)[0]) else m for m in files]
+    return [fs.unstrip_protocol(m) for m in files]  # http's paths are URLs already, which it leaves as they are
 
 
 def describe_url(url: str) -> dict:

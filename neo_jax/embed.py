@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -180,6 +180,14 @@ def _pooled(graphdef, state, input_ids, attention_mask, *, pooling: str, layer: 
     return sharding.constrain(normalized(out) if normalize else out, "batch", None)
 
 
+def check_max_length(max_length: int, config, name: str = "max_length") -> int:
+    """``max_length`` if it is a positive integer within the model's positions."""
+    validate.integer(name, max_length, least=1)
+    if max_length > config.max_position_embeddings:
+        raise ValueError(f"{name} {max_length} is more than the model's {config.max_position_embeddings} positions")
+    return max_length
+
+
 def check_layer(layer: int | None, config) -> int | None:
     """``layer`` as an index into the hidden states (transformers' ``hidden_states``: 0 the embeddings, ``L`` the
     last block's output after the final LayerNorm; negative counts from the end); None: the last."""
@@ -211,12 +219,7 @@ class Embedder:
         self.pooling, self.normalize = check_pooling(pooling), normalize
         self.layer = check_layer(layer, config)
         validate.integer("batch_size", batch_size, least=1)
-        self.max_length = config.max_position_embeddings if max_length is None else max_length
-        validate.integer("max_length", self.max_length, least=1)
-        if self.max_length > config.max_position_embeddings:
-            raise ValueError(
-                f"max_length {self.max_length} is more than the model's {config.max_position_embeddings} positions"
-            )
+        self.max_length = check_max_length(config.max_position_embeddings if max_length is None else max_length, config)
         self.batch_size, self.width = batch_size, config.hidden_size
         self.mesh = sharding.model_mesh(model)
         graphdef, self.state = nnx.split(model)
@@ -245,13 +248,19 @@ class Embedder:
         with sharding.use_mesh(self.mesh):
             return self._run(self.state, *(sharding.place_batch(x, self.mesh) for x in (ids, mask)))
 
-    def __call__(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Every text's vector, ``batch_size`` at a time, longest first."""
+    def batches(self, token_lists: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], jax.Array]]:
+        """``(indices, run's output)`` for every ``batch_size`` texts, longest first: row k of the output is text
+        ``indices[k]``'s."""
         order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-        out = np.zeros((len(token_lists), self.width), np.float32)
         for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            out[rows] = np.asarray(self.run([token_lists[i] for i in rows]))[: len(rows)]
+            chosen = order[start : start + self.batch_size]
+            yield chosen, self.run([token_lists[i] for i in chosen])
+
+    def __call__(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Every text's vector, in the order given."""
+        out = np.zeros((len(token_lists), self.width), np.float32)
+        for chosen, rows in self.batches(token_lists):
+            out[chosen] = np.asarray(rows)[: len(chosen)]
         return out
 
 
@@ -405,10 +414,7 @@ def embed_corpus(
         if not texts:
             raise ValueError(f"the sources now hold {first} documents, not {state['count']}: they changed; start over")
         tokens, cut = tokenize(tokenizer, texts, embedder.max_length)
-        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
-        for start in range(0, len(order), embedder.batch_size):
-            chosen = order[start : start + embedder.batch_size]
-            out_rows = embedder.run([tokens[i] for i in chosen])
+        for chosen, out_rows in embedder.batches(tokens):
             for shard in out_rows.addressable_shards:  # this process's rows (replicas write the same values)
                 lo = shard.index[0].start or 0
                 values = np.asarray(shard.data)

@@ -26,6 +26,7 @@ from flax import nnx
 from neo_jax.aot import check_train, matmul_params, train_flops
 from neo_jax.attention import BLOCK, choose
 from neo_jax.config import GPTNeoConfig
+from neo_jax.embed import check_max_length
 from neo_jax.generation.batching import DEFAULT_PREFILL_CHUNK
 from neo_jax.generation.cache import cache_bytes
 from neo_jax.model import GPTNeo
@@ -528,8 +529,7 @@ def embed_report(
     rows = mesh["data"] * mesh["fsdp"]
     if batch % rows:
         raise ValueError(f"batch {batch} must be a multiple of the mesh's data x fsdp ({rows})")
-    if seq > config.max_position_embeddings:
-        raise ValueError(f"seq {seq} is more than the model's {config.max_position_embeddings} positions")
+    check_max_length(seq, config, "seq")
     result = {"parameters": parameter_bytes(config, mesh, dtype), "mesh": mesh, "seq": seq}
     if topology and compile:
         from neo_jax import aot

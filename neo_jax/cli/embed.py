@@ -114,11 +114,7 @@ def _checked(args: argparse.Namespace):
         layer = embed.check_layer(args.layer, source.config)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
-    validate.integer("--max-length", max_length, least=1)
-    if max_length > source.config.max_position_embeddings:
-        raise ValueError(
-            f"--max-length {max_length} is more than the model's {source.config.max_position_embeddings} positions"
-        )
+    embed.check_max_length(max_length, source.config, "--max-length")
     mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None
     if mesh is not None and args.batch_size % (rows := mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data x fsdp ({rows})")

@@ -623,9 +623,11 @@ class Engine:
             if request.echo_logprobs:
                 self._keep_prompt_logprobs(request, [x[lane] for x in prompt_out or ()], start, count, saved)
             if request.embedding and sums is not None:  # the plain and weighted sums add up; the last is the newest
-                request.sums = (
-                    sums[lane] if request.sums is None else np.stack([*(request.sums + sums[lane])[:2], sums[lane, 2]])
-                )
+                if request.sums is None:
+                    request.sums = sums[lane].copy()
+                else:
+                    request.sums[:2] += sums[lane, :2]
+                    request.sums[2] = sums[lane, 2]
             if request.done == len(request.prompt):
                 self._prefilling.remove(request)
                 if request.embedding:
