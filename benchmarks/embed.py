@@ -28,37 +28,10 @@ import jax
 import numpy as np
 import torch
 import transformers
+from common import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "gpt2-tokenizer"
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "her",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "or",
-    "had",
-    "it",
-]
 
 
 def corpus(count: int, seed: int = 0, low: int = 8, high: int = 512) -> list[str]:

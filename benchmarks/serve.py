@@ -44,7 +44,7 @@ import openai
 import requests
 import torch
 import transformers
-from common import same_weights
+from common import WORDS, same_weights
 
 import neo_jax
 
@@ -209,37 +209,6 @@ def burst(directory, args) -> dict:
         for key in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "inter_token_p50_s", "inter_token_p99_s")
     }
     return result
-
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "her",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "or",
-    "had",
-    "it",
-    "not",
-]
 
 
 def prefix(directory, args) -> dict:

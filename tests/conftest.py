@@ -100,17 +100,15 @@ def save_hf(tmp_path):
     return save
 
 
+# A 2-layer GPT-Neo with GPT-2's vocabulary (make_hf_model's overrides), for the tests that need real text.
+GPT2_VOCAB = dict(
+    vocab_size=50257, num_layers=2, attention_types=[[["global", "local"], 1]], eos_token_id=50256, bos_token_id=50256
+)
+
+
 def save_gpt2_vocab_model(directory: Path, **overrides) -> Path:
-    """A 2-layer GPT-Neo with GPT-2's vocabulary, saved with the tokenizer in ``directory``, as a hub download
-    would be."""
-    hf = make_hf_model(
-        vocab_size=50257,
-        num_layers=2,
-        attention_types=[[["global", "local"], 1]],
-        eos_token_id=50256,
-        bos_token_id=50256,
-        **overrides,
-    )
+    """A ``GPT2_VOCAB`` model saved with the tokenizer in ``directory``, as a hub download would be."""
+    hf = make_hf_model(**GPT2_VOCAB, **overrides)
     hf.save_pretrained(directory)
     transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
     return directory

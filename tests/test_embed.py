@@ -15,7 +15,7 @@ import neo_jax
 from neo_jax import embed
 from neo_jax.cli import main
 from neo_jax.source import config_of
-from tests.conftest import TOKENIZER_DIR, make_hf_model
+from tests.conftest import GPT2_VOCAB, TOKENIZER_DIR, make_hf_model
 
 TOL = 1e-4  # relative to the reference's largest magnitude
 TEXTS = [
@@ -36,13 +36,7 @@ def save_sgpt(directory: Path, pooling: str = "weightedmean", normalize: bool = 
     from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
     base = directory.with_name(directory.name + "-base")
-    hf = make_hf_model(
-        vocab_size=50257,
-        num_layers=2,
-        attention_types=[[["global", "local"], 1]],
-        eos_token_id=50256,
-        bos_token_id=50256,
-    )
+    hf = make_hf_model(**GPT2_VOCAB)
     hf.transformer.save_pretrained(base)
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
     tokenizer.pad_token = tokenizer.eos_token  # SGPT's: GPT-2's tokenizer has none
