@@ -28,6 +28,7 @@ saves and exits 0), by kill -9 or by a crash continues on exactly the batch it w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 from neo_jax import distributed, validate
 from neo_jax.attention import check_implementation, choose
 from neo_jax.checkpoints import TRAINING_DIR, Checkpoints
-from neo_jax.config import DTYPES, REMAT
+from neo_jax.config import DTYPES, REMAT, GPTNeoConfig
 from neo_jax.settings import FinetuneConfig
 from neo_jax.sharding import make_mesh, parse_mesh, place_batch, use_mesh
 from neo_jax.source import RUN_FILE, Source, resolve
@@ -73,10 +74,24 @@ RESUME_KEYS = (
 )
 
 
-def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
-    """Every setting that can be checked without reading the corpus or loading weights (a prepared data
-    directory's manifest and shard sizes are checked against the model); returns the device mesh (``mesh``, by
-    default every device on the fsdp axis) and the model's source, resolved (with ``adapter`` on it, checked)."""
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What ``check`` resolved, once, for the run to use: the device mesh (by default every device on the fsdp
+    axis); the model's source (with ``adapter`` on it, checked); the config the run trains and writes (a head's
+    with its label names and padding id); the model's tokenizer, loaded once (None when the source has none);
+    and a head run's examples, read and tokenized."""
+
+    mesh: Mesh
+    source: Source
+    model_config: GPTNeoConfig
+    tokenizer: Any
+    examples: LabelledData | None
+
+
+def check(config: FinetuneConfig) -> Checked:
+    """Every setting that can be checked without reading a raw corpus or loading weights (a prepared data
+    directory's manifest and shard sizes are checked against the model, a head's examples are read and
+    tokenized), before anything is written."""
     positive = {"steps": 1, "batch_size": 1, "seq_len": 2, "grad_accum": 1, "save_every": 1, "keep": 1}
     for key, least in positive.items():
         if getattr(config, key) < least:
@@ -155,81 +170,62 @@ def check(config: FinetuneConfig) -> tuple[Mesh, Source]:
         export = Path(config.export_hf).expanduser()
         if export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise FileExistsError(f"export_hf {export} exists and is not an empty directory")
+    tokenizer = _tokenizer(config, source)
     if config.task == "causal-lm":
-        _check_data(config, source, data)
+        _check_data(config, source, data, tokenizer)
+        model_config, examples = _causal_config(source.config), None
     else:
-        labelled_data(config, source)  # every example and label checked, before anything is written
-    _check_output(config, run_config(config, source))
-    return mesh, source
+        examples, model_config = _examples(config, source, tokenizer)  # every example and label checked
+    _check_output(config, model_config)
+    return Checked(mesh, source, model_config, tokenizer, examples)
 
 
-def run_config(config: FinetuneConfig, source: Source):
-    """The model config the run trains and writes: the source's, with the task's head (its label names from the
-    data) and, for a head, a padding id (the tokenizer's, else its EOS, as is usual for GPT-2's tokenizer)."""
-    import dataclasses
-
-    model_config = source.config
-    if config.task == "causal-lm":
-        return (
-            model_config
-            if model_config.task in ("causal-lm", "feature-extraction")
-            else model_config.with_task("causal-lm")
-        )
-    names = _labels(config, source)[2]
-    model_config = model_config.with_task(config.task, None if model_config.task == config.task else len(names))
-    pad = model_config.pad_token_id
-    if pad is None:
-        tokenizer = _head_tokenizer(config, source)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return dataclasses.replace(model_config, labels=names, pad_token_id=pad)
+def _causal_config(model_config):
+    """The config a causal LM run trains and writes: the source's, as a causal LM (a bare model gains its tied
+    head)."""
+    return (
+        model_config
+        if model_config.task in ("causal-lm", "feature-extraction")
+        else model_config.with_task("causal-lm")
+    )
 
 
-_LABELS: dict = {}  # (settings, source) -> the examples read and their labels as ids, read once per process
-
-
-def _labels(config: FinetuneConfig, source: Source):
-    """(inputs, label ids, label names) of a head run's JSONL data, checked."""
-    from neo_jax.data import expand_paths
-    from neo_jax.labelled import label_ids, read_examples
-
-    key = (config.task, config.data, config.text_field, config.label_field, config.num_labels, source.name)
-    if key not in _LABELS:
-        inputs, labels, _, _ = read_examples(
-            expand_paths(config.data), config.task, config.text_field, config.label_field
-        )
-        own = source.config.labels if source.config.task == config.task else None
-        if own is not None and config.num_labels is not None and config.num_labels != len(own):
-            raise ValueError(
-                f"num_labels={config.num_labels} disagrees with {config.model}'s {config.task} head, which has "
-                f"{len(own)} labels: leave num_labels out"
-            )
-        ids, names = label_ids(labels, own, config.num_labels)
-        _LABELS.clear()
-        _LABELS[key] = inputs, ids, names
-    return _LABELS[key]
-
-
-def _head_tokenizer(config: FinetuneConfig, source: Source):
-    """The model's tokenizer, given EOS as its pad token when it has none; for words (token classification)
-    with a space before each, as GPT-2's tokenizer needs for words given one by one."""
+def _tokenizer(config: FinetuneConfig, source: Source):
+    """The model's tokenizer, loaded once for the whole run (None when the source has no tokenizer files: a
+    config pretraining on prepared data); for words (token classification) with a space before each, as GPT-2's
+    tokenizer needs for words given one by one."""
     from neo_jax.hf import load_tokenizer
 
     if source.tokenizer is None:
-        raise ValueError(f"{config.model} has no tokenizer files to read the examples with: add them to it")
+        if config.task != "causal-lm":
+            raise ValueError(f"{config.model} has no tokenizer files to read the examples with: add them to it")
+        return None
     options = {"add_prefix_space": True} if config.task == "token-classification" else {}
-    tokenizer = load_tokenizer(source.tokenizer, **options)
+    return load_tokenizer(source.tokenizer, **options)
+
+
+def _examples(config: FinetuneConfig, source: Source, tokenizer) -> tuple[LabelledData, GPTNeoConfig]:
+    """A head run's JSONL examples, read, checked and tokenized, and the config the run trains and writes: the
+    source's with the task's head, its label names from the data, and a padding id (the model's, else the
+    tokenizer's, else its EOS, as is usual for GPT-2's tokenizer), which the tokenizer is given too."""
+    from neo_jax.data import expand_paths
+    from neo_jax.labelled import LabelledData, label_ids, read_examples
+
+    inputs, labels, _, _ = read_examples(expand_paths(config.data), config.task, config.text_field, config.label_field)
+    own = source.config.labels if source.config.task == config.task else None
+    if own is not None and config.num_labels is not None and config.num_labels != len(own):
+        raise ValueError(
+            f"num_labels={config.num_labels} disagrees with {config.model}'s {config.task} head, which has "
+            f"{len(own)} labels: leave num_labels out"
+        )
+    ids, names = label_ids(labels, own, config.num_labels)
+    model_config = source.config.with_task(config.task, None if source.config.task == config.task else len(names))
+    pad = model_config.pad_token_id
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def labelled_data(config: FinetuneConfig, source: Source) -> LabelledData:
-    from neo_jax.labelled import LabelledData
-
-    inputs, ids, _ = _labels(config, source)
-    pad = cast(int, run_config(config, source).pad_token_id)  # a head's run config always has one
-    tokenizer = _head_tokenizer(config, source)
-    return LabelledData(
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    examples = LabelledData(
         inputs,
         ids,
         tokenizer,
@@ -239,6 +235,7 @@ def labelled_data(config: FinetuneConfig, source: Source) -> LabelledData:
         seed=config.seed,
         validation=config.validation_fraction,
     )
+    return examples, dataclasses.replace(model_config, labels=names, pad_token_id=pad)
 
 
 def _check_fits(config: FinetuneConfig, model_config, mesh: Mesh) -> None:
@@ -283,20 +280,19 @@ def _data_files(config: FinetuneConfig):
     return None
 
 
-def _check_data(config: FinetuneConfig, source: Source, data) -> None:
+def _check_data(config: FinetuneConfig, source: Source, data, tokenizer) -> None:
     """The data against the model: raw text needs a tokenizer; prepared data must fit the model's vocabulary
     (and tokenizer) and hold a batch."""
     from neo_jax.data import Batches
-    from neo_jax.hf import load_tokenizer
 
     if data is None:
-        if source.format == "config" and source.tokenizer is None:
+        if tokenizer is None:
+            kind = "a config" if source.format == "config" else "a model"
             raise ValueError(
-                f"{config.model} is a config without a tokenizer to read raw text with: prepare the data first "
+                f"{config.model} is {kind} without a tokenizer to read raw text with: prepare the data first "
                 "(neo-jax data prepare FILES... --tokenizer SRC --output DIR) and pass --data DIR"
             )
         return
-    tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer is not None else None
     data.check_model(source.config, tokenizer)
     Batches(data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)  # enough for a batch?
 
@@ -305,8 +301,6 @@ def _check_output(config: FinetuneConfig, model_config) -> None:
     """A new run goes into a new or empty ``output`` (or one holding only the data an interrupted start tokenized
     there); an existing run may only be resumed with its model and the settings that fix its batches (the data
     itself is checked against the checkpoint's fingerprint once it is read, before any write)."""
-    from neo_jax.config import GPTNeoConfig
-
     output = Path(config.output).expanduser().absolute()
     existing = next(path for path in (output, *output.parents) if path.exists())
     if not existing.is_dir():
@@ -476,8 +470,10 @@ def _check_resumed_data(output: Path, fingerprint: str) -> None:
         saved.close()
 
 
-def _prepare_output(config: FinetuneConfig, model_config, tokenizer_source: Path) -> Path:
-    """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0)."""
+def _prepare_output(config: FinetuneConfig, model_config, tokenizer_source: Path, tokenizer) -> Path:
+    """``run.yaml``, the model config and the tokenizer files in ``output`` (process 0): a head run's the
+    tokenizer it was trained with (its padding token and, for words, the space before each), as transformers'
+    ``run_classification`` and ``run_ner`` save theirs."""
     from neo_jax.hf import copy_companion_files
 
     output = Path(config.output).expanduser().absolute()
@@ -489,18 +485,13 @@ def _prepare_output(config: FinetuneConfig, model_config, tokenizer_source: Path
         model_config.to_json_file(output / "config.json")
         if tokenizer_source != output:
             copy_companion_files(tokenizer_source, output)
-        if config.task != "causal-lm":  # with the pad token the head was trained with
-            from neo_jax.hf import load_tokenizer
-
-            tokenizer = load_tokenizer(output)
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model_config.pad_token_id)
-                tokenizer.save_pretrained(output)
+        if config.task != "causal-lm":
+            tokenizer.save_pretrained(output)
     distributed.barrier("neo_jax.finetune.output")
     return output
 
 
-def _prepare_raw(config: FinetuneConfig, tokenizer_source: Path, output: Path) -> Path:
+def _prepare_raw(config: FinetuneConfig, tokenizer, output: Path) -> Path:
     """Raw text given as ``data``, tokenized once into ``OUTPUT/data`` (process 0 first; a host that does not
     see its directory, on a disk of its own, prepares its own identical copy). A resumed run reads what is
     there, after checking the sources' names and sizes are the ones it was prepared from."""
@@ -523,7 +514,7 @@ def _prepare_raw(config: FinetuneConfig, tokenizer_source: Path, output: Path) -
             prepare(
                 config.data,
                 directory,
-                tokenizer_source,
+                tokenizer,
                 num_proc=min(os.cpu_count() or 1, 8),
                 validation_fraction=config.validation_fraction,
                 text_field=config.text_field or "text",
@@ -534,11 +525,12 @@ def _prepare_raw(config: FinetuneConfig, tokenizer_source: Path, output: Path) -
     return directory
 
 
-def _model(config: FinetuneConfig, source: Source, mesh, new_adapters, uses_lora: bool, progress: bool, created):
+def _model(config: FinetuneConfig, checked: Checked, mesh, new_adapters, uses_lora: bool, progress: bool, created):
     """The model to train: GPT-Neo's init for a config, else the checkpoint's weights; new LoRA adapters on it.
     A failure here removes ``created`` (the run directory this call made), so the same command can run again."""
     from neo_jax.convert import from_pretrained
 
+    source = checked.source
     scratch, model_config = source.format == "config", source.config
     try:
         if scratch:
@@ -552,7 +544,7 @@ def _model(config: FinetuneConfig, source: Source, mesh, new_adapters, uses_lora
             )
         else:
             frozen_dtype = config.dtype if uses_lora else "float32"  # a frozen base may be stored in the compute dtype
-            head = run_config(config, source)
+            head = checked.model_config
             model = from_pretrained(
                 source,
                 dtype=config.dtype,
@@ -579,9 +571,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run ``config`` describes; returns the last step's metrics plus ``stopped``:
     "done", or "sigterm" / "sigint" when a SIGTERM / Ctrl-C cut it short after saving. A non-finite loss raises
     ``FloatingPointError`` naming the step, after the checkpoints in flight are complete."""
-    mesh, source = check(config)
+    checked = check(config)
     with _stop_signals() as stop:  # from here on SIGTERM (TPU preemption) or Ctrl-C stop the run cleanly
-        return _train(config, source, mesh if mesh.size > 1 else None, stop, progress)
+        return _train(config, checked, stop, progress)
 
 
 class TextFeed:
@@ -668,20 +660,22 @@ def _head_outputs(model, input_ids, attention_mask):
     return model(input_ids, attention_mask)
 
 
-def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list[str | None], progress: bool) -> dict:
+def _train(config: FinetuneConfig, checked: Checked, stop: list[str | None], progress: bool) -> dict:
     from neo_jax.convert import from_pretrained
 
-    scratch, model_config = source.format == "config", run_config(config, source)
+    source, model_config = checked.source, checked.model_config
+    mesh = checked.mesh if checked.mesh.size > 1 else None
+    scratch = source.format == "config"
     output = Path(config.output).expanduser().absolute()
     directory = prepared_directory(config)
     created = not output.exists()
     try:
         if config.task != "causal-lm":
-            feed: TextFeed | LabelledFeed = LabelledFeed(config, labelled_data(config, source), mesh)
+            feed: TextFeed | LabelledFeed = LabelledFeed(config, cast("LabelledData", checked.examples), mesh)
         else:
             if directory is None:  # raw text: tokenized once, into the run directory
                 output.mkdir(parents=True, exist_ok=True)
-                directory = _prepare_raw(config, source.require_directory(), output)
+                directory = _prepare_raw(config, checked.tokenizer, output)
             feed = TextFeed(config, directory, mesh)
         _check_resumed_data(output, feed.fingerprint)
     except ValueError:
@@ -691,10 +685,10 @@ def _train(config: FinetuneConfig, source: Source, mesh: Mesh | None, stop: list
     distributed.log(feed.description)
     new_adapters = config.lora()
     uses_lora = new_adapters is not None or config.adapter is not None
-    model = _model(config, source, mesh, new_adapters, uses_lora, progress, output if created else None)
+    model = _model(config, checked, mesh, new_adapters, uses_lora, progress, output if created else None)
     model.config = model_config  # a head's label names and padding id
     tokenizer_source = directory if scratch and directory is not None else source.require_directory()
-    output = _prepare_output(config, model_config, tokenizer_source)
+    output = _prepare_output(config, model_config, tokenizer_source, checked.tokenizer)
     with use_mesh(mesh):
         chosen = choose(config.attention, config.seq_len, config.dtype)
     distributed.log(f"attention: {config.attention}" + (f" ({chosen})" if chosen != config.attention else ""))

@@ -118,22 +118,26 @@ def describe_sources(patterns: Sequence[str]) -> list[dict]:
 _ENCODER: tuple[Callable[[list[str]], list[list[int]]], int] | None = None
 
 
-def _start_worker(directory: str, eos: int) -> None:
-    """An encoding process: the tokenizer saved in ``directory``, single-threaded (the processes are the
-    parallelism). A fast tokenizer's ``tokenizer.json`` is read by the tokenizers library alone, which encodes
-    as transformers' tokenizer does (a test checks the streams are equal) without importing transformers."""
+def _portable(tokenizer):
+    """What an encoding process rebuilds ``tokenizer`` from, so that it is loaded once, by the caller: a fast
+    tokenizer's backend as JSON (rebuilt by the tokenizers library alone, which encodes as transformers'
+    tokenizer does, a test checks, without importing transformers), else the tokenizer itself, pickled."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else tokenizer
+
+
+def _start_worker(tokenizer, eos: int) -> None:
+    """An encoding process: the caller's tokenizer (``_portable``), single-threaded (the processes are the
+    parallelism)."""
     global _ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and ends the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if (Path(directory) / "tokenizer.json").is_file():
+    if isinstance(tokenizer, str):
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+        backend = Tokenizer.from_str(tokenizer)
         _ENCODER = (lambda texts: [e.ids for e in backend.encode_batch(texts)], eos)
     else:
-        from neo_jax.hf import load_tokenizer
-
-        tokenizer = load_tokenizer(directory)
         _ENCODER = (lambda texts: tokenizer(texts, verbose=False)["input_ids"], eos)
 
 
@@ -219,7 +223,7 @@ def _write_json(path: Path, value: dict) -> None:
 def prepare(
     sources: Sequence[str],
     output: str | os.PathLike,
-    tokenizer: str | os.PathLike,
+    tokenizer,
     *,
     num_proc: int | None = None,
     shard: str | None = None,
@@ -232,8 +236,9 @@ def prepare(
     progress: bool = True,
 ) -> Path:
     """Tokenize ``sources`` (what ``neo-jax train`` reads: text files, JSONL, saved datasets, ``hf:NAME``)
-    with ``tokenizer`` (a hub id or a directory with tokenizer files) into ``output``; returns it. Everything is
-    checked before anything is written; the same call on an interrupted ``output`` continues it."""
+    with ``tokenizer`` (a hub id or a directory with tokenizer files, or a tokenizer loaded from one) into
+    ``output``; returns it. Everything is checked before anything is written; the same call on an interrupted
+    ``output`` continues it."""
     index, count = parse_part(shard)
     num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
     validate.integer("--num-proc", num_proc, least=1)
@@ -247,9 +252,9 @@ def prepare(
     described = describe_sources(sources)  # missing files fail here
     from neo_jax.hf import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     if tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {tokenizer} has no EOS token to end documents with")
+        raise ValueError(f"the tokenizer of {tok.name_or_path} has no EOS token to end documents with")
     dtype = "uint16" if len(tok) <= 2**16 else "uint32"
     settings = {
         "text_field": text_field,
@@ -282,13 +287,13 @@ def prepare(
                 state,
                 _state_file(out, prefix),
                 dtype,
-                tok.eos_token_id,
+                tok,
                 num_proc,
                 sources,
                 progress,
             )
             _check_result(state, settings, shard, described, sources)
-            _finish(out, prefix, index, count, state, settings, described, tok, tokenizer, dtype)
+            _finish(out, prefix, index, count, state, settings, described, tok, dtype)
     except ValueError:  # a refusal: what this call created goes (nothing of it can be resumed)
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -354,7 +359,7 @@ def _check_result(state: dict, settings: dict, shard: str | None, described, sou
             )
 
 
-def _finish(out, prefix, index, count, state, settings, described, tok, tokenizer, dtype) -> None:
+def _finish(out, prefix, index, count, state, settings, described, tok, dtype) -> None:
     """The part's (or the whole preparation's) manifest, and the union once every part is in."""
     tokenizer_files = {p.name: _file_hash(p) for p in sorted(out.iterdir()) if p.is_file() and _is_tokenizer_file(p)}
     manifest = {
@@ -363,7 +368,7 @@ def _finish(out, prefix, index, count, state, settings, described, tok, tokenize
         "eos_token_id": tok.eos_token_id,
         "vocab_size": len(tok),
         "tokenizer": {
-            "source": str(tokenizer),
+            "source": tok.name_or_path,
             "files": tokenizer_files,
             "sha256": hashlib.sha256(json.dumps(tokenizer_files, sort_keys=True).encode()).hexdigest(),
             "vocab_sha256": settings["vocab_sha256"],
@@ -565,7 +570,7 @@ def _documents(sources, text_field, split, index, count, state, settings) -> Ite
             yield text, held_out
 
 
-def _run(out, prefix, index, count, state, state_path, dtype, eos, num_proc, sources, progress) -> None:
+def _run(out, prefix, index, count, state, state_path, dtype, tok, num_proc, sources, progress) -> None:
     from tqdm.auto import tqdm
 
     settings = state["settings"]
@@ -596,11 +601,13 @@ def _run(out, prefix, index, count, state, state_path, dtype, eos, num_proc, sou
     try:
         if num_proc > 1:
             # spawn: the caller may be a training process whose JAX runtime is not safe to fork
-            pool = multiprocessing.get_context("spawn").Pool(num_proc, _start_worker, (str(out), eos))
+            pool = multiprocessing.get_context("spawn").Pool(
+                num_proc, _start_worker, (_portable(tok), tok.eos_token_id)
+            )
             encoded = pool.imap(_encode, chunks)
         else:
             previous_sigint = signal.getsignal(signal.SIGINT)
-            _start_worker(str(out), eos)
+            _start_worker(_portable(tok), tok.eos_token_id)
             signal.signal(signal.SIGINT, previous_sigint)
             encoded = map(_encode, chunks)
         pending = 0

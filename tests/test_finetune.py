@@ -322,19 +322,21 @@ def test_sigterm_while_loading_stops_before_training(model_dir, tmp_path, monkey
 
 COUNTING = """
 import json, os, sys
-import neo_jax.source
+import neo_jax.hf, neo_jax.source
 
 model = os.path.realpath(sys.argv[1])
-opens, resolved = [], []
+opens, resolved, tokenizers = [], [], []
 
 def audit(event, args):  # every open of the model's own config.json, by anyone (transformers included)
     if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
         if os.path.realpath(os.fsdecode(args[0])) == os.path.join(model, "config.json"):
             opens.append(1)
 
-def profile(frame, event, arg):  # every call of neo_jax.source.resolve, however it was imported
+def profile(frame, event, arg):  # every call of resolve and of load_tokenizer, however they were imported
     if event == "call" and frame.f_code is neo_jax.source.resolve.__code__:
         resolved.append(str(frame.f_locals["src"]))
+    if event == "call" and frame.f_code is neo_jax.hf.load_tokenizer.__code__:
+        tokenizers.append(str(frame.f_locals["directory"]))
 
 sys.addaudithook(audit)
 sys.setprofile(profile)
@@ -342,7 +344,7 @@ from neo_jax.cli import main
 
 status = main(sys.argv[2:])
 sys.setprofile(None)
-print(json.dumps({"status": status, "opens": len(opens), "resolved": resolved}))
+print(json.dumps({"status": status, "opens": len(opens), "resolved": resolved, "tokenizers": tokenizers}))
 """
 
 
@@ -350,7 +352,7 @@ def test_a_train_start_resolves_its_model_once_and_reads_its_config_once(model_d
     """One `neo-jax train` start (a one-step run on raw text) looks at its --model once: one resolution, and
     the model's config.json opened at most twice (once by the resolution; transformers' tokenizer loading
     reads it again to find the tokenizer's class). Before the sources were resolved once: three resolutions
-    and four opens."""
+    and four opens. Its tokenizer is loaded once, and the encoding processes are sent it (they read no file)."""
     args = flags(model_dir, tmp_path / "run", steps=1, batch_size=2, seq_len=32, save_every=1, eval_every=0)
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
@@ -366,6 +368,7 @@ def test_a_train_start_resolves_its_model_once_and_reads_its_config_once(model_d
     assert counted["status"] == 0
     assert counted["resolved"] == [str(model_dir)]
     assert 1 <= counted["opens"] <= 2, counted
+    assert counted["tokenizers"] == [str(model_dir)]
 
 
 def test_missing_data_fails_before_the_model_is_resolved(tmp_path, capsys, monkeypatch):

@@ -128,6 +128,8 @@ def workspace(tmp_path_factory, gpt2_model_dir):
     shutil.copytree(gpt2_model_dir, root / "m")
     other = make_hf_model(vocab_size=50257, num_layers=2, hidden_size=32, attention_types=[[["global", "local"], 1]])
     other.save_pretrained(root / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gpt2_model_dir / name, root / "other" / name)
     (root / "x.txt").write_text("Some text to read.\n")
     tiny = root / "tiny"
     make_hf_model(seed=1).save_pretrained(tiny)
@@ -279,6 +281,7 @@ def bad_inputs(root: Path, busy_port: int) -> list[tuple[list[str], str] | tuple
         ([*ppl, "--batch-size", "0"], "--batch-size must be >= 1"),
         (["plan", "--model", "125M", "--mesh", "-1,1,1", "--batch", "8", "--seq", "64"], "needs the three sizes"),
         (train_args(root, model="other"), "holds a run"),
+        (train_args(root, model="tiny", output="new"), "is a model without a tokenizer to read raw text with"),
         # the data's fingerprint needs the data read: its progress line comes first
         (train_args(root, data=tuple(reversed(ENGLISH[:2]))), "the data differs"),
         (train_args(root, output="x.txt/run"), "is a file, not a directory"),

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import neo_jax
+import neo_jax.hf
 from neo_jax import cli
 from tests.test_finetune import metrics
 
@@ -95,9 +96,17 @@ def test_a_resumed_classifier_run_equals_a_straight_one(gpt2_model_dir, data, tm
         assert mine["tokens_seen"] == expected["tokens_seen"]
 
 
-def test_a_token_classifier_labels_each_words_first_piece(gpt2_model_dir, data, tmp_path):
+def test_a_token_classifier_labels_each_words_first_piece(gpt2_model_dir, data, tmp_path, monkeypatch):
     output = tmp_path / "ner"
+    loads, load = [], neo_jax.hf.load_tokenizer
+    monkeypatch.setattr(
+        neo_jax.hf, "load_tokenizer", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs)
+    )
     assert cli.main(train_args(gpt2_model_dir, data["token-classification"], output, "token-classification")) == 0
+    monkeypatch.undo()
+    assert loads == [(gpt2_model_dir,)]  # the examples, the padding id and the saved tokenizer's (it was eight)
+    saved = json.loads((output / "tokenizer_config.json").read_text())  # as transformers' run_ner saves it
+    assert saved["pad_token"] == "<|endoftext|>" and saved["add_prefix_space"] is True
     last = metrics(output)[-1]
     assert last["eval_macro_f1"] >= 0.8  # "O" alone would score about 0.3
     ner = neo_jax.pipeline("token-classification", model=output)
