@@ -129,7 +129,7 @@ def test_ring_buffer_gives_the_same_tokens_as_a_full_cache(small, monkeypatch):
     ids, mask = left_padded([4, 10], SMALL["vocab_size"], seed=2)
     ring = gen.generate(model, ids, mask, max_new_tokens=40)
     assert min(gen.cache_lengths(model.config, 64)) == 8  # local layers really keep only the window
-    monkeypatch.setattr(gen.cache, "cache_lengths", lambda config, max_len: (max_len,) * config.num_layers)
+    monkeypatch.setattr(gen.cache, "cache_lengths", lambda config, max_len, lookahead=0: (max_len,) * config.num_layers)
     jax.clear_caches()
     full = gen.generate(model, ids, mask, max_new_tokens=40)
     jax.clear_caches()

@@ -35,7 +35,7 @@ import numpy as np
 from neo_jax import lora, sharding, validate
 from neo_jax.attention import dense
 from neo_jax.evaluate import token_logprobs
-from neo_jax.generation.cache import KVCache, _set, init_cache, prefill
+from neo_jax.generation.cache import KVCache, _set, init_cache, prefill, ring_slots
 from neo_jax.generation.programs import build
 from neo_jax.generation.sampling import (
     NEG_INF,
@@ -301,13 +301,6 @@ def empty_lanes(count: int, width: int, slots: int) -> dict:
     )
 
 
-def _ring_slots(end, length: int):
-    """``[..., length]``: the sequence slot ring entry r holds once slots ``0..end-1`` are written (the latest
-    ``s < end`` with ``s % length == r``; negative: none). ``end`` broadcasts against ``[..., 1]``."""
-    r = jnp.arange(length)
-    return end - 1 - (end - 1 - r) % length
-
-
 def _spans(length: int) -> tuple[int, ...]:
     """The static lengths a ring is read at: 128, 256, then multiples of 256, and the whole ring."""
     return tuple(sorted({min(bucket(n), length) for n in range(128, length + 128, 128)}))
@@ -332,7 +325,7 @@ def _lane_attention(keys, values, q, lanes: Lanes, window: int | None):
     real = lanes.row < slots
     row = jnp.minimum(lanes.row, slots - 1)  # an empty lane reads some row; its output is not used
     start = lanes.start[:, None]
-    held = _ring_slots(start + lanes.count[:, None], length)[:, None, :]  # [lanes, 1, length]
+    held = ring_slots(start + lanes.count[:, None], length)[:, None, :]  # [lanes, 1, length]
     query = (start + jnp.arange(q.shape[2]))[:, :, None]  # [lanes, width, 1]
     see = (held >= 0) & (held <= query)
     if window is not None:
@@ -378,7 +371,7 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
     index = slots.cache.index[:, None]
     visible = {}  # per layer kind, once per step: [slots, 1, 1, length]
     for kind, length in lengths.items():
-        held = _ring_slots(index + 1, length)
+        held = ring_slots(index + 1, length)
         see = held >= 0 if windows[kind] is None else (held >= 0) & (held > index - windows[kind])
         visible[kind] = see[:, None, None, :]
     if lanes is None:
@@ -504,7 +497,7 @@ def _restore_layer(pooled, cached, row, blocks, end):
     """One layer's ring for ``row`` with slots ``0..end-1`` taken from pool ``blocks`` (in order)."""
     heads, dim = pooled.shape[1], pooled.shape[3]
     sequence = pooled[blocks].swapaxes(0, 1).reshape(heads, -1, dim)  # [heads, blocks * BLOCK, dim]
-    held = _ring_slots(end, cached.shape[2])  # the slot each ring entry holds (negative: none yet)
+    held = ring_slots(end, cached.shape[2])  # the slot each ring entry holds (negative: none yet)
     # Entries that hold no slot get some block's values: no step reads them before writing them, and not
     # reading the row keeps the write in place (see _write).
     return cached.at[row].set(sequence[:, jnp.clip(held, 0, sequence.shape[1] - 1)])

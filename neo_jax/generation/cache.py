@@ -1,7 +1,9 @@
-"""The KV cache, the prefill that fills it and the single-token decode step that reads and extends it.
+"""The KV cache, the prefill that fills it, the single-token decode step that reads and extends it, and
+``extend``, which runs several tokens per row into it at once (speculative decoding's verification).
 
 The cache holds keys and values per layer in ring buffers indexed by ``slot % length``: global layers keep
-every slot (length = the whole sequence), local layers only their last ``window_size`` slots.
+every slot (length = the whole sequence), local layers only their last ``window_size`` slots (plus
+``lookahead`` more when tokens are written ahead of the ones kept).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ class KVCache:
     index: jax.Array
 
 
-def cache_lengths(config: GPTNeoConfig, max_len: int) -> tuple[int, ...]:
-    """Ring-buffer length of each layer."""
-    return tuple(max_len if kind == "global" else min(config.window_size, max_len) for kind in config.attention_layers)
+def cache_lengths(config: GPTNeoConfig, max_len: int, lookahead: int = 0) -> tuple[int, ...]:
+    """Ring-buffer length of each layer: a local layer's holds ``window_size + lookahead`` slots (at most
+    ``max_len``), so that writing up to ``lookahead`` tokens past those its queries see overwrites none of
+    them."""
+    local = min(config.window_size + lookahead, max_len)
+    return tuple(max_len if kind == "global" else local for kind in config.attention_layers)
 
 
 def cache_bytes(config: GPTNeoConfig, batch: int, max_len: int, dtype=jnp.float32) -> int:
@@ -46,9 +51,9 @@ def cache_bytes(config: GPTNeoConfig, batch: int, max_len: int, dtype=jnp.float3
     return 2 * batch * config.hidden_size * jnp.dtype(dtype).itemsize * sum(cache_lengths(config, max_len))
 
 
-def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype) -> KVCache:
-    """An empty cache; under a mesh (``sharding.use_mesh``) it is split by batch and heads, like the
-    activations that fill it."""
+def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype, lookahead: int = 0) -> KVCache:
+    """An empty cache (``lookahead``: see ``cache_lengths``); under a mesh (``sharding.use_mesh``) it is split
+    by batch and heads, like the activations that fill it."""
 
     def zeros(shape, names, dtype):
         return sharding.constrain(jnp.zeros(shape, dtype), *names)
@@ -56,7 +61,7 @@ def init_cache(config: GPTNeoConfig, batch: int, max_len: int, dtype) -> KVCache
     def layer(length):
         return zeros((batch, config.num_heads, length, config.head_dim), ("batch", "heads", None, None), dtype)
 
-    lengths = cache_lengths(config, max_len)
+    lengths = cache_lengths(config, max_len, lookahead)
     return KVCache(
         keys=tuple(layer(n) for n in lengths),
         values=tuple(layer(n) for n in lengths),
@@ -102,7 +107,7 @@ def _visible(cache: KVCache, length: int, window: int | None):
     return (visible & jnp.take_along_axis(cache.valid, slots, axis=1))[:, None, None, :]
 
 
-def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
+def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int, lookahead: int = 0):
     """Run the whole (left-padded) prompt into a new cache of ``max_len`` slots; return the last position's
     logits [batch, vocab], the cache, and every position's final hidden state (unused values cost nothing in a
     jitted caller: XLA drops them).
@@ -110,7 +115,7 @@ def prefill(model: GPTNeo, periods, input_ids, attention_mask, max_len: int):
     attention mask."""
     seq_len = input_ids.shape[1]
     position_ids = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype)
+    cache = init_cache(model.config, input_ids.shape[0], max_len, model.dtype, lookahead)
     window = model.config.window_size
 
     def attention(layer, kind, q, k, v, cache):
@@ -140,6 +145,46 @@ def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
     hidden, cache = model.transform(tokens[:, None], positions[:, None], attention, cache, periods)
     cache = dataclasses.replace(cache, index=cache.index + 1)
     return model.logits(hidden)[:, 0], cache
+
+
+def extend(model: GPTNeo, periods, tokens, positions, cache: KVCache):
+    """``T`` tokens per row (``[batch, T]``, position ids ``positions + 0..T-1``) at slots ``cache.index +
+    0..T-1`` (one index per row, ``[batch]``): logits ``[batch, T, vocab]`` and the cache with them written,
+    its index unchanged (the caller moves it past the tokens it keeps). Each token sees its row's earlier
+    slots that its layer keeps and the earlier tokens among these. A local layer's ring must hold ``window +
+    T`` slots (``lookahead``), so that the writes overwrite nothing a query still sees; slots written past
+    the index are seen by no later query until they are written again."""
+    rows, t = jnp.arange(tokens.shape[0])[:, None], tokens.shape[1]
+    slots = cache.index[:, None] + jnp.arange(t)  # [batch, T]
+    cache = dataclasses.replace(cache, valid=cache.valid.at[rows, slots].set(True))
+    lengths = dict(zip(model.config.attention_layers, (key.shape[2] for key in cache.keys)))
+    windows = {"global": None, "local": model.config.window_size}
+
+    def visible(length: int, window: int | None):  # [batch, 1, T, length]
+        held = ring_slots(cache.index[:, None] + t, length)[:, None, :]  # the slot each entry holds, once written
+        query = slots[:, :, None]
+        seen = (held >= 0) & (held <= query) & (True if window is None else held > query - window)
+        real = jnp.take_along_axis(cache.valid, jnp.maximum(held[:, 0], 0), axis=1)[:, None, :]
+        return (seen & real)[:, None]
+
+    masks = {kind: visible(length, windows[kind]) for kind, length in lengths.items()}
+
+    def attention(layer, kind, q, k, v, cache):
+        ring = slots % cache.keys[layer].shape[2]
+        write = lambda buffer, new: buffer.at[rows, :, ring].set(new.transpose(0, 2, 1, 3).astype(buffer.dtype))
+        keys, values = write(cache.keys[layer], k), write(cache.values[layer], v)
+        cache = dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
+        return dense(q, keys, values, masks[kind]), cache
+
+    hidden, cache = model.transform(tokens, positions[:, None] + jnp.arange(t), attention, cache, periods)
+    return model.logits(hidden), cache
+
+
+def ring_slots(end, length: int):
+    """``[..., length]``: the sequence slot ring entry r holds once slots ``0..end-1`` are written (the latest
+    ``s < end`` with ``s % length == r``; negative: none). ``end`` broadcasts against ``[..., 1]``."""
+    r = jnp.arange(length)
+    return end - 1 - (end - 1 - r) % length
 
 
 def cache_bucket(n: int) -> int:

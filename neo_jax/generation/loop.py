@@ -18,6 +18,7 @@ from neo_jax.generation.beam import beam_search
 from neo_jax.generation.cache import KVCache, cache_bucket, decode_step, prefill
 from neo_jax.generation.programs import Weights, build, pad_id, prepare, to_host
 from neo_jax.generation.sampling import SamplingParams, check_beams, seed_key
+from neo_jax.generation.speculative import check_draft, speculative_stream
 from neo_jax.model import GPTNeo
 
 
@@ -131,22 +132,41 @@ def stream(
     pad_token_id: int | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
+    draft=None,
+    num_draft_tokens: int = 4,
+    statistics: dict | None = None,
     **sampling,
 ) -> Iterator[np.ndarray]:
     """Yield the new tokens ``[batch, n]`` chunk by chunk (``chunk_size`` tokens, or all at once).
 
-    Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search).
+    Stops early once every row has emitted EOS. Arguments as in ``generate`` (no beam search); with a
+    ``draft``, ``statistics`` (a dict) is filled in with its counts (``speculative.speculative_stream``).
     """
     width = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
     params = _params(model, sampling, width, eos_token_id)
     key = seed_key(seed)
     if chunk_size is not None:
         validate.integer("chunk_size", chunk_size, least=1)
+    checked_draft = None if draft is None else check_draft(model, draft, num_draft_tokens)
     request = prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return
     vocab = model.config.vocab_size
     caller_ids = np.asarray(input_ids).reshape(request.input_ids.shape[0], -1)
+    if draft is not None:
+        yield from speculative_stream(
+            model,
+            checked_draft,
+            request,
+            caller_ids,
+            params,
+            key,
+            max_new_tokens=max_new_tokens,
+            num_draft_tokens=num_draft_tokens,
+            chunk_size=chunk_size,
+            statistics=statistics,
+        )
+        return
     if params.use_repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
         seen = np.zeros((caller_ids.shape[0], vocab), bool)
         seen[np.arange(caller_ids.shape[0])[:, None], caller_ids] = True
@@ -200,6 +220,9 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     seed: int = 0,
+    draft=None,
+    num_draft_tokens: int = 4,
+    statistics: dict | None = None,
     **sampling,
 ) -> np.ndarray:
     """Continue ``input_ids`` ([batch, seq], left-padded with ``attention_mask`` when rows differ in length).
@@ -211,9 +234,16 @@ def generate(
     ``bad_words_ids``) and OpenAI's ``logit_bias`` (``SamplingParams.of``); ``num_beams > 1`` is
     beam search with ``length_penalty`` and ``early_stopping`` as in transformers. The same ``seed`` gives
     the same samples.
+
+    ``draft``: speculative decoding (``neo_jax.generation.speculative``), with a smaller GPT-Neo of the same
+    vocabulary or ``"ngram"`` (prompt lookup) proposing ``num_draft_tokens`` tokens a round. The output
+    follows the same law (greedy: the same tokens), though not the same samples for a seed. ``statistics``
+    (a dict) receives its counts: ``draft_tokens``, ``accepted_tokens``, ``rounds`` and ``tokens``.
     """
     width = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
     check_beams(_params(model, sampling, width, eos_token_id), num_beams)
+    if draft is not None and num_beams > 1:
+        raise ValueError("a draft speeds up sampling and greedy decoding, not beam search: use num_beams=1")
     prompt = np.asarray(input_ids)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if num_beams > 1:
@@ -238,6 +268,9 @@ def generate(
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
                 seed=seed,
+                draft=draft,
+                num_draft_tokens=num_draft_tokens,
+                statistics=statistics,
                 **sampling,
             )
         )
