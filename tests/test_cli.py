@@ -127,9 +127,39 @@ def test_generate_sampling_and_beams(text_dir, capsys):
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 8
 
 
+def test_generate_with_a_draft_prints_the_same_text_and_its_acceptance(text_dir, tmp_path, capsys):
+    """--draft (the model itself, or ngram) gives greedy decoding's text, and stderr says how many of the
+    proposed tokens were accepted; a draft with another vocabulary or tokenizer is refused before loading."""
+    base = ["generate", "--model", str(text_dir), "--prompt", "EleutherAI has", "--max-new-tokens", "12", "--json"]
+    assert main(base) == 0
+    expected = json.loads(capsys.readouterr().out)["completion"]
+    for draft in (str(text_dir), "ngram"):
+        assert main([*base, "--draft", draft, "--draft-tokens", "3"]) == 0
+        out, err = capsys.readouterr()
+        record = json.loads(out)
+        assert record["completion"] == expected, draft
+        figures = record["speculative"]
+        assert 0 < figures["draft_tokens"] and 0 <= figures["accepted_tokens"] <= figures["draft_tokens"]
+        assert f"{figures['accepted_tokens']} of {figures['draft_tokens']} proposed tokens accepted" in err
+    assert 1 <= figures["mean_tokens_per_step"] <= 1 + figures["mean_accepted_per_step"]  # the last step is cut
+    shutil.copytree(text_dir, tmp_path / "other")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "other")
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "other")
+    make_hf_model().save_pretrained(tmp_path / "small-vocab")
+    for draft, message in [
+        ("small-vocab", "has a vocabulary of 320 tokens, the model"),
+        ("other", "has another tokenizer than the model"),
+    ]:
+        assert main([*base, "--draft", str(tmp_path / draft)]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--draft", "ngram", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+        (["--draft", "ngram", "--num-beams", "2"], "not beam search"),
         (["--top-p", "1.5"], "top_p must be in"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-k", "0"], "--top-k must be a positive"),

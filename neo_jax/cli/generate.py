@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from neo_jax.cli.common import (
     ADAPTER_HELP,
@@ -42,6 +43,12 @@ def add_parser(commands) -> None:
         "--min-length", type=int, default=0, help="no EOS before the prompt plus the new tokens are this long"
     )
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument(
+        "--draft",
+        help="speculative decoding: a smaller GPT-Neo with the model's tokenizer (a source, as --model), or "
+        "'ngram' (prompt lookup); the output follows the same law (greedy: the same text)",
+    )
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes a round (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
@@ -70,10 +77,13 @@ def sampling_options(args: argparse.Namespace) -> dict:
     return options | {"num_beams": args.num_beams, "seed": args.seed}
 
 
-def _checked(args: argparse.Namespace) -> tuple[str, dict]:
-    """The prompt and the sampling options, every flag checked before anything loads."""
+def _checked(args: argparse.Namespace) -> tuple[str, dict, Any, Any]:
+    """The prompt, the sampling options, the model (resolved with a draft, else as given) and the draft
+    (``speculative.draft_source``, or None), every flag checked before anything loads."""
     from neo_jax.attention import check_implementation
     from neo_jax.generation import check_stop
+    from neo_jax.generation.speculative import draft_source
+    from neo_jax.source import resolve
 
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not prompt:
@@ -83,22 +93,29 @@ def _checked(args: argparse.Namespace) -> tuple[str, dict]:
     options = sampling_options(args)
     check_stop(args.stop)
     check_implementation(args.attention)
-    return prompt, options
+    if args.draft is None:
+        return prompt, options, args.model, None
+    if args.draft_tokens < 1:
+        raise ValueError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.num_beams > 1:
+        raise ValueError("--draft speeds up sampling and greedy decoding, not beam search: drop --num-beams")
+    model = resolve(args.model)
+    return prompt, options, model, draft_source(model, args.draft)
 
 
 def generate(args: argparse.Namespace) -> None:
     from neo_jax.generation import TextGenerator
 
-    prompt, options = _checked(args)
+    prompt, options, model, draft = _checked(args)
     enable_compilation_cache(args.compilation_cache)
-    generator = TextGenerator(
-        args.model,
-        dtype=args.dtype,
-        param_dtype=args.dtype,
-        weights=args.weights,
-        attention=args.attention,
-        adapter=args.adapter,
-    )
+    loading = dict(dtype=args.dtype, param_dtype=args.dtype, weights=args.weights, attention=args.attention)
+    generator = TextGenerator(model, adapter=args.adapter, **loading)
+    statistics: dict = {}
+    if draft is not None:
+        from neo_jax.convert import from_pretrained
+
+        draft = draft if isinstance(draft, str) else from_pretrained(draft, progress=False, **loading)
+        options |= {"draft": draft, "num_draft_tokens": args.draft_tokens, "statistics": statistics}
     beams = options.pop("num_beams")
     start = time.perf_counter()
     first, pieces = None, []
@@ -115,10 +132,27 @@ def generate(args: argparse.Namespace) -> None:
             if not args.json:
                 print(piece, end="", flush=True)
         tokens = continuation.new_tokens
-    _report(args, prompt, "".join(pieces), tokens, first, time.perf_counter() - start, beams)
+    speculation = _speculation(statistics, args.draft_tokens) if args.draft else None
+    _report(args, prompt, "".join(pieces), tokens, first, time.perf_counter() - start, beams, speculation)
 
 
-def _report(args, prompt: str, completion: str, tokens: int, first: float | None, elapsed: float, beams: int) -> None:
+def _speculation(statistics: dict, k: int) -> dict:
+    """The draft's figures: its tokens proposed and accepted, the acceptance rate, and per verification step
+    of a row the mean tokens accepted (of ``k``) and emitted (accepted + the target's own)."""
+    drafted, accepted = statistics.get("draft_tokens", 0), statistics.get("accepted_tokens", 0)
+    steps = drafted // k
+    return {
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        "mean_accepted_per_step": round(accepted / steps, 3) if steps else None,
+        "mean_tokens_per_step": round(statistics.get("tokens", 0) / steps, 3) if steps else None,
+    }
+
+
+def _report(
+    args, prompt: str, completion: str, tokens: int, first: float | None, elapsed: float, beams: int, speculation
+) -> None:
     first = first or elapsed
     if args.json:
         result = {
@@ -128,7 +162,7 @@ def _report(args, prompt: str, completion: str, tokens: int, first: float | None
             "time_to_first_token_s": round(first, 3),
             "seconds": round(elapsed, 3),
         }
-        print(json.dumps(result))
+        print(json.dumps(result | ({"speculative": speculation} if speculation else {})))
     else:
         print(completion if beams > 1 else "")
     print(
@@ -136,3 +170,10 @@ def _report(args, prompt: str, completion: str, tokens: int, first: float | None
         "(a first run includes compilation)",
         file=sys.stderr,
     )
+    if speculation and speculation["acceptance_rate"] is not None:
+        print(
+            f"draft: {speculation['accepted_tokens']} of {speculation['draft_tokens']} proposed tokens accepted "
+            f"({speculation['acceptance_rate']:.1%}); per step {speculation['mean_accepted_per_step']:.2f} accepted, "
+            f"{speculation['mean_tokens_per_step']:.2f} tokens",
+            file=sys.stderr,
+        )

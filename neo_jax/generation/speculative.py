@@ -76,6 +76,32 @@ def check_draft(model, draft, num_draft_tokens: int):
     return draft
 
 
+def draft_source(model, draft: str):
+    """``draft`` (anything ``from_pretrained`` reads, or ``"ngram"``) checked against ``model`` (a resolved
+    ``Source``) before either loads: its vocabulary must be the model's, and where both have a tokenizer, its
+    tokenizer's vocabulary and EOS too. Returns the draft's ``Source``, or ``"ngram"``."""
+    from neo_jax.data import vocab_hash
+    from neo_jax.hf import load_tokenizer
+    from neo_jax.source import resolve
+
+    if draft == NGRAM:
+        return NGRAM
+    source = resolve(draft)
+    if source.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the draft {draft} has a vocabulary of {source.config.vocab_size} tokens, the model "
+            f"{model.name} {model.config.vocab_size}: a draft must share the model's tokenizer"
+        )
+    if source.tokenizer is not None and model.tokenizer is not None:
+        mine, theirs = load_tokenizer(model.tokenizer), load_tokenizer(source.tokenizer)
+        if vocab_hash(mine) != vocab_hash(theirs) or mine.eos_token_id != theirs.eos_token_id:
+            raise ValueError(
+                f"the draft {draft} has another tokenizer than the model {model.name} (its vocabulary or EOS "
+                "differ): a draft must share the model's tokenizer"
+            )
+    return source
+
+
 def _history(sequence, end, size: int):
     """``[batch, size]``: each row's entries ``end - size .. end - 1`` (BEFORE where there are none)."""
     at = end[:, None] - size + jnp.arange(size)
