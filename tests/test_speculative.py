@@ -181,13 +181,14 @@ def test_bad_drafts_are_refused(models, tmp_path):
             gen.generate(target, ids, max_new_tokens=4, **kwargs)
 
 
-def test_int8_weights_decode_the_same_tokens(models, tmp_path):
+@pytest.mark.parametrize("loading", [{"weights": "int8"}, {"dtype": "bfloat16", "param_dtype": "bfloat16"}])
+def test_int8_and_bfloat16_weights_decode_the_same_tokens(models, tmp_path, loading):
     _, drafts = models
     saved(tmp_path, 0)
-    quantized = neo_jax.from_pretrained(tmp_path, weights="int8", progress=False)
-    ids, mask = left_padded([6, 2], quantized.config.vocab_size, seed=4)
-    plain = gen.generate(quantized, ids, mask, max_new_tokens=24, pad_token_id=PAD)
-    out = gen.generate(quantized, ids, mask, max_new_tokens=24, pad_token_id=PAD, draft=drafts["smaller"])
+    target = neo_jax.from_pretrained(tmp_path, progress=False, **loading)
+    ids, mask = left_padded([6, 2], target.config.vocab_size, seed=4)
+    plain = gen.generate(target, ids, mask, max_new_tokens=24, pad_token_id=PAD)
+    out = gen.generate(target, ids, mask, max_new_tokens=24, pad_token_id=PAD, draft=drafts["smaller"])
     np.testing.assert_array_equal(out, plain)
 
 

@@ -174,6 +174,9 @@ def test_greedy_generation_is_identical(checkpoint, single, shape):
     mask[3, :2] = 0
     ours = neo_jax.generate(model, ids, mask, max_new_tokens=30)
     np.testing.assert_array_equal(ours, neo_jax.generate(single, ids, mask, max_new_tokens=30))
+    for draft in (model, "ngram"):  # speculative decoding: the same tokens, the draft on the same mesh
+        spec = neo_jax.generate(model, ids, mask, max_new_tokens=30, draft=draft, num_draft_tokens=3)
+        np.testing.assert_array_equal(spec, ours)
     beams = neo_jax.generate(model, ids[:2], mask[:2], max_new_tokens=10, num_beams=3)
     np.testing.assert_array_equal(beams, neo_jax.generate(single, ids[:2], mask[:2], max_new_tokens=10, num_beams=3))
 
