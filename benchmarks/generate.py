@@ -10,6 +10,15 @@ At batch 1 also the fraction of the memory roofline: parameter bytes per token /
 measured memory bandwidth. "prefill": the time to the first token of a --prefill-len prompt, both sides.
 transformers runs only in float32 on the CPU; --dtype bfloat16 is for accelerators. --weights is neo_jax's
 weight format (neo_jax.quantize; default: --dtype), the reference staying in float32.
+
+    python benchmarks/generate.py --pair TARGET DRAFT --corpus FILES... [--draft-tokens 4]
+
+Speculative decoding instead, on a trained pair (Hugging Face directories, e.g. ``neo-jax convert RUN DIR --to
+hf`` of two ``neo-jax train`` runs on the same text): greedy new tokens/s at batch 1 and 8 of plain decoding,
+the draft model and n-gram drafting, each with its speedup over plain and its acceptance rate, on prompts
+from --corpus (the training text: "open-ended") and on prompts that end by starting to repeat a passage they
+hold ("grounded"); and at batch 1 transformers' own plain, assisted (``assistant_model``) and prompt-lookup
+generation of the same pair.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -46,7 +56,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--weights", choices=WEIGHTS, help="neo_jax's weight format (default: --dtype)")
     parser.add_argument("--skip-transformers", action="store_true", help="neo_jax only (e.g. on a GPU)")
+    parser.add_argument("--pair", nargs=2, metavar=("TARGET", "DRAFT"), help="speculative decoding (see above)")
+    parser.add_argument("--corpus", nargs="+", help="the pair's training text (prompts are cut from it)")
+    parser.add_argument("--draft-tokens", type=int, default=4)
     args = parser.parse_args()
+    if args.pair:
+        print(json.dumps(speculative(args), indent=1))
+        return
 
     reference, model = same_weights(args.config, dtype=args.dtype, weights=args.weights or args.dtype)
     config = reference.config
@@ -109,6 +125,78 @@ def main() -> None:
         entry["ratio"] = round(entry["transformers_s"] / entry["neo_jax_s"], 3)
     result[f"prefill_{args.prefill_len}"] = entry
     print(json.dumps(result, indent=1))
+
+
+def speculative(args) -> dict:
+    """The --pair benchmark."""
+    import transformers
+
+    target, draft = (neo_jax.from_pretrained(d, progress=False) for d in args.pair)
+    references = [transformers.GPTNeoForCausalLM.from_pretrained(d).eval() for d in args.pair]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.pair[0])
+    text = " ".join(Path(f).read_text() for f in args.corpus)
+    corpus = np.array(tokenizer(text)["input_ids"])
+    rng = np.random.default_rng(0)
+    k, new = args.draft_tokens, args.new_tokens
+
+    def prompts(batch: int, grounded: bool) -> np.ndarray:
+        starts = rng.integers(0, len(corpus) - 200, batch)
+        if not grounded:  # a window of the training text, to be continued
+            return np.stack([corpus[s : s + args.prompt_len] for s in starts])
+        return np.stack([np.concatenate([corpus[s : s + 96], corpus[s : s + 8]]) for s in starts])  # then repeat
+
+    def ours(ids, **kw):
+        statistics: dict = {}
+        run = lambda: neo_jax.generate(target, ids, max_new_tokens=new, statistics=statistics, **kw)
+        run()  # compile
+        seconds = median_seconds(run, args.repeats)
+        rate = statistics["accepted_tokens"] / statistics["draft_tokens"] if statistics else None
+        return seconds, None if rate is None else round(rate, 3)
+
+    result = {"benchmark": "generate --pair", "pair": args.pair, "draft_tokens": k, "new_tokens": new}
+    result["parameters"] = [m.config.num_params() for m in (target, draft)]
+    for batch in (1, 8):
+        for kind in ("open-ended", "grounded"):
+            ids = prompts(batch, kind == "grounded")
+            plain, _ = ours(ids)
+            entry = {"plain_tokens_per_s": round(batch * new / plain, 1)}
+            for name, proposer in (("draft", draft), ("ngram", "ngram")):
+                seconds, rate = ours(ids, draft=proposer, num_draft_tokens=k)
+                entry[name] = {
+                    "tokens_per_s": round(batch * new / seconds, 1),
+                    "speedup": round(plain / seconds, 3),
+                    "acceptance": rate,
+                }
+            if batch == 1 and not args.skip_transformers:
+                entry["transformers"] = transformers_rates(references, ids, new, k, args.repeats)
+            result[f"batch_{batch}_{kind}"] = entry
+    return result
+
+
+def transformers_rates(references, ids, new: int, k: int, repeats: int) -> dict:
+    """transformers' tokens/s at batch 1: plain, assisted by the draft, and prompt lookup."""
+    reference, assistant = references
+    modes = {"plain": {}, "assisted": {"assistant_model": assistant}, "prompt_lookup": {"prompt_lookup_num_tokens": k}}
+    rates = {}
+    for name, extra in modes.items():
+
+        def run(extra=extra):
+            with torch.no_grad():
+                reference.generate(
+                    torch.as_tensor(ids),
+                    attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                    **extra,
+                )
+
+        run()
+        rates[name] = round(new / median_seconds(run, repeats), 1)
+    rates["assisted_speedup"] = round(rates["assisted"] / rates["plain"], 3)
+    rates["prompt_lookup_speedup"] = round(rates["prompt_lookup"] / rates["plain"], 3)
+    return rates
 
 
 if __name__ == "__main__":
