@@ -170,8 +170,10 @@ def test_ngram_proposals_follow_the_latest_occurrence():
 def test_bad_drafts_are_refused(models, tmp_path):
     target, _ = models
     ids = np.ones((1, 4), np.int64)
-    other = saved(tmp_path, 0, vocab_size=330)
+    other = saved(tmp_path / "other", 0, vocab_size=330)
+    short = saved(tmp_path / "short", 0, max_position_embeddings=6)
     for kwargs, message in [
+        (dict(draft=short), "exceeds the draft's max_position_embeddings \\(6\\)"),
         (dict(draft=other), "the draft's vocabulary \\(330 tokens\\) differs from the model's \\(320\\)"),
         (dict(draft="bigram"), "draft must be a GPT-Neo model or 'ngram'"),
         (dict(draft="ngram", num_draft_tokens=0), "num_draft_tokens must be >= 1"),

@@ -153,6 +153,14 @@ def stream(
         return
     vocab = model.config.vocab_size
     caller_ids = np.asarray(input_ids).reshape(request.input_ids.shape[0], -1)
+    if (
+        checked_draft is not None
+        and caller_ids.shape[1] + max_new_tokens > checked_draft.config.max_position_embeddings
+    ):
+        raise ValueError(
+            f"prompt length {caller_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the draft's "
+            f"max_position_embeddings ({checked_draft.config.max_position_embeddings}); ask for fewer tokens"
+        )
     if draft is not None:
         yield from speculative_stream(
             model,
