@@ -182,20 +182,32 @@ def _lora_run(name: str, directory: Path) -> Source | None:
 def _download(repo_id: str, revision: str | None) -> Path:
     """Fetch config, weights (safetensors if the repo has them, else .bin) and tokenizer files only."""
     from huggingface_hub import list_repo_files, snapshot_download
-    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
         files = list_repo_files(repo_id, revision=revision)
     except OfflineModeIsEnabled:
         files = None  # take whatever the local cache holds
+    except Exception as e:
+        # The hub cannot be reached (the HTTP client's own error, whichever client the hub library uses): the
+        # local cache, as offline; snapshot_download says in one line if it lacks the model. An answer from the
+        # hub (no such repository, no access) is the hub library's own error and goes on.
+        if not type(e).__module__.startswith(("httpx", "requests", "urllib3")):
+            raise
+        files = None
     has_safetensors = files is None or any(f.endswith(".safetensors") for f in files)
     weights = ["*.safetensors", SAFE_INDEX] if has_safetensors else ["pytorch_model*.bin", BIN_INDEX]
     if files is None:
         weights += ["pytorch_model*.bin", BIN_INDEX]
-    return Path(
-        snapshot_download(
+    try:
+        directory = snapshot_download(
             repo_id,
             revision=revision,
             allow_patterns=["config.json", "adapter_config.json", *COMPANION_FILES, *weights],
         )
-    )
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id} cannot be downloaded: the Hugging Face hub cannot be reached and the model is not in the "
+            "local cache; check the connection (or HF_ENDPOINT), or give a local directory"
+        ) from None
+    return Path(directory)

@@ -279,6 +279,8 @@ def test_missing_config_and_bad_source(tmp_path, hf):
         neo_jax.from_pretrained(directory, progress=False)
     with pytest.raises(FileNotFoundError, match="neither an existing directory nor a Hugging Face hub id"):
         neo_jax.from_pretrained(str(tmp_path / "no" / "such" / "dir"), progress=False)
+    with pytest.raises(FileNotFoundError, match="^nowhere/none cannot be downloaded: .* not in the local cache"):
+        neo_jax.from_pretrained("nowhere/none", progress=False)  # offline here, as with no network
 
 
 def test_invalid_config_json(hf):
