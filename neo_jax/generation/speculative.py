@@ -212,7 +212,7 @@ def _round(target, tperiods, draft, dperiods, state: SpecState, params: Sampling
     else:
         token = jnp.argmax(target[rows, n], axis=-1).astype(jnp.int32)
     j = jnp.arange(k + 1)
-    emitted = jnp.where(j < n[:, None], jnp.concatenate([proposals, proposals[:, :1]], 1), token[:, None])
+    emitted = jnp.where(j < n[:, None], jnp.concatenate([proposals, token[:, None]], 1), token[:, None])
     # a row keeps its run up to its first EOS and within max_new tokens; a finished row keeps nothing
     ends = (emitted == eos) & (j <= n[:, None])
     first_eos = jnp.where(ends.any(axis=1), jnp.argmax(ends, axis=1), k + 1)
