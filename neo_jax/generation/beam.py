@@ -180,11 +180,11 @@ def beam_search(
     request = prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     if max_new_tokens == 0:
         return np.zeros((request.input_ids.shape[0], 0), np.int32)
-    weights = Weights.of(model)
+    graphdefs, arrays = Weights.of(model).split()
     with sharding.use_mesh(sharding.model_mesh(model)):
         new = _beam_search(
-            (weights.graphdef, weights.period_graphdef),
-            (weights.params, weights.periods),
+            graphdefs,
+            arrays,
             jnp.asarray(np.repeat(request.input_ids, num_beams, axis=0)),
             jnp.asarray(np.repeat(request.attention_mask, num_beams, axis=0)),
             jnp.int32(request.eos),

@@ -161,12 +161,18 @@ def stream(
             f"prompt length {caller_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the draft's "
             f"max_position_embeddings ({checked_draft.config.max_position_embeddings}); ask for fewer tokens"
         )
+    if params.use_repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
+        seen = np.zeros((caller_ids.shape[0], vocab), bool)
+        seen[np.arange(caller_ids.shape[0])[:, None], caller_ids] = True
+    else:
+        seen = np.zeros((request.input_ids.shape[0], 1), bool)
     if draft is not None:
         yield from speculative_stream(
             model,
             checked_draft,
             request,
             caller_ids,
+            seen,
             params,
             key,
             max_new_tokens=max_new_tokens,
@@ -175,17 +181,11 @@ def stream(
             statistics=statistics,
         )
         return
-    if params.use_repetition_penalty:  # as transformers: every id in the caller's input_ids, padding included
-        seen = np.zeros((caller_ids.shape[0], vocab), bool)
-        seen[np.arange(caller_ids.shape[0])[:, None], caller_ids] = True
-    else:
-        seen = np.zeros((request.input_ids.shape[0], 1), bool)
     prompt_tail = np.full((caller_ids.shape[0], params.history), -2, np.int32)  # -2: before the prompt, no token
     if params.history:
         tail = caller_ids[:, -params.history :]
         prompt_tail[:, params.history - tail.shape[1] :] = tail
-    weights = Weights.of(model)
-    graphdefs, arrays = (weights.graphdef, weights.period_graphdef), (weights.params, weights.periods)
+    graphdefs, arrays = Weights.of(model).split()
     max_len = cache_bucket(request.input_ids.shape[1] + max_new_tokens)
     eos, pad = jnp.int32(request.eos), jnp.int32(request.pad)
     mesh = sharding.model_mesh(model)

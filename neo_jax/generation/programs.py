@@ -45,6 +45,11 @@ class Weights:
             periods = cached[1]
         return cls(graphdef, params, period_graphdef, periods)
 
+    def split(self) -> tuple[tuple, tuple]:
+        """``(graphdefs, arrays)``: what a program takes as its static argument, and as its arrays (``build``
+        puts them together again inside it)."""
+        return (self.graphdef, self.period_graphdef), (self.params, self.periods)
+
 
 _UNSTACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

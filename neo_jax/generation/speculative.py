@@ -314,6 +314,7 @@ def speculative_stream(
     draft,
     request: Request,
     caller_ids: np.ndarray,
+    seen: np.ndarray,
     params: SamplingParams,
     key,
     *,
@@ -322,26 +323,17 @@ def speculative_stream(
     chunk_size: int | None,
     statistics: dict | None,
 ) -> Iterator[np.ndarray]:
-    """``loop.stream``'s chunks, decoded speculatively (``draft``: a checked GPT-Neo, or None for n-gram).
+    """``loop.stream``'s chunks, decoded speculatively (``draft``: a checked GPT-Neo, or None for n-gram;
+    ``seen``: the prompt's tokens for the repetition penalty, as ``stream`` marks them).
     ``statistics``, if given, is filled in as the rounds go: ``draft_tokens`` proposed, ``accepted_tokens``
     of them, ``rounds`` (verification passes) and ``tokens`` emitted by them."""
     k = num_draft_tokens
     batch, width = request.input_ids.shape
-    vocab = model.config.vocab_size
-    if params.use_repetition_penalty:  # as plain decoding: every id the caller gave, padding included
-        seen = np.zeros((batch, vocab), bool)
-        seen[np.arange(batch)[:, None], caller_ids] = True
-    else:
-        seen = np.zeros((batch, 1), bool)
     sequence = np.full((batch, width), BEFORE, np.int32)
     sequence[:, width - caller_ids.shape[1] :] = caller_ids
     room = width + cache_bucket(max_new_tokens + k + 1)
-    weights = Weights.of(model)
-    graphdefs, arrays = (weights.graphdef, weights.period_graphdef), (weights.params, weights.periods)
-    draft_graphdefs = draft_arrays = None
-    if draft is not None:
-        drafts = Weights.of(draft)
-        draft_graphdefs, draft_arrays = (drafts.graphdef, drafts.period_graphdef), (drafts.params, drafts.periods)
+    graphdefs, arrays = Weights.of(model).split()
+    draft_graphdefs, draft_arrays = (None, None) if draft is None else Weights.of(draft).split()
     eos = jnp.int32(request.eos)
     mesh = sharding.model_mesh(model)
     with sharding.use_mesh(mesh):

@@ -239,9 +239,7 @@ class Engine:
         self.eos_token_id = config.eos_token_id if eos_token_id == -1 else eos_token_id
         self.metrics = metrics
         self.mesh = sharding.model_mesh(model)
-        weights = Weights.of(model)
-        self._graphdefs = (weights.graphdef, weights.period_graphdef)
-        self._arrays = (weights.params, weights.periods)
+        self._graphdefs, self._arrays = Weights.of(model).split()
         self.buckets = sorted({min(bucket(n), max_len) for n in range(1, max_len)}) if not prefill_chunk else []
         with sharding.use_mesh(self.mesh):
             empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4))
