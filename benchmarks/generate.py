@@ -72,18 +72,7 @@ def main() -> None:
         return lambda: neo_jax.generate(model, ids, max_new_tokens=new)
 
     def theirs(ids, new):
-        def run():
-            with torch.no_grad():
-                reference.generate(
-                    torch.as_tensor(ids),
-                    attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-
-        return run
+        return transformers_greedy(reference, ids, new)
 
     result = {
         "benchmark": "generate",
@@ -173,25 +162,31 @@ def speculative(args) -> dict:
     return result
 
 
+def transformers_greedy(reference, ids, new: int, **extra):
+    """A call of transformers' greedy ``generate`` of exactly ``new`` tokens (``extra``: its other keywords)."""
+
+    def run():
+        with torch.no_grad():
+            reference.generate(
+                torch.as_tensor(ids),
+                attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                **extra,
+            )
+
+    return run
+
+
 def transformers_rates(references, ids, new: int, k: int, repeats: int) -> dict:
     """transformers' tokens/s at batch 1: plain, assisted by the draft, and prompt lookup."""
     reference, assistant = references
     modes = {"plain": {}, "assisted": {"assistant_model": assistant}, "prompt_lookup": {"prompt_lookup_num_tokens": k}}
     rates = {}
     for name, extra in modes.items():
-
-        def run(extra=extra):
-            with torch.no_grad():
-                reference.generate(
-                    torch.as_tensor(ids),
-                    attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                    pad_token_id=0,
-                    **extra,
-                )
-
+        run = transformers_greedy(reference, ids, new, **extra)
         run()
         rates[name] = round(new / median_seconds(run, repeats), 1)
     rates["assisted_speedup"] = round(rates["assisted"] / rates["plain"], 3)
