@@ -21,6 +21,12 @@ one run on the same random 125M-shape weights (seed 0), float32.
 - "embeddings": 8 completion streams alone, then beside 16 clients sending embedding requests back to back; the
   streams' inter-token latency p50/p99 in both and their ratio (`/v1/embeddings` prefills inside the decode
   step's budget, so the ratio should stay near 1).
+- "speculative" (``--pair TARGET DRAFT --corpus FILES``, the pair ``benchmarks/generate.py --pair`` takes):
+  the target served plain, with ``--draft DRAFT``, with ``--draft ngram``, and with a poor draft (the draft's
+  shape, untrained: almost nothing it proposes is accepted, so the off switch must keep it near plain);
+  greedy requests of 64 tokens on prompts cut from the corpus ("open-ended") and on prompts that end by
+  starting to repeat a passage they hold ("grounded"), at 1 and 4 concurrent streams: tokens/s, the ratio to
+  plain, and the acceptance rate from ``/metrics``.
 Prints one JSON object.
 """
 
@@ -370,6 +376,51 @@ async def beside_embedders(url: str, jobs, clients: int) -> dict:
     return result | {"inputs_embedded": sum(embedded)}
 
 
+def speculative(directory, args) -> dict:
+    """The "speculative" workload (``directory`` is not used: the pair brings its own weights)."""
+    target, draft = args.pair
+    tokenizer = transformers.AutoTokenizer.from_pretrained(target)
+    corpus = np.array(tokenizer(" ".join(Path(f).read_text() for f in args.corpus))["input_ids"])
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(corpus) - 200, 16)
+    prompts = {
+        "open-ended": [corpus[s : s + 64].tolist() for s in starts],
+        "grounded": [np.concatenate([corpus[s : s + 96], corpus[s : s + 8]]).tolist() for s in starts],
+    }
+    names = ("drafts", "draft_tokens", "accepted_tokens")
+    counters = [f"neo_jax_spec_decode_{name}_total" for name in names]
+    flags = ["--served-model-name", "neo", "--max-batch", "4", "--max-len", "512", "--draft-tokens", str(args.k)]
+    result = {"pair": args.pair, "draft_tokens": args.k}
+    with tempfile.TemporaryDirectory() as poor:
+        config = transformers.AutoConfig.from_pretrained(draft)
+        torch.manual_seed(0)
+        transformers.GPTNeoForCausalLM(config).save_pretrained(poor)
+        tokenizer.save_pretrained(poor)
+        for name, extra in (("plain", []), ("draft", ["--draft", draft]), ("ngram", ["--draft", "ngram"]),
+                            ("poor_draft", ["--draft", poor])):  # fmt: skip
+            with server(target, *flags, *extra) as (url, startup):
+                runs = {"startup_s": startup}
+                for kind, ids in prompts.items():
+                    for streams in (1, 4):
+                        before = metrics(url, *counters)
+                        jobs = [(p, 64, "neo", 0) for p in ids[: 4 * streams]]
+                        run = asyncio.run(drive([url], jobs, streams))
+                        after = metrics(url, *counters)
+                        drafted = after.get(counters[1], 0) - before.get(counters[1], 0)
+                        accepted = after.get(counters[2], 0) - before.get(counters[2], 0)
+                        runs[f"{kind}_{streams}"] = {
+                            "tokens_per_s": run["tokens_per_s"],
+                            "acceptance": round(accepted / drafted, 3) if drafted else None,
+                        }
+                result[name] = runs
+            print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
+    for name in ("draft", "ngram", "poor_draft"):
+        for run, figures in result[name].items():
+            if run != "startup_s":
+                figures["vs_plain"] = round(figures["tokens_per_s"] / result["plain"][run]["tokens_per_s"], 3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/gpt-neo-125M.json")
@@ -381,7 +432,12 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=64)
     parser.add_argument("--prefix-docs", type=int, default=16, help="documents of the prefix workload's task")
     parser.add_argument("--skip-baselines", action="store_true", help="no one-at-a-time or transformers runs")
+    parser.add_argument("--pair", nargs=2, metavar=("TARGET", "DRAFT"), help="the speculative workload's models")
+    parser.add_argument("--corpus", nargs="+", help="the speculative workload's text (the pair's training text)")
+    parser.add_argument("--draft-tokens", dest="k", type=int, default=4)
     args = parser.parse_args()
+    if "speculative" in args.workloads.split(",") and not (args.pair and args.corpus):
+        parser.error("the speculative workload needs --pair TARGET DRAFT and --corpus FILES")
 
     workloads = args.workloads.split(",")
     reference, model = same_weights(args.config)
@@ -398,6 +454,7 @@ def main() -> None:
         reference.save_pretrained(directory)
         transformers.GPT2TokenizerFast.from_pretrained(TOKENIZER).save_pretrained(directory)
         runs = {"burst": burst, "prefix": prefix, "adapters": mixed_adapters, "embeddings": embeddings_load}
+        runs["speculative"] = speculative
         for name in workloads:
             result[name] = runs[name](directory, args)
             print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)

@@ -309,14 +309,18 @@ def serve_programs(
     dtype=jnp.bfloat16,
     adapters: int = 0,
     lora=None,
+    draft: GPTNeoConfig | str | None = None,
+    num_draft_tokens: int = 4,
 ) -> dict[str, Lowered]:
-    """The two step programs ``neo-jax serve`` runs, lowered for ``mesh``: ``step`` (one token for each of
-    ``slots`` rows of ``max_len`` cache positions) and ``mixed`` (the same plus one lane of ``prefill_chunk``
-    prompt tokens, the echo branch included). Weights stored in ``dtype``; with ``adapters``, that many LoRA
-    adapters of ``lora`` (a ``LoRAConfig``: rank and targets; default rank 16 on q_proj and v_proj) on every
-    step's tokens, as ``--adapter NAME=DIR`` serves them."""
+    """The step programs ``neo-jax serve`` runs, lowered for ``mesh``: ``step`` (one token for each of ``slots``
+    rows of ``max_len`` cache positions) and ``mixed`` (the same plus one lane of ``prefill_chunk`` prompt
+    tokens, the echo branch included). Weights stored in ``dtype``; with ``adapters``, that many LoRA adapters
+    of ``lora`` (a ``LoRAConfig``: rank and targets; default rank 16 on q_proj and v_proj) on every step's
+    tokens, as ``--adapter NAME=DIR`` serves them. With a ``draft`` (a GPT-Neo's config, or ``"ngram"``), as
+    ``--draft`` serves it: also ``spec``, a speculative round of ``num_draft_tokens``, and for a draft model
+    ``catch``, its cache catching up on a chunk of every row."""
     from neo_jax import lora as lora_layers
-    from neo_jax.generation import batching
+    from neo_jax.generation import batching, speculative
 
     model = abstract_model(config, mesh, dtype=dtype, param_dtype=dtype)
     if adapters:
@@ -326,21 +330,41 @@ def serve_programs(
     replicated = NamedSharding(mesh, PartitionSpec())
     settings = batching.RowSampling.of([batching.NEUTRAL])  # on this host: only the shapes are used
     host_lanes = batching.Lanes(**batching.empty_lanes(1, prefill_chunk, slots), settings=settings)
+    lookahead = 0 if draft is None else num_draft_tokens + 1
+    draft_graphdefs = draft_arrays = None
+    if draft is not None and not isinstance(draft, str):
+        drafter = abstract_model(draft, mesh, dtype=dtype, param_dtype=dtype)
+        draft_graphdefs = (nnx.graphdef(drafter), nnx.graphdef(drafter.periods))
+        draft_arrays = (nnx.state(drafter), None)
+    given = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    def created(fn, *static):  # the abstract output of fn(*static), placed as the compiler places it
+        lowered = jax.jit(fn, static_argnums=tuple(range(len(static)))).lower(*static)
+        placed = lowered.compile().output_shardings
+        return jax.tree.map(lambda x, at: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=at), lowered.out_info, placed)
+
     with jax.set_mesh(mesh), attention_impls.compiling_for(_platform(mesh)):
-        empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4))
-        empty = empty.lower(config, slots, max_len, dtype, prefill_chunk)
-        state = jax.tree.map(
-            lambda info, placed: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=placed),
-            empty.out_info,
-            empty.compile().output_shardings,
-        )
-        lanes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), host_lanes)
-        echo = jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated)
+        state = created(batching.empty_slots, config, slots, max_len, dtype, prefill_chunk, lookahead)
+        lanes = jax.tree.map(lambda x: given(x.shape, x.dtype), host_lanes)
+        echo = given((), jnp.bool_)
         step = jax.jit(functools.partial(batching.step, graphdefs), donate_argnums=(1,))
-        return {
+        programs: dict[str, Lowered] = {
             "step": step.lower(arrays, state, None, None, echo),
             "mixed": step.lower(arrays, state, None, lanes, echo),
         }
+        if draft is None:
+            return programs
+        cache = sequence = None
+        if isinstance(draft, str):  # n-gram lookup in every row's tokens
+            sequence = given((slots, max_len + lookahead), jnp.int32)
+        else:
+            cache = created(batching.slot_cache, draft, slots, max_len, dtype, prefill_chunk, lookahead)
+            catch = jax.jit(functools.partial(speculative.catch_up, draft_graphdefs), donate_argnums=(1,))
+            rows = given((slots,), jnp.int32)
+            programs["catch"] = catch.lower(draft_arrays, cache, given((slots, prefill_chunk), jnp.int32), rows, rows)
+        round_ = functools.partial(speculative.serve_round, graphdefs, draft_graphdefs, k=num_draft_tokens)
+        programs["spec"] = jax.jit(round_, donate_argnums=(2, 3)).lower(arrays, draft_arrays, state, cache, sequence)
+        return programs
 
 
 def embed_program(

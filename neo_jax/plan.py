@@ -41,6 +41,8 @@ BYTES = (
     "optimizer_state",
     "gradients",
     "kv_cache",
+    "draft_parameters",
+    "draft_kv_cache",
     "activations",
     "arguments",
     "temporaries",
@@ -463,11 +465,16 @@ def serve_report(
     mesh: Mapping[str, int] | None = None,
     dtype="bfloat16",
     compile: bool = True,
+    draft: GPTNeoConfig | str | None = None,
+    num_draft_tokens: int = 4,
 ) -> dict:
     """Everything ``neo-jax plan --task serve`` says: weights, ``adapters`` LoRA adapters (``lora``: their rank
     and targets), the slots' KV cache, and on a slice XLA:TPU's memory of the server's decode step and its
     step with a prefill chunk, per chip; else the estimate (weights, adapters, cache and one chunk's
-    activations)."""
+    activations). With a ``draft`` (a config, or ``"ngram"``), as ``serve --draft`` runs it: the draft's
+    weights and cache, both caches ``num_draft_tokens + 1`` slots longer, and the speculative round (and the
+    draft's catch-up) compiled beside the steps; the total is the largest program with the draft's weights and
+    cache resident beside it."""
     from neo_jax import lora as lora_layers
     from neo_jax.generation.batching import check_slots, clamped_chunk
 
@@ -476,7 +483,8 @@ def serve_report(
     mesh = _mesh_sizes(topology, mesh)
     dtype = jnp.dtype(dtype)
     lora = lora or lora_layers.LoRAConfig(r=16)
-    estimate = generation_estimate(config, mesh, slots, max_len, prefill_chunk, dtype=dtype)
+    lookahead = 0 if draft is None else num_draft_tokens + 1
+    estimate = generation_estimate(config, mesh, slots, max_len + lookahead, prefill_chunk, dtype=dtype)
     # float32 A [r, in] and B [out, r] per layer and target (on one device: the upper bound under sharding)
     per_adapter = sum(config.num_layers * lora.r * sum(_dense_shape(config, target)) * 4 for target in lora.targets)
     result = {
@@ -487,21 +495,33 @@ def serve_report(
         "max_len": max_len,
         "prefill_chunk": prefill_chunk,
     }
+    if draft is not None and not isinstance(draft, str):
+        drafted = generation_estimate(draft, mesh, slots, max_len + lookahead, prefill_chunk, dtype=dtype)
+        result |= {"draft_parameters": drafted["parameters"], "draft_kv_cache": drafted["kv_cache"]}
     if topology and compile:
         from neo_jax import aot
 
         device_mesh = aot.slice_mesh(topology, **mesh)
         programs = aot.serve_programs(
             config, device_mesh, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk, dtype=dtype,
-            adapters=adapters, lora=lora,
+            adapters=adapters, lora=lora, draft=draft, num_draft_tokens=num_draft_tokens,
         )  # fmt: skip
         for name, lowered in programs.items():
             compiled = aot.analyse(lowered)
             result[name] = {k: compiled[k] for k in ("arguments", "temporaries", "total")}
-        result["total"] = max(result["step"]["total"], result["mixed"]["total"])
+        # the draft's weights and cache stay on the chip while the steps run: the round's arguments beyond theirs
+        resident = result["spec"]["arguments"] - result["step"]["arguments"] if "catch" in result else 0
+        result["total"] = max(
+            result["step"]["total"] + resident,
+            result["mixed"]["total"] + resident,
+            result.get("spec", {}).get("total", 0),
+        )
     else:
         result["activations"] = estimate["activations"]
-        result["total"] = result["parameters"] + result["adapters"] + result["kv_cache"] + result["activations"]
+        resident = result.get("draft_parameters", 0) + result.get("draft_kv_cache", 0)
+        result["total"] = (
+            result["parameters"] + result["adapters"] + result["kv_cache"] + result["activations"] + resident
+        )
     if topology:
         from neo_jax import aot
 
@@ -583,7 +603,7 @@ def _on_slice(result: dict, topology: str | None, model_flops: float, flops: flo
 def describe(result: dict) -> str:
     """``report``'s table, plus the roofline line on a slice."""
     printable = {k: result[k] for k in BYTES if k in result}
-    for name in ("prefill", "decode", "step", "mixed"):
+    for name in ("prefill", "decode", "step", "mixed", "spec", "catch"):
         if name in result:
             printable |= {f"{name} temporaries": result[name]["temporaries"], f"{name} total": result[name]["total"]}
     chip = result.get("chip")

@@ -329,6 +329,11 @@ def data_cases(root: Path) -> list[tuple[list[str], str]]:
         ([*train, "--model", "huge-vocab.json", "--data", "good-data"], "more than its"),
         ([*train, "--model", "huge-positions.json", "--data", "good-data"], "more than its"),
         ([*serve, "--port", "0", "--prefix-cache-mb", "1e12"], "--prefix-cache-mb 1e+12 needs"),
+        # a draft that cannot draft for the model, before either loads
+        ([*serve, "--draft", "ngram", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+        ([*serve, "--draft", "ngram", "--prefill-chunk", "0"], "--draft needs chunked prefill"),
+        ([*serve, "--port", "0", "--draft", "tiny"], "has a vocabulary of 320 tokens, the model m 50257"),
+        ([*serve, "--port", "0", "--draft", "bigram"], "bigram"),
         # no traceback: the file and line, or the field
         ([*new, "surrogate.jsonl"], "surrogate.jsonl:2: field 'text' holds a lone surrogate escape (\\ud800)"),
         (["eval", "perplexity", "--model", "m", "--data", "surrogate.jsonl"], "surrogate.jsonl:2: field 'text'"),

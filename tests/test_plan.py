@@ -153,3 +153,30 @@ def test_embedding_plan_compiled_for_a_tpu(capsys):
     assert "must be a multiple of the mesh's data x fsdp (8)" in capsys.readouterr().err
     assert main([*argv, "--batch", "16"]) == 2
     assert "--batch and --seq are required for --task embed" in capsys.readouterr().err
+
+
+def test_a_speculating_server_is_planned_with_its_draft_compiled_for_a_tpu(gpt2_model_dir, tmp_path, capsys):
+    """``--task serve --draft``: the speculative round (and a draft model's catch-up) compiled with the steps
+    for a v5e-1; both caches grow by k + 1 slots a row, the draft's weights and cache are the round's extra
+    arguments, and they count beside every step in the total. A draft of another vocabulary is refused."""
+    from neo_jax.generation.cache import cache_bytes
+    from tests.conftest import make_hf_model, save_gpt2_vocab_model
+
+    draft = save_gpt2_vocab_model(tmp_path / "draft", hidden_size=32, num_heads=2)
+    argv = ["plan", "--task", "serve", "--model", str(gpt2_model_dir), "--topology", "v5e-1", "--batch", "4"]
+    argv += ["--max-len", "128", "--prefill-chunk", "32", "--dtype", "float32", "--json", "--draft-tokens", "3"]
+    results = {}
+    for name in (str(draft), "ngram"):
+        assert main([*argv, "--draft", name]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    drafted, ngram = results[str(draft)], results["ngram"]
+    config = GPTNeoConfig.from_json_file(gpt2_model_dir / "config.json")
+    assert ngram["kv_cache"] == drafted["kv_cache"] == cache_bytes(config, 4, 128 + 4, "float32")
+    assert "spec" in ngram and "catch" not in ngram and "draft_parameters" not in ngram
+    resident = drafted["spec"]["arguments"] - drafted["step"]["arguments"]
+    own = drafted["draft_parameters"] + drafted["draft_kv_cache"]
+    assert own <= resident <= 1.5 * own, (own, resident)  # XLA:TPU pads the tiny model's dimensions to its tiles
+    assert drafted["total"] >= max(drafted["step"]["total"] + resident, drafted["spec"]["total"])
+    make_hf_model().save_pretrained(tmp_path / "small-vocab")
+    assert main([*argv, "--draft", str(tmp_path / "small-vocab")]) == 2
+    assert "has a vocabulary of 320 tokens" in capsys.readouterr().err

@@ -438,13 +438,14 @@ def start_server(model_dir, *extra) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def server(gpt2_model_dir, adapters):
-    """The module's server: the base as "neo" beside three adapters, with a prefix cache, so that every server
-    test also runs through them."""
+    """The module's server: the base as "neo" beside three adapters, with a prefix cache and n-gram speculative
+    decoding, so that every server test also runs through them."""
     process, url = start_server(
         gpt2_model_dir,
         *("--max-batch", "4", "--max-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", "neo"),
         *("--header-timeout", str(HEADER_TIMEOUT), "--prefix-cache-mb", "2", "--prefill-chunk", "64"),
         *(flag for name, directory in adapters.items() for flag in ("--adapter", f"{name}={directory}")),
+        *("--draft", "ngram", "--draft-tokens", "3"),
     )
     yield url, process
     process.terminate()
@@ -502,6 +503,9 @@ def test_greedy_through_the_server_equals_generate(server, client, model, gpt2_m
     ids = tokenizer(texts[1])["input_ids"]  # token ids in, echo: the prompt's text comes back first
     echoed = client.completions.create(model="neo", prompt=ids, max_tokens=20, temperature=0, echo=True)
     assert echoed.choices[0].text == texts[1] + sorted(response.choices, key=lambda c: c.index)[1].text
+    url, _ = server  # the first decode step of a speculating server is a round: the counters have counted
+    drafts, drafted = (metric(url, f"neo_jax_spec_decode_{name}_total") for name in ("drafts", "draft_tokens"))
+    assert drafted == 3 * drafts > 0 and 0 <= metric(url, "neo_jax_spec_decode_accepted_tokens_total") <= drafted
 
 
 def test_min_tokens_and_logit_bias_through_the_server_equal_generate(client, model, gpt2_model_dir):

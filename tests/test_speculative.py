@@ -3,6 +3,8 @@ sampled output following the target's law exactly (a chi-square test that fails 
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -210,3 +212,69 @@ def test_rejected_tokens_corrupt_window_only_rings(models, monkeypatch):
     monkeypatch.undo()
     jax.clear_caches()
     assert (out != plain).any()
+
+
+# ---- the server (``speculative.serve_round`` in the engine) ----------------------------------------------------
+def speculating_on_a_cycle(engine, pattern=(True, True, False)):
+    """Make the engine's off switch follow ``pattern`` (a speculative round, or a plain step after which the
+    draft catches up), whatever the speeds it measures."""
+    kinds = itertools.cycle(pattern)
+    engine.switch.speculate = lambda: next(kinds)
+    return engine
+
+
+def test_server_output_is_token_identical_under_concurrency(models, tmp_path):
+    """Concurrent requests (prompts around every chunk and block boundary, past the local window of 8, one
+    ending on a slot's last position), greedy or seeded samples with processors, each under the base model or
+    one of two LoRA adapters, which the draft does not have: the speculative engines (a smaller draft with a
+    prefix cache; n-gram) give the plain engine's tokens, rounds mixed with plain steps; and the metrics count
+    what was drafted."""
+    from neo_jax import lora
+    from neo_jax.serve.engine import Engine
+    from neo_jax.serve.metrics import Metrics
+
+    _, drafts = models
+    base = saved(tmp_path, 0)
+    rng = np.random.default_rng(5)
+    adapters = []
+    for rank, targets in ((2, ("q_proj", "v_proj")), (4, ("c_fc", "c_proj"))):
+        config = lora.LoRAConfig(r=rank, alpha=rank, targets=targets)
+        shapes = {"q_proj": (64, 64), "v_proj": (64, 64), "c_fc": (256, 64), "c_proj": (64, 256)}
+        tensors = {
+            t: (rng.normal(0, 0.3, (4, rank, shapes[t][1])), rng.normal(0, 0.3, (4, shapes[t][0], rank)))
+            for t in targets
+        }
+        adapters.append((config, tensors))
+    lora.add_many(base, adapters)
+    lengths = [1, 2, 15, 16, 17, 31, 33, 47, 64, 65, 100, 200, 240]
+    sampled = {"temperature": 0.8, "top_k": 20, "repetition_penalty": 1.2}
+    jobs = [
+        (rng.integers(1, 320, n).tolist(), min(24, 256 - n), i % 3 - 1, sampled | {"seed": i} if i % 2 else {})
+        for i, n in enumerate(lengths)
+    ]
+    shared = rng.integers(1, 320, 40).tolist()
+    jobs += [(shared, 12, adapter, {}) for adapter in (-1, 0, 1)]  # one prompt under the base and each adapter
+
+    def run(engine):
+        engine.start()
+        try:
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                generate = lambda j: engine.generate(j[0], j[1], adapter=j[2], **{"temperature": 0, **j[3]})[0]
+                return list(pool.map(generate, jobs))
+        finally:
+            engine.stop()
+
+    options = dict(max_batch=4, max_len=256, eos_token_id=None, prefill_chunk=32, adapters=("a", "b"))
+    plain = run(Engine(base, **options))
+    assert len({tuple(tokens) for tokens in plain[-3:]}) == 3  # each adapter changes the output
+    for draft, k, extra in [(drafts["smaller"], 3, {"prefix_cache_mb": 0.25}), ("ngram", 2, {})]:
+        metrics = Metrics()
+        engine = Engine(base, **options, **extra, draft=draft, num_draft_tokens=k, metrics=metrics)
+        assert run(speculating_on_a_cycle(engine)) == plain, draft
+        drafted = [metric_value(getattr(metrics, f"spec_decode_{name}")) for name in ("drafts", "draft_tokens")]
+        accepted = metric_value(metrics.spec_decode_accepted_tokens)
+        assert drafted[1] == k * drafted[0] > 0 and 0 < accepted <= drafted[1], (draft, drafted, accepted)
+
+
+def metric_value(counter) -> float:
+    return next(iter(counter.collect())).samples[0].value

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from neo_jax.cli.common import ATTENTION_HELP
-from neo_jax.cli.serve import DEFAULT_PREFILL_CHUNK
+from neo_jax.cli.serve import DEFAULT_PREFILL_CHUNK, add_draft_flags
 from neo_jax.config import DTYPES, REMAT, WEIGHTS
 
 
@@ -42,6 +42,7 @@ def add_parser(commands) -> None:
         choices=WEIGHTS,
         help="generate: weight format (default: --dtype); train: int8 with --lora-rank for a frozen int8 base",
     )
+    add_draft_flags(p)  # serve
     p.add_argument("--no-compile", action="store_true", help="the estimate, without compiling")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=plan)
@@ -118,7 +119,7 @@ def _where(args: argparse.Namespace) -> dict:
 
 def _check_sizes(args: argparse.Namespace) -> None:
     """The shapes' flags, checked as the command the plan is for checks them (``serve``: the same function)."""
-    from neo_jax.cli.serve import check_slot_flags
+    from neo_jax.cli.serve import check_draft_flags, check_slot_flags
     from neo_jax.validate import integer
 
     if args.task == "serve":
@@ -128,7 +129,10 @@ def _check_sizes(args: argparse.Namespace) -> None:
         integer("--adapters", args.adapters, least=0)
         if args.adapters and args.lora_rank is not None:
             integer("--lora-rank", args.lora_rank, least=1)
+        check_draft_flags(args)
         return
+    if args.draft is not None:
+        raise ValueError("--draft is planned with --task serve (neo-jax generate's draft runs beside the model alone)")
     integer("--batch", args.batch, least=1)
     if args.task == "generate":
         if args.max_len is not None:
@@ -171,6 +175,7 @@ def plan(args: argparse.Namespace) -> None:
         result = planning.serve_report(
             config, slots=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
             adapters=args.adapters, lora=_lora(args, serving=True), **where,
+            draft=_draft(args), num_draft_tokens=args.draft_tokens,
         )  # fmt: skip
     else:
         result = planning.generate_report(
@@ -197,6 +202,19 @@ def _lora(args: argparse.Namespace, serving: bool = False):
     return LoRAConfig(r=args.lora_rank or 16, targets=targets, dropout=args.lora_dropout or 0.0)
 
 
+def _draft(args: argparse.Namespace):
+    """``--draft``: ``"ngram"``, or the draft's config, checked against the model's as ``serve`` checks it."""
+    if args.draft is None or args.draft == "ngram":
+        return args.draft
+    draft, model = _config(args.draft), _config(args.model)
+    if draft.vocab_size != model.vocab_size:
+        raise ValueError(
+            f"the draft {args.draft} has a vocabulary of {draft.vocab_size} tokens, the model {args.model} "
+            f"{model.vocab_size}: a draft must share the model's tokenizer"
+        )
+    return draft
+
+
 def _config(model: str):
     """A preset by size (125M) or by the released model's hub id, without the network; else the model's own."""
     from neo_jax.config import PRESETS, GPTNeoConfig
@@ -211,9 +229,10 @@ def _describe(args, result) -> str:
         adapters = f", {args.adapters} LoRA adapters of rank {args.lora_rank or 16}" if args.adapters else ""
         chunk = result["prefill_chunk"]
         clamped = f" (--prefill-chunk {args.prefill_chunk} clamped to the slots)" if chunk != args.prefill_chunk else ""
+        draft = f", drafting {args.draft_tokens} tokens a round with {args.draft}" if args.draft else ""
         return (
             f"{args.batch} slots of {result['max_len']} positions, prefill chunks of {chunk}{clamped}, "
-            f"{args.dtype} weights{adapters}"
+            f"{args.dtype} weights{adapters}{draft}"
         )
     if args.task == "embed":
         return f"batches of {args.batch} documents x {args.seq} tokens, {args.dtype} weights"

@@ -63,8 +63,28 @@ def add_parser(commands) -> None:
         choices=("mean", "weightedmean", "last"),
         help="how /v1/embeddings pools the final hidden states (default: the checkpoint's own, as neo-jax embed)",
     )
+    add_draft_flags(p)
     p.add_argument("--compilation-cache", help=CACHE_HELP)
     p.set_defaults(run=serve)
+
+
+def add_draft_flags(p) -> None:
+    """``--draft`` and ``--draft-tokens``, as ``serve`` and ``plan --task serve`` take them."""
+    p.add_argument(
+        "--draft",
+        help="speculative decoding: a smaller GPT-Neo with the model's tokenizer (a source, as --model), or "
+        "'ngram' (prompt lookup); completions follow the same law (greedy: the same text), and steps stop "
+        "speculating while it does not pay",
+    )
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes a round (default 4)")
+
+
+def check_draft_flags(args: argparse.Namespace) -> None:
+    from neo_jax import validate
+
+    validate.integer("--draft-tokens", args.draft_tokens, least=1)
+    if args.draft is not None and not args.prefill_chunk:
+        raise ValueError("--draft needs chunked prefill: give --prefill-chunk > 0 (or drop --draft)")
 
 
 def _adapters(values: list[str] | None) -> tuple[str | None, tuple[tuple[str, str], ...]]:
@@ -107,6 +127,7 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.mesh:
         sharding.parse_mesh(args.mesh)
     _adapters(args.adapter)
+    check_draft_flags(args)
     return api_key
 
 
@@ -158,4 +179,6 @@ def serve(args: argparse.Namespace) -> int:
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,
         embedding_pooling=args.embedding_pooling,
+        draft=args.draft,
+        num_draft_tokens=args.draft_tokens,
     )

@@ -43,7 +43,7 @@ from neo_jax.generation.sampling import (
     min_new_tokens,
     min_p,
     repetition_penalty,
-    seed_key,
+    seed_keys,
     temperature,
 )
 from neo_jax.shapes import bucket
@@ -94,7 +94,7 @@ class RowSampling:
             min_p=column("min_p", np.float32),
             repetition_penalty=column("repetition_penalty", np.float32),
             sample=column("sample", bool),
-            key=jax.random.wrap_key_data(jnp.stack([jax.random.key_data(seed_key(r["seed"])) for r in rows])),
+            key=seed_keys([r["seed"] for r in rows]),
             eos=column("eos", np.int32),
             min_tokens=column("min_tokens", np.int32),
             bias_ids=jnp.asarray(bias_ids),
@@ -138,7 +138,7 @@ def top_p_rows(logits, p):
     return jnp.where((p[:, None] < 1) & (probs < cut), NEG_INF, logits)
 
 
-def _sample(logits, keys):
+def sample_rows(logits, keys):
     """One draw per row from softmax(logits), by inverting the cumulative distribution at a uniform number
     from the row's own key (one random number per row instead of a Gumbel draw per vocabulary entry)."""
     cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
@@ -146,12 +146,10 @@ def _sample(logits, keys):
     return jnp.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), logits.shape[-1] - 1)
 
 
-def _choose(logits, seen, settings: RowSampling, steps, history):
-    """The next token of every row under its own settings, and the raw model's log-probabilities of it and
-    of its ``TOP_LOGPROBS`` most likely alternatives. Each processor runs only when some row uses it, so an
-    all-greedy batch costs an argmax."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+def process(logits, seen, settings: RowSampling, steps, history):
+    """Every row's logits after its own processors, for its ``steps``-th new token (``seen``: the tokens before
+    it; ``history``: the latest of them). Each processor runs only when some row uses it, so an all-greedy
+    batch pays for none."""
     s = settings
     sampled = s.sample
     keep = lambda x, _: x
@@ -172,13 +170,28 @@ def _choose(logits, seen, settings: RowSampling, steps, history):
     x = temperature(x, s.temperature[:, None])
     x = jax.lax.cond(jnp.any(sampled & (s.top_k > 0)), top_k_rows, keep, x, s.top_k)
     x = jax.lax.cond(jnp.any(sampled & (s.top_p < 1)), top_p_rows, keep, x, s.top_p)
-    x = jax.lax.cond(jnp.any(sampled & (s.min_p > 0)), min_p, keep, x, s.min_p[:, None])
+    return jax.lax.cond(jnp.any(sampled & (s.min_p > 0)), min_p, keep, x, s.min_p[:, None])
+
+
+def top_logprobs(logits):
+    """The raw model's log-probabilities and their ``TOP_LOGPROBS`` largest with their token ids."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top, ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    return logprobs, ids.astype(jnp.int32), top
+
+
+def _choose(logits, seen, settings: RowSampling, steps, history):
+    """The next token of every row under its own settings, and the raw model's log-probabilities of it and
+    of its ``TOP_LOGPROBS`` most likely alternatives."""
+    logprobs, top_ids, top = top_logprobs(logits)
+    sampled = settings.sample
+    x = process(logits, seen, settings, steps, history)
     greedy = jnp.argmax(x, axis=-1)
-    keys = jax.vmap(jax.random.fold_in)(s.key, steps)
-    draw = lambda: jnp.where(sampled, _sample(x, keys), greedy)
+    keys = jax.vmap(jax.random.fold_in)(settings.key, steps)
+    draw = lambda: jnp.where(sampled, sample_rows(x, keys), greedy)
     token = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy).astype(jnp.int32)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-    return token, (token, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    return token, (token, chosen, top_ids, top)
 
 
 @jax.tree_util.register_dataclass
@@ -186,7 +199,7 @@ def _choose(logits, seen, settings: RowSampling, steps, history):
 class Slots:
     """The device state of every slot."""
 
-    cache: KVCache  # index: [slots], the next cache slot of each row (``valid`` is not used: see the module)
+    cache: KVCache  # index: [slots], the next cache slot of each row (``valid``: all true, see ``empty_slots``)
     last: jax.Array  # [slots] the newest token, fed to the next step
     positions: jax.Array  # [slots] position id of ``last``
     seen: jax.Array  # [slots, vocab] tokens in the sequence (repetition penalty)
@@ -224,20 +237,19 @@ class Lanes:
     save: jax.Array  # [lanes, width // BLOCK] pool block that takes each whole block of the chunk (else: no block)
 
 
-def empty_slots(config, count: int, max_len: int, dtype, chunk: int = 0) -> Slots:
-    """Empty slots; with prefill chunks of up to ``chunk`` tokens, a local layer's ring holds ``window +
-    chunk`` slots (at most ``max_len``), so that a chunk written into it overwrites nothing its own queries
-    still see (see ``step``)."""
-    cache = init_cache(config, count, max_len, dtype)
-    if chunk:
-        ring = min(config.window_size + chunk, max_len)
-        longer = lambda x, kind: x if kind == "global" else jnp.zeros((*x.shape[:2], ring, x.shape[3]), x.dtype)
-        grown = lambda buffers: tuple(
-            sharding.constrain(longer(x, kind), "batch", "heads", None, None)
-            for x, kind in zip(buffers, config.attention_layers, strict=True)
-        )
-        cache = dataclasses.replace(cache, keys=grown(cache.keys), values=grown(cache.values))
-    cache = dataclasses.replace(cache, index=jnp.zeros((count,), jnp.int32))
+def slot_cache(config, count: int, max_len: int, dtype, chunk: int = 0, lookahead: int = 0) -> KVCache:
+    """The slots' empty cache; with prefill chunks of up to ``chunk`` tokens, a local layer's ring holds
+    ``window + chunk`` slots (at most ``max_len``), so that a chunk written into it overwrites nothing its own
+    queries still see (see ``step``). Speculative rounds write ``lookahead`` tokens past a row's last: every
+    layer then holds that many more (a row near ``max_len`` writes past it), a local one ``window +
+    lookahead`` at least. ``valid`` is all true: a row has no padding."""
+    cache = init_cache(config, count, max_len + lookahead, dtype, max(chunk, lookahead))
+    return dataclasses.replace(cache, valid=~cache.valid, index=jnp.zeros((count,), jnp.int32))
+
+
+def empty_slots(config, count: int, max_len: int, dtype, chunk: int = 0, lookahead: int = 0) -> Slots:
+    """Empty slots (their cache: ``slot_cache``)."""
+    cache = slot_cache(config, count, max_len, dtype, chunk, lookahead)
     zeros = jnp.zeros((count,), jnp.int32)
     return Slots(
         cache=cache,
@@ -450,7 +462,7 @@ def step(graphdefs, arrays, slots: Slots, pool: Pool | None, lanes: Lanes | None
         last=jnp.where(produced, token, slots.last),
         positions=jnp.where(decoding, slots.positions + 1, jnp.where(ending, end, slots.positions)),
         seen=seen.at[rows, token].set(seen[rows, token] | produced),
-        history=jnp.where(produced[:, None], _appended(history, token), history),
+        history=jnp.where(produced[:, None], appended(history, token), history),
         steps=steps + produced,
         settings=settings,
         adapter=adapter,
@@ -475,7 +487,7 @@ def _lane_sums(chunks, lanes: Lanes, last):
     return jnp.stack([total, weighted, last.astype(jnp.float32)], axis=1)
 
 
-def _appended(history, token):
+def appended(history, token):
     """Each row's latest tokens once ``token`` ([rows]) follows them."""
     return jnp.concatenate([history[:, 1:], token[:, None].astype(history.dtype)], axis=1)
 
@@ -545,7 +557,7 @@ def admit(graphdefs, arrays, slots: Slots, slot, input_ids, attention_mask, seen
         last=at(slots.last, token[0]),
         positions=at(slots.positions, n),
         seen=at(slots.seen, seen.at[token[0]].set(True)),
-        history=at(slots.history, _appended(settings.tail, token)[0]),
+        history=at(slots.history, appended(settings.tail, token)[0]),
         steps=at(slots.steps, 1),
         settings=jax.tree.map(lambda rows, row: rows.at[slot].set(row[0]), slots.settings, settings),
         adapter=at(slots.adapter, adapter),

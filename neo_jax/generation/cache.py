@@ -147,16 +147,19 @@ def decode_step(model: GPTNeo, periods, tokens, positions, cache: KVCache):
     return model.logits(hidden)[:, 0], cache
 
 
-def extend(model: GPTNeo, periods, tokens, positions, cache: KVCache):
-    """``T`` tokens per row (``[batch, T]``, position ids ``positions + 0..T-1``) at slots ``cache.index +
-    0..T-1`` (one index per row, ``[batch]``): logits ``[batch, T, vocab]`` and the cache with them written,
-    its index unchanged (the caller moves it past the tokens it keeps). Each token sees its row's earlier
-    slots that its layer keeps and the earlier tokens among these. A local layer's ring must hold ``window +
-    T`` slots (``lookahead``), so that the writes overwrite nothing a query still sees; slots written past
-    the index are seen by no later query until they are written again."""
-    rows, t = jnp.arange(tokens.shape[0])[:, None], tokens.shape[1]
+def extend(model: GPTNeo, periods, tokens, positions, cache: KVCache, write=None):
+    """``T`` tokens per row (``[batch, T]``, position ids ``positions + 0..T-1``, at most the model's last) at
+    slots ``cache.index + 0..T-1`` (one index per row, ``[batch]``): logits ``[batch, T, vocab]`` and the cache
+    with them written, its index unchanged (the caller moves it past the tokens it keeps). Each token sees its
+    row's earlier slots that its layer keeps and the earlier tokens among these. A local layer's ring must hold
+    ``window + T`` slots (``lookahead``), so that the writes overwrite nothing a query still sees; slots written
+    past the index are seen by no later query until they are written again. ``write`` (``[batch, T]`` bool):
+    only these tokens are written (a row's first ones; the others' outputs mean nothing)."""
+    batch, t = tokens.shape
+    rows = jnp.arange(batch)[:, None]
     slots = cache.index[:, None] + jnp.arange(t)  # [batch, T]
-    cache = dataclasses.replace(cache, valid=cache.valid.at[rows, slots].set(True))
+    written = rows if write is None else jnp.where(write, rows, batch)  # out of range: dropped
+    cache = dataclasses.replace(cache, valid=cache.valid.at[written, slots].set(True, mode="drop"))
     lengths = dict(zip(model.config.attention_layers, (key.shape[2] for key in cache.keys)))
     windows = {"global": None, "local": model.config.window_size}
 
@@ -171,12 +174,15 @@ def extend(model: GPTNeo, periods, tokens, positions, cache: KVCache):
 
     def attention(layer, kind, q, k, v, cache):
         ring = slots % cache.keys[layer].shape[2]
-        write = lambda buffer, new: buffer.at[rows, :, ring].set(new.transpose(0, 2, 1, 3).astype(buffer.dtype))
-        keys, values = write(cache.keys[layer], k), write(cache.values[layer], v)
+        put = lambda buffer, new: buffer.at[written, :, ring].set(
+            new.transpose(0, 2, 1, 3).astype(buffer.dtype), mode="drop"
+        )
+        keys, values = put(cache.keys[layer], k), put(cache.values[layer], v)
         cache = dataclasses.replace(cache, keys=_set(cache.keys, layer, keys), values=_set(cache.values, layer, values))
         return dense(q, keys, values, masks[kind]), cache
 
-    hidden, cache = model.transform(tokens, positions[:, None] + jnp.arange(t), attention, cache, periods)
+    position_ids = jnp.minimum(positions[:, None] + jnp.arange(t), model.config.max_position_embeddings - 1)
+    hidden, cache = model.transform(tokens, position_ids, attention, cache, periods)
     return model.logits(hidden), cache
 
 

@@ -20,11 +20,19 @@ def seed_key(seed: int) -> jax.Array:
     """The PRNG key of a seed in [-2**63, 2**64), all 64 bits of it: ``jax.random.key(seed)`` keeps only the
     low 32 bits unless 64-bit mode is on, so seeds 5 and 2**32 + 5 would draw the same samples. Equal to
     ``jax.random.key(seed)`` for seeds in [0, 2**31)."""
-    validate.integer("seed", seed)
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
-    seed %= 2**64
-    return jax.random.wrap_key_data(jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32), impl="threefry2x32")
+    return seed_keys([seed])[0]
+
+
+def seed_keys(seeds) -> jax.Array:
+    """``seed_key`` of each of ``seeds``, as one array of keys (built on the host: no program per count)."""
+    data = np.zeros((len(seeds), 2), np.uint32)
+    for i, seed in enumerate(seeds):
+        validate.integer("seed", seed)
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+        seed %= 2**64
+        data[i] = seed >> 32, seed & 0xFFFFFFFF
+    return jax.random.wrap_key_data(jnp.asarray(data), impl="threefry2x32")
 
 
 # Small pure functions on float32 logits [batch, vocab], in the order transformers applies them.

@@ -18,6 +18,9 @@ probability ``p(x)``.
 
 Rows move at their own pace: every row has its own cache index, and a local layer's ring holds ``window + k +
 1`` slots, so that tokens written for a round and then rejected overwrite nothing a later query sees.
+
+The server (``serve_round``, ``catch_up``) speculates for its slots with another acceptance rule, one that
+keeps a plain step's tokens exactly: see ``serve_round``.
 """
 
 from __future__ import annotations
@@ -149,6 +152,31 @@ def residual(p, q):
     return jnp.where(left.sum(-1, keepdims=True) > 0, left, p)
 
 
+def _accept(target, proposals, laws, sampled, uniform, draw):
+    """Each row's accepted run and its next token: ``target`` ``[batch, k + 1, vocab]`` the target's processed
+    logits at the round's positions, ``proposals`` ``[batch, k]``, ``laws`` the draft's ``[batch, k, vocab]``
+    probabilities (None: certain proposals, as n-gram's), ``sampled`` ``[batch]`` bool (None: every row
+    greedy), ``uniform`` ``[batch, k]`` uniform numbers, ``draw(logits)`` one token per row. Returns ``n``
+    (``[batch]``, the run's length) and the token after it: at the first rejection drawn from ``residual(p,
+    q)``, after ``k`` acceptances from ``p``; a greedy row's is the target's most likely."""
+    batch, k = proposals.shape
+    rows = jnp.arange(batch)
+    best = jnp.argmax(target, axis=-1).astype(jnp.int32)  # [batch, k + 1]
+    accept = proposals == best[:, :k]
+    if sampled is None:
+        n = jnp.cumprod(accept, axis=1).sum(axis=1)
+        return n, best[rows, n]
+    p = jax.nn.softmax(target, axis=-1)
+    q = jax.nn.one_hot(proposals, p.shape[-1], dtype=p.dtype) if laws is None else laws
+    p_x = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
+    accept = jnp.where(sampled[:, None], uniform * q_x < p_x, accept)  # probability min(1, p(x) / q(x))
+    n = jnp.cumprod(accept, axis=1).sum(axis=1)  # [batch] the accepted run's length
+    q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # after k acceptances: p itself
+    token = draw(jnp.log(residual(p[rows, n], q[rows, n]))).astype(jnp.int32)
+    return n, jnp.where(sampled, token, best[rows, n])
+
+
 def _draft_round(draft, periods, state: SpecState, params: SamplingParams, eos, k: int, width: int, key):
     """The draft model's ``k`` proposals ``[batch, k]``, its laws ``[batch, k, vocab]`` (probabilities; None
     when greedy) and its cache after ``k + 1`` steps (the last writes the last proposal)."""
@@ -196,21 +224,10 @@ def _round(target, tperiods, draft, dperiods, state: SpecState, params: Sampling
         if i < k:
             seen = _see(params, seen, proposals[:, i : i + 1])
     target = jnp.stack(target, 1)  # [batch, k + 1, vocab]
-    if params.do_sample:
-        p = jax.nn.softmax(target, axis=-1)
-        q = jax.nn.one_hot(proposals, p.shape[-1], dtype=p.dtype) if laws is None else laws
-        p_x = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]
-        q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
-        accept = jax.random.uniform(accept_key, (batch, k)) * q_x < p_x  # probability min(1, p(x) / q(x))
-    else:
-        accept = proposals == jnp.argmax(target[:, :k], axis=-1)
-    n = jnp.cumprod(accept, axis=1).sum(axis=1)  # [batch] the accepted run's length
-    if params.do_sample:
-        q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # after k acceptances: p itself
-        token = jax.random.categorical(residual_key, jnp.log(residual(p[rows, n], q[rows, n])), axis=-1)
-        token = token.astype(jnp.int32)
-    else:
-        token = jnp.argmax(target[rows, n], axis=-1).astype(jnp.int32)
+    sampled = jnp.ones((batch,), bool) if params.do_sample else None
+    uniform = jax.random.uniform(accept_key, (batch, k))
+    draw = lambda x: jax.random.categorical(residual_key, x, axis=-1)
+    n, token = _accept(target, proposals, laws, sampled, uniform, draw)
     j = jnp.arange(k + 1)
     emitted = jnp.where(j < n[:, None], jnp.concatenate([proposals, token[:, None]], 1), token[:, None])
     # a row keeps its run up to its first EOS and within max_new tokens; a finished row keeps nothing
@@ -389,3 +406,92 @@ def _new(state: SpecState, width: int, pad: int, start: int, stop: int) -> np.nd
     new = sequence[:, width + start : width + stop]
     filled = np.arange(start, stop)[None] < (length - width)[:, None]
     return np.where(filled, new, pad)
+
+
+def catch_up(draft_graphdefs, draft_arrays, cache: KVCache, ids, start, count):
+    """The server's draft cache, with each row's ``count`` tokens ``ids`` (``[slots, width]``) written at
+    slots ``start..`` (rows with ``count`` 0 unchanged): the tokens its row holds that the draft has not seen
+    (the prompt; tokens of steps that did not speculate)."""
+    draft, periods = build(draft_graphdefs[0], draft_arrays[0], draft_graphdefs[1], draft_arrays[1])
+    write = jnp.arange(ids.shape[1])[None, :] < count[:, None]
+    _, cache = extend(draft, periods, ids, start, dataclasses.replace(cache, index=start), write)
+    return dataclasses.replace(cache, index=jnp.where(count > 0, start + count, cache.index))
+
+
+def serve_round(graphdefs, draft_graphdefs, arrays, draft_arrays, slots, draft_cache, sequence, *, k: int):
+    """One speculative round for every decoding row of the server's slots (``batching.Slots``): ``k``
+    proposals per row, from the draft model (its cache holds every row's tokens before ``last``:
+    ``catch_up``) or, with no draft, by n-gram lookup in ``sequence`` (``[slots, room]``, each row's tokens
+    up to ``last``); one verification pass of the target, with each row's adapter; each row's accepted run and
+    the target's token after it.
+
+    A row's token at each position is the one a plain step (``batching.step``) would choose there: its
+    processors, then greedy or an inverse-CDF draw at the uniform number of its key and position
+    (``fold_in(key, tokens so far)``). The draft proposes with the same number, and a proposal is accepted when
+    it is that token. So every token follows the target's law, and a seeded request gets the same tokens
+    whether its steps speculate or not (the server's off switch, prompts prefilling beside it, the other rows:
+    none of them changes its output). For n-gram proposals the chance of acceptance is ``p(x)``, as under the
+    rejection rule; for a draft model's sampled proposals it is that of the two draws coinciding, below the
+    rejection rule's ``sum(min(p, q))``.
+
+    Returns the slots and the draft's cache moved past the tokens emitted, and per row: the ``k + 1`` tokens,
+    how many were emitted (0: not decoding), how many of them were accepted proposals, and the raw target's
+    log-probabilities of each with its alternatives."""
+    from neo_jax import lora
+    from neo_jax.generation import batching
+
+    model, periods = build(graphdefs[0], arrays[0], graphdefs[1], arrays[1])
+    count = slots.last.shape[0]
+    rows = jnp.arange(count)
+    settings, active = slots.settings, slots.active
+    positions = lambda j: jnp.minimum(slots.positions + j, model.config.max_position_embeddings - 1)
+
+    def choose(x, j):  # the token a plain step would choose at the row's j-th position of the round
+        keys = jax.vmap(jax.random.fold_in)(settings.key, slots.steps + j)
+        draw = lambda: jnp.where(settings.sample, batching.sample_rows(x, keys), jnp.argmax(x, axis=-1))
+        return jax.lax.cond(jnp.any(settings.sample), draw, lambda: jnp.argmax(x, axis=-1)).astype(jnp.int32)
+
+    if draft_graphdefs is None:
+        proposals = ngram_proposals(sequence, slots.cache.index + 1, k)
+    else:
+        draft, draft_periods = build(draft_graphdefs[0], draft_arrays[0], draft_graphdefs[1], draft_arrays[1])
+        fed, seen, history, proposals = slots.last, slots.seen, slots.history, []
+        for j in range(k + 1):  # the last step writes the last proposal
+            logits, draft_cache = decode_step(draft, draft_periods, fed, positions(j), draft_cache)
+            if j == k:
+                break
+            fed = choose(batching.process(logits, seen, settings, slots.steps + j, history), j)
+            proposals.append(fed)
+            seen, history = seen.at[rows, fed].set(True), batching.appended(history, fed)
+        proposals = jnp.stack(proposals, 1)
+    tokens = jnp.concatenate([slots.last[:, None], proposals], 1)
+    lora.select(periods, jnp.broadcast_to(slots.adapter[:, None], tokens.shape))
+    write = jnp.broadcast_to(active[:, None], tokens.shape)  # a row not decoding keeps its cache
+    logits, cache = extend(model, periods, tokens, slots.positions, slots.cache, write)
+    seen, history, chosen = slots.seen, slots.history, []
+    for i in range(k + 1):  # the target's token at each position, the proposals before it in the sequence
+        chosen.append(choose(batching.process(logits[:, i], seen, settings, slots.steps + i, history), i))
+        if i < k:
+            seen, history = seen.at[rows, proposals[:, i]].set(True), batching.appended(history, proposals[:, i])
+    chosen = jnp.stack(chosen, 1)  # [slots, k + 1]
+    n = jnp.cumprod(proposals == chosen[:, :k], axis=1).sum(axis=1)  # the accepted run's length
+    j = jnp.arange(k + 1)
+    emitted = jnp.where(j < n[:, None], jnp.concatenate([proposals, chosen[:, k:]], 1), chosen[rows, n][:, None])
+    m = jnp.where(active, n + 1, 0)
+    logprobs, top_ids, top = batching.top_logprobs(logits)
+    logprob = jnp.take_along_axis(logprobs, emitted[..., None], axis=-1)[..., 0]
+    kept = jnp.concatenate([slots.history, emitted], axis=1)  # the latest tokens end at the last one kept
+    index = cache.index + m
+    vocab = slots.seen.shape[1]
+    slots = dataclasses.replace(
+        slots,
+        cache=dataclasses.replace(cache, index=index, valid=slots.cache.valid),
+        last=jnp.where(active, emitted[rows, jnp.maximum(m - 1, 0)], slots.last),
+        positions=slots.positions + m,
+        seen=slots.seen.at[rows[:, None], jnp.where(j < m[:, None], emitted, vocab)].set(True, mode="drop"),
+        history=jnp.take_along_axis(kept, m[:, None] + jnp.arange(slots.history.shape[1]), axis=1),
+        steps=slots.steps + m,
+    )
+    if draft_cache is not None:
+        draft_cache = dataclasses.replace(draft_cache, index=jnp.where(active, index, draft_cache.index))
+    return slots, draft_cache, (emitted, m, jnp.where(active, n, 0), logprob, top_ids, top)

@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neo_jax import sharding, validate
-from neo_jax.generation import batching
+from neo_jax.generation import batching, speculative
 from neo_jax.generation.batching import (
     BLOCK,
     DEFAULT_PREFILL_CHUNK,
@@ -126,6 +126,12 @@ class Request:
     done: int = 0  # prompt tokens in the row's cache
     started: bool = False  # the first chunk has run
     chain: list = dataclasses.field(default_factory=list)  # prefix-cache hashes of the prompt's whole blocks
+    drafted: int = 0  # tokens of the row the draft model's cache holds
+
+    @property
+    def end(self) -> int:
+        """The slot of the row's newest token (the next step's input)."""
+        return len(self.prompt) + self.generated - 1
 
     def cancel(self) -> None:
         """Stop this request; its slot is freed before the engine's next step."""
@@ -217,6 +223,8 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_mb: float = 0,
         adapters: tuple[str, ...] = (),
+        draft: GPTNeo | str | None = None,
+        num_draft_tokens: int = 4,
     ):
         config = model.config
         validate.integer("max_queue", max_queue, least=1)
@@ -234,19 +242,35 @@ class Engine:
             raise ValueError(
                 f"the model holds {held or 'no'} multi-adapter layers but {len(adapters)} adapter names were given"
             )
+        if draft is not None:
+            check_speculation(model, draft, num_draft_tokens, max_len, prefill_chunk)
+        self.speculative = draft is not None
+        self.k = num_draft_tokens if draft is not None else 0
+        self.lookahead = self.k + 1 if draft is not None else 0
+        self.draft = None if draft is None or isinstance(draft, str) else draft
+        self.switch = Switch() if draft is not None else None
         self.model, self.max_batch, self.max_len, self.max_queue = model, max_batch, max_len, max_queue
         self.prefill_chunk, self.adapters = prefill_chunk, tuple(adapters)
         self.eos_token_id = config.eos_token_id if eos_token_id == -1 else eos_token_id
         self.metrics = metrics
         self.mesh = sharding.model_mesh(model)
         self._graphdefs, self._arrays = Weights.of(model).split()
+        self._draft_graphdefs, self._draft_arrays = Weights.of(self.draft).split() if self.draft else (None, None)
         self.buckets = sorted({min(bucket(n), max_len) for n in range(1, max_len)}) if not prefill_chunk else []
         with sharding.use_mesh(self.mesh):
-            empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4))
-            self._slots = empty(config, max_batch, max_len, model.dtype, prefill_chunk)
+            empty = jax.jit(batching.empty_slots, static_argnums=(0, 1, 2, 3, 4, 5))
+            self._slots = empty(config, max_batch, max_len, model.dtype, prefill_chunk, self.lookahead)
+            self._draft_cache = None
+            if self.draft is not None:
+                draft_cache = jax.jit(batching.slot_cache, static_argnums=(0, 1, 2, 3, 4, 5))
+                self._draft_cache = draft_cache(
+                    self.draft.config, max_batch, max_len, self.draft.dtype, prefill_chunk, self.lookahead
+                )
             self._pool = (
                 jax.jit(batching.empty_pool, static_argnums=(0, 1, 2))(config, blocks, model.dtype) if blocks else None
             )
+        # each row's tokens, for n-gram lookup and the draft model's catch-up (speculative.serve_round)
+        self._sequence = np.zeros((max_batch, max_len + self.lookahead), np.int32) if draft is not None else None
         self.prefix_cache = PrefixCache(blocks, metrics) if blocks else None
         self._programs: dict = {}
         self._requests: list[Request | None] = [None] * max_batch
@@ -287,6 +311,7 @@ class Engine:
             replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
             layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._slots)
             pool_layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._pool)
+            draft_layout = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self._draft_cache)
             with sharding.use_mesh(self.mesh):
                 if name in ("step", "mixed", "idle"):
                     fn = partial(batching.step, self._graphdefs, decode=name != "idle")
@@ -296,6 +321,18 @@ class Engine:
                         lanes = self._lane_inputs(batching.empty_lanes(size, width, self.max_batch), [NEUTRAL] * size)
                     args = (self._arrays, self._slots, self._pool, lanes, self._replicated(np.bool_(False)))
                     donate, outs = (1, 2), (layout, pool_layout, replicated, replicated)
+                elif name == "spec":
+                    fn = partial(speculative.serve_round, self._graphdefs, self._draft_graphdefs, k=self.k)
+                    sequence = None if self.draft else self._replicated(self._sequence)
+                    args = (self._arrays, self._draft_arrays, self._slots, self._draft_cache, sequence)
+                    donate = (2, 3) if self.draft else (2,)
+                    outs = (layout, draft_layout, replicated)
+                elif name == "catch":
+                    fn = partial(speculative.catch_up, self._draft_graphdefs)
+                    rows = np.zeros(self.max_batch, np.int32)
+                    ids = np.zeros((self.max_batch, self.prefill_chunk), np.int32)
+                    args = (self._draft_arrays, self._draft_cache, *map(self._replicated, (ids, rows, rows)))
+                    donate, outs = (1,), draft_layout
                 elif name == "release":
                     fn, args = batching.release, (self._slots, self._replicated(np.zeros(self.max_batch, bool)))
                     donate, outs = (0,), layout
@@ -317,7 +354,7 @@ class Engine:
         return self._programs[key]
 
     def _program_names(self) -> list[tuple[str, int]]:
-        names = [("step", 0), ("release", 0)]
+        names = [("step", 0), ("release", 0)] + [("spec", 0)] * self.speculative + [("catch", 0)] * bool(self.draft)
         if self.prefill_chunk:
             names += [("mixed", lanes) for lanes in self.lanes] + [("idle", lanes) for lanes in self.idle_lanes]
         else:
@@ -468,6 +505,8 @@ class Engine:
             else:
                 self.metrics.inter_token_latency.observe(now - request.last_token_at)
         request.last_token_at = now
+        if self._sequence is not None:
+            self._sequence[request.slot, request.end] = token
         if token == self.eos_token_id:
             self._finish(request, "stop")
             return True
@@ -487,6 +526,8 @@ class Engine:
             if not request.cancelled:
                 request.slot = self._requests.index(None)
                 self._requests[request.slot] = request
+                if self._sequence is not None:
+                    self._sequence[request.slot, : len(request.prompt)] = request.prompt
                 if self.metrics:
                     self.metrics.prompt_tokens.inc(len(request.prompt))
                 self._observe()  # the queue gauge drops as the request is taken, whether chunked or whole
@@ -603,12 +644,18 @@ class Engine:
             self._slots, self._pool, out, prompt_out = self._program(name, lanes)(
                 self._arrays, self._slots, self._pool, *inputs
             )
+        elif self.switch is not None and self.switch.speculate():
+            self._speculate(decoding)
+            return
         else:
             held = []
+            start = time.perf_counter()
             self._slots, self._pool, out, prompt_out = self._program("step")(
                 self._arrays, self._slots, self._pool, None, self._replicated(np.bool_(False))
             )
         tokens, logprobs, top_ids, top_logprobs = jax.device_get(out)
+        if self.switch is not None and not held:
+            self.switch.record(False, len(decoding), time.perf_counter() - start)
         embedding = any(request.embedding for request, *_ in held)
         prompt_out, sums = prompt_out or (None, None)
         prompt_out = jax.device_get(prompt_out) if echo else None
@@ -641,6 +688,55 @@ class Engine:
             elif self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot], now):
                 freed.append(slot)
         self._release(freed)
+
+    def _speculate(self, decoding: list[Request]) -> None:
+        """A speculative round for every decoding row (``speculative.serve_round``)."""
+        if self.draft is not None:
+            self._catch_up(decoding)
+        sequence = None if self.draft is not None else self._replicated(self._sequence)
+        start = time.perf_counter()
+        self._slots, self._draft_cache, out = self._program("spec")(
+            self._arrays, self._draft_arrays, self._slots, self._draft_cache, sequence
+        )
+        tokens, emitted, accepted, logprobs, top_ids, top_logprobs = jax.device_get(out)
+        now = time.perf_counter()
+        if self.switch is not None:
+            self.switch.record(True, int(emitted.sum()), now - start)
+        if self.metrics:
+            self.metrics.spec_decode_drafts.inc(len(decoding))
+            self.metrics.spec_decode_draft_tokens.inc(self.k * len(decoding))
+            self.metrics.spec_decode_accepted_tokens.inc(int(accepted.sum()))
+        freed = []
+        for request in decoding:
+            slot = request.slot
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                freed.append(slot)
+                continue
+            for j in range(emitted[slot]):
+                if self._deliver(
+                    request, tokens[slot, j], logprobs[slot, j], top_ids[slot, j], top_logprobs[slot, j], now
+                ):
+                    freed.append(slot)
+                    break
+            request.drafted = request.end  # the draft's cache holds every token before the newest
+        self._release(freed)
+
+    def _catch_up(self, decoding: list[Request]) -> None:
+        """Write into the draft model's cache the tokens of decoding rows it has not seen (their prompts, the
+        tokens of plain steps), ``prefill_chunk`` per row and call."""
+        width, sequence = self.prefill_chunk, self._sequence
+        assert sequence is not None
+        while lagging := [r for r in decoding if r.drafted < r.end]:
+            ids = np.zeros((self.max_batch, width), np.int32)
+            start, count = np.zeros(self.max_batch, np.int32), np.zeros(self.max_batch, np.int32)
+            for request in lagging:
+                slot, begin = request.slot, request.drafted
+                n = min(width, request.end - begin)
+                ids[slot, :n], start[slot], count[slot] = sequence[slot, begin : begin + n], begin, n
+                request.drafted = begin + n
+            inputs = map(self._replicated, (ids, start, count))
+            self._draft_cache = self._program("catch")(self._draft_arrays, self._draft_cache, *inputs)
 
     def _embedded(self, request: Request) -> None:
         """An embedding's last chunk has run: hand it its sums."""
@@ -735,3 +831,47 @@ def prefix_blocks(prefix_cache_mb: float, config, dtype) -> int:
             f"values) takes {size / 2**20:.3g} MiB; give at least that, or 0 for no prefix cache"
         )
     return blocks
+
+
+def check_speculation(model: GPTNeo, draft, num_draft_tokens: int, max_len: int, prefill_chunk: int) -> None:
+    """A draft (a GPT-Neo or "ngram") the engine can speculate with."""
+    speculative.check_draft(model, draft, num_draft_tokens)
+    if not prefill_chunk:
+        raise ValueError("speculative decoding in the server needs chunked prefill: give a prefill_chunk > 0")
+    positions = None if isinstance(draft, str) else draft.config.max_position_embeddings
+    if positions is not None and positions < max_len:
+        raise ValueError(
+            f"the draft has {positions} positions, fewer than a slot's max_len {max_len}: give a draft with as "
+            "many, or a smaller max_len"
+        )
+
+
+class Switch:
+    """The off switch of speculative decoding: each decode step (one token for every decoding row, or a
+    speculative round) adds its tokens per second to that kind's running mean, and the steps take the kind
+    whose mean is higher; every ``every`` steps the other kind runs for ``probe`` steps, so that a draft that
+    starts (or stops) paying is noticed. A draft that never pays then costs the probes only."""
+
+    def __init__(self, every: int = 64, probe: int = 2):
+        self.every, self.probe = every, probe
+        self.rates: dict[bool, float] = {}
+        self.steps = 0  # of the kind in use, since the last probe
+        self.probing = 0  # probe steps left
+
+    def speculate(self) -> bool:
+        """Whether the next decode step is a speculative round."""
+        for kind in (True, False):
+            if kind not in self.rates:
+                return kind
+        faster = self.rates[True] >= self.rates[False]
+        return faster != bool(self.probing)
+
+    def record(self, speculative: bool, tokens: int, seconds: float) -> None:
+        rate, old = tokens / max(seconds, 1e-9), self.rates.get(speculative)
+        self.rates[speculative] = rate if old is None else (old + rate) / 2
+        if self.probing:
+            self.probing -= 1
+        else:
+            self.steps += 1
+            if self.steps >= self.every:
+                self.steps, self.probing = 0, self.probe

@@ -30,6 +30,15 @@ class Metrics:
             "neo_jax_prefix_cache_tokens", "Prompt tokens taken from the prefix cache, not prefilled", registry=r
         )
         self.prefix_cache_blocks = Gauge("neo_jax_prefix_cache_blocks", "Blocks held by the prefix cache", registry=r)
+        self.spec_decode_drafts = Counter(
+            "neo_jax_spec_decode_drafts", "Speculative proposals: one per decoding row per round", registry=r
+        )
+        self.spec_decode_draft_tokens = Counter(
+            "neo_jax_spec_decode_draft_tokens", "Draft tokens proposed to the model", registry=r
+        )
+        self.spec_decode_accepted_tokens = Counter(
+            "neo_jax_spec_decode_accepted_tokens", "Draft tokens the model accepted", registry=r
+        )
         self.time_to_first_token = Histogram(
             "neo_jax_time_to_first_token_seconds", "From submission to the first token", buckets=_LATENCY, registry=r
         )

@@ -168,10 +168,13 @@ def serve(
     header_timeout: float = 10.0,
     max_connections: int = 2048,
     embedding_pooling: str | None = None,
+    draft: str | None = None,
+    num_draft_tokens: int = 4,
 ) -> int:
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
     from neo_jax.embed import check_pooling, recipe_of
+    from neo_jax.generation.speculative import draft_source
     from neo_jax.hf import load_tokenizer
     from neo_jax.lora import add_many
     from neo_jax.peft import by_target
@@ -192,9 +195,15 @@ def serve(
     check_pooling(embedding_pooling, "--embedding-pooling")
     tokenizer = load_tokenizer(source.require_directory())  # before the weights: a model without a tokenizer fails fast
     named = check_adapters(source, adapters, served_model_name or model)  # before the weights too: adapters are small
+    drafting = None if draft is None else draft_source(source, draft)  # before either model loads
     try:
         max_len = check_slots(source.config, max_batch, max_len)
         prefix_blocks(prefix_cache_mb, source.config, dtype)
+        if drafting is not None and not isinstance(drafting, str) and drafting.config.max_position_embeddings < max_len:
+            raise ValueError(
+                f"the draft {drafting.name} has {drafting.config.max_position_embeddings} positions, fewer than a slot's "
+                f"max_len {max_len}: give a draft with as many, or a smaller max_len"
+            )
     except ValueError as e:
         message = str(e)
         for name in ("prefix_cache_mb", "max_len", "max_batch"):
@@ -211,6 +220,10 @@ def serve(
     loaded = from_pretrained(
         source, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, adapter=adapter, task="causal-lm"
     )
+    if drafting is not None and not isinstance(drafting, str):  # the draft runs without the adapters
+        drafting = from_pretrained(
+            drafting, dtype=dtype, param_dtype=dtype, weights=weights, mesh=device_mesh, task="causal-lm"
+        )
     if named:
         add_many(loaded, [(checked[0], by_target(source.config, checked)) for checked in named.values()])
     engine = Engine(
@@ -222,6 +235,8 @@ def serve(
         prefill_chunk=prefill_chunk,
         prefix_cache_mb=prefix_cache_mb,
         adapters=tuple(named),
+        draft=drafting,
+        num_draft_tokens=num_draft_tokens,
     )
     seconds = engine.warm_up(progress=log)
     engine.start()
