@@ -278,3 +278,22 @@ def test_server_output_is_token_identical_under_concurrency(models, tmp_path):
 
 def metric_value(counter) -> float:
     return next(iter(counter.collect())).samples[0].value
+
+
+@pytest.mark.parametrize("speedup", [0.4, 2.0])
+def test_the_off_switch_takes_the_faster_kind_and_probes_the_other(speedup):
+    """Rounds that give each row ``speedup`` times a plain step's tokens per second: the switch takes the faster
+    kind for all but the probes, 2 steps in every 66, and follows a draft that starts paying."""
+    from neo_jax.serve.engine import Switch
+
+    switch, kinds = Switch(), []
+    for _ in range(650):
+        kind = switch.speculate()
+        kinds.append(kind)
+        switch.record(kind, speedup if kind else 1.0, 1.0)
+    faster = speedup > 1
+    assert kinds[2:].count(not faster) == 2 * (648 // 66) and kinds[-1] == faster, kinds.count(True)
+    for _ in range(70):  # the draft now pays: a probe finds it, and the switch turns to it
+        kind = switch.speculate()
+        switch.record(kind, 3.0 if kind else 1.0, 1.0)
+    assert switch.speculate()

@@ -655,7 +655,7 @@ class Engine:
             )
         tokens, logprobs, top_ids, top_logprobs = jax.device_get(out)
         if self.switch is not None and not held:
-            self.switch.record(False, len(decoding), time.perf_counter() - start)
+            self.switch.record(False, 1.0, time.perf_counter() - start)
         embedding = any(request.embedding for request, *_ in held)
         prompt_out, sums = prompt_out or (None, None)
         prompt_out = jax.device_get(prompt_out) if echo else None
@@ -701,7 +701,7 @@ class Engine:
         tokens, emitted, accepted, logprobs, top_ids, top_logprobs = jax.device_get(out)
         now = time.perf_counter()
         if self.switch is not None:
-            self.switch.record(True, int(emitted.sum()), now - start)
+            self.switch.record(True, float(emitted.sum()) / len(decoding), now - start)
         if self.metrics:
             self.metrics.spec_decode_drafts.inc(len(decoding))
             self.metrics.spec_decode_draft_tokens.inc(self.k * len(decoding))
@@ -848,9 +848,11 @@ def check_speculation(model: GPTNeo, draft, num_draft_tokens: int, max_len: int,
 
 class Switch:
     """The off switch of speculative decoding: each decode step (one token for every decoding row, or a
-    speculative round) adds its tokens per second to that kind's running mean, and the steps take the kind
-    whose mean is higher; every ``every`` steps the other kind runs for ``probe`` steps, so that a draft that
-    starts (or stops) paying is noticed. A draft that never pays then costs the probes only."""
+    speculative round) adds its tokens per row and second to that kind's running mean (per row: the number of
+    rows decoding changes), and the steps take the kind whose mean is higher; every ``every`` steps the other
+    kind runs for ``probe`` steps, so that a draft that starts (or stops) paying is noticed. A draft that never
+    pays then costs the probes only. The draft model's catch-up is not timed: a probe after plain steps
+    would pay for all of them at once."""
 
     def __init__(self, every: int = 64, probe: int = 2):
         self.every, self.probe = every, probe
@@ -866,7 +868,8 @@ class Switch:
         faster = self.rates[True] >= self.rates[False]
         return faster != bool(self.probing)
 
-    def record(self, speculative: bool, tokens: int, seconds: float) -> None:
+    def record(self, speculative: bool, tokens: float, seconds: float) -> None:
+        """A decode step of the kind ``speculative`` gave each decoding row ``tokens`` (on average) in ``seconds``."""
         rate, old = tokens / max(seconds, 1e-9), self.rates.get(speculative)
         self.rates[speculative] = rate if old is None else (old + rate) / 2
         if self.probing:

@@ -360,14 +360,20 @@ def one_device_step(single):
     return Engine(single, max_batch=4, max_len=64)._program("step").memory_analysis()
 
 
-@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
-def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, one_device_step, shape):
+@pytest.mark.parametrize("shape, draft", [((4, 1, 2), "itself"), ((2, 2, 2), "ngram")])
+def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, one_device_step, shape, draft):
+    """Speculating too (the model drafting for itself, or n-gram), rounds mixed with plain steps."""
+    import itertools
     from concurrent.futures import ThreadPoolExecutor
 
     from neo_jax.serve.engine import Engine
 
     model = neo_jax.from_pretrained(checkpoint, mesh=sharding.make_mesh(*shape), progress=False)
-    engine = Engine(model, max_batch=4, max_len=64, eos_token_id=None).start()
+    drafting = model if draft == "itself" else draft
+    engine = Engine(model, max_batch=4, max_len=64, eos_token_id=None, draft=drafting, num_draft_tokens=3)
+    kinds = itertools.cycle((True, True, False))
+    engine.switch.speculate = lambda: next(kinds)
+    engine.start()
     try:
         rng = np.random.default_rng(2)
         prompts = [rng.integers(1, SMALL["vocab_size"], n).tolist() for n in (3, 12, 20, 7, 30, 1)]
@@ -381,6 +387,8 @@ def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, single, one_devi
         data, fsdp, tensor = shape
         expected = (4 // (data * fsdp), SMALL["num_heads"] // tensor, *keys.shape[2:])
         assert keys.sharding.shard_shape(keys.shape) == expected
+        if draft == "itself":  # the draft's cache is split as the model's
+            assert engine._draft_cache.keys[0].sharding.shard_shape(keys.shape) == expected
         # ... and the compiled step's inputs (weights, cache) per device are well under one device's whole.
         ours, alone = engine._program("step").memory_analysis(), one_device_step
         assert ours.argument_size_in_bytes < 0.5 * alone.argument_size_in_bytes
