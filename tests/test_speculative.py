@@ -254,26 +254,29 @@ def test_server_output_is_token_identical_under_concurrency(models, tmp_path):
     ]
     shared = rng.integers(1, 320, 40).tolist()
     jobs += [(shared, 12, adapter, {}) for adapter in (-1, 0, 1)]  # one prompt under the base and each adapter
+    again = (jobs[10][0] + [7, 8], 8, jobs[10][2], {})
 
     def run(engine):
         engine.start()
         try:
+            generate = lambda j: engine.generate(j[0], j[1], adapter=j[2], **{"temperature": 0, **j[3]})[0]
             with ThreadPoolExecutor(len(jobs)) as pool:
-                generate = lambda j: engine.generate(j[0], j[1], adapter=j[2], **{"temperature": 0, **j[3]})[0]
-                return list(pool.map(generate, jobs))
+                results = list(pool.map(generate, jobs))
+            return results + [generate(again)]  # after the others: its first 96 tokens are in any prefix cache
         finally:
             engine.stop()
 
     options = dict(max_batch=4, max_len=256, eos_token_id=None, prefill_chunk=32, adapters=("a", "b"))
     plain = run(Engine(base, **options))
-    assert len({tuple(tokens) for tokens in plain[-3:]}) == 3  # each adapter changes the output
-    for draft, k, extra in [(drafts["smaller"], 3, {"prefix_cache_mb": 0.25}), ("ngram", 2, {})]:
+    assert len({tuple(tokens) for tokens in plain[-4:-1]}) == 3  # each adapter changes the output
+    for draft, k, extra in [(drafts["smaller"], 3, {"prefix_cache_mb": 2}), ("ngram", 2, {})]:
         metrics = Metrics()
         engine = Engine(base, **options, **extra, draft=draft, num_draft_tokens=k, metrics=metrics)
         assert run(speculating_on_a_cycle(engine)) == plain, draft
         drafted = [metric_value(getattr(metrics, f"spec_decode_{name}")) for name in ("drafts", "draft_tokens")]
         accepted = metric_value(metrics.spec_decode_accepted_tokens)
         assert drafted[1] == k * drafted[0] > 0 and 0 < accepted <= drafted[1], (draft, drafted, accepted)
+        assert metric_value(metrics.prefix_cache_tokens) >= (96 if extra else 0), draft
 
 
 def metric_value(counter) -> float:
