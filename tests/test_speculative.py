@@ -183,6 +183,16 @@ def test_bad_drafts_are_refused(models, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             gen.generate(target, ids, max_new_tokens=4, **kwargs)
+    from neo_jax.serve.engine import Engine
+
+    for kwargs, message in [  # the server's engine, before it allocates anything
+        (dict(draft="ngram", prefill_chunk=0), "needs chunked prefill"),
+        (dict(draft=short), "the draft has 6 positions, fewer than a slot's max_len 64"),
+        (dict(draft=other), "the draft's vocabulary \\(330 tokens\\) differs"),
+        (dict(draft="ngram", num_draft_tokens=0), "num_draft_tokens must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Engine(target, max_batch=2, max_len=64, **kwargs)
 
 
 @pytest.mark.parametrize("loading", [{"weights": "int8"}, {"dtype": "bfloat16", "param_dtype": "bfloat16"}])
