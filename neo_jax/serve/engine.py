@@ -849,24 +849,29 @@ def check_speculation(model: GPTNeo, draft, num_draft_tokens: int, max_len: int,
 class Switch:
     """The off switch of speculative decoding: each decode step (one token for every decoding row, or a
     speculative round) adds its tokens per row and second to that kind's running mean (per row: the number of
-    rows decoding changes), and the steps take the kind whose mean is higher; every ``every`` steps the other
-    kind runs for ``probe`` steps, so that a draft that starts (or stops) paying is noticed. A draft that never
-    pays then costs the probes only. The draft model's catch-up is not timed: a probe after plain steps
-    would pay for all of them at once."""
+    rows decoding changes), and the steps take the kind whose mean is higher. After ``every`` steps of one
+    kind the other runs for ``probe`` steps, so that a draft that starts (or stops) paying is noticed; each
+    probe that leaves the choice as it was doubles the steps before the next one (up to ``most``), so that a
+    draft that never pays costs less and less. The draft model's catch-up is not timed: a probe after plain
+    steps would pay for all of them at once."""
 
-    def __init__(self, every: int = 64, probe: int = 2):
-        self.every, self.probe = every, probe
+    def __init__(self, every: int = 64, probe: int = 2, most: int = 4096):
+        self.every, self.probe, self.most = every, probe, most
+        self.interval = every  # steps of the kind in use before the next probe
         self.rates: dict[bool, float] = {}
         self.steps = 0  # of the kind in use, since the last probe
         self.probing = 0  # probe steps left
+        self.choice = True  # the kind in use when the probe began
+
+    def _faster(self) -> bool:
+        return self.rates[True] >= self.rates[False]
 
     def speculate(self) -> bool:
         """Whether the next decode step is a speculative round."""
         for kind in (True, False):
             if kind not in self.rates:
                 return kind
-        faster = self.rates[True] >= self.rates[False]
-        return faster != bool(self.probing)
+        return self._faster() != bool(self.probing)
 
     def record(self, speculative: bool, tokens: float, seconds: float) -> None:
         """A decode step of the kind ``speculative`` gave each decoding row ``tokens`` (on average) in ``seconds``."""
@@ -874,7 +879,10 @@ class Switch:
         self.rates[speculative] = rate if old is None else (old + rate) / 2
         if self.probing:
             self.probing -= 1
-        else:
+            if not self.probing:  # the probe is over: back off while the choice holds
+                held = self._faster() == self.choice
+                self.interval = min(2 * self.interval, self.most) if held else self.every
+        elif len(self.rates) == 2:
             self.steps += 1
-            if self.steps >= self.every:
-                self.steps, self.probing = 0, self.probe
+            if self.steps >= self.interval:
+                self.steps, self.probing, self.choice = 0, self.probe, self._faster()
