@@ -180,16 +180,21 @@ def top_logprobs(logits):
     return logprobs, ids.astype(jnp.int32), top
 
 
+def pick(x, settings: RowSampling, steps):
+    """Each row's token from its processed logits ``x``, for its ``steps``-th new token: the most likely, or a
+    sampling row's inverse-CDF draw at the uniform number of ``fold_in(key, steps)``. The draw is skipped when
+    no row samples."""
+    greedy = jnp.argmax(x, axis=-1)
+    keys = jax.vmap(jax.random.fold_in)(settings.key, steps)
+    draw = lambda: jnp.where(settings.sample, sample_rows(x, keys), greedy)
+    return jax.lax.cond(jnp.any(settings.sample), draw, lambda: greedy).astype(jnp.int32)
+
+
 def _choose(logits, seen, settings: RowSampling, steps, history):
     """The next token of every row under its own settings, and the raw model's log-probabilities of it and
     of its ``TOP_LOGPROBS`` most likely alternatives."""
     logprobs, top_ids, top = top_logprobs(logits)
-    sampled = settings.sample
-    x = process(logits, seen, settings, steps, history)
-    greedy = jnp.argmax(x, axis=-1)
-    keys = jax.vmap(jax.random.fold_in)(settings.key, steps)
-    draw = lambda: jnp.where(sampled, sample_rows(x, keys), greedy)
-    token = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy).astype(jnp.int32)
+    token = pick(process(logits, seen, settings, steps, history), settings, steps)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     return token, (token, chosen, top_ids, top)
 

@@ -79,6 +79,27 @@ def check_draft(model, draft, num_draft_tokens: int):
     return draft
 
 
+def check_draft_config(draft: str, draft_config, model: str, model_config, max_len: int | None = None) -> None:
+    """The draft ``draft``'s config against the model ``model``'s, before either loads: the same vocabulary and,
+    for a server's slots of ``max_len`` positions, at least as many positions."""
+    if draft_config.vocab_size != model_config.vocab_size:
+        raise ValueError(
+            f"the draft {draft} has a vocabulary of {draft_config.vocab_size} tokens, the model "
+            f"{model} {model_config.vocab_size}: a draft must share the model's tokenizer"
+        )
+    if max_len is not None:
+        check_draft_positions(draft_config.max_position_embeddings, max_len, draft)
+
+
+def check_draft_positions(positions: int, max_len: int, draft: str | None = None) -> None:
+    """A server's draft must reach every position of its slots."""
+    if positions < max_len:
+        raise ValueError(
+            f"the draft{'' if draft is None else ' ' + draft} has {positions} positions, fewer than a slot's "
+            f"max_len {max_len}: give a draft with as many, or a smaller max_len"
+        )
+
+
 def draft_source(model, draft: str):
     """``draft`` (anything ``from_pretrained`` reads, or ``"ngram"``) checked against ``model`` (a resolved
     ``Source``) before either loads: its vocabulary must be the model's, and where both have a tokenizer, its
@@ -90,11 +111,7 @@ def draft_source(model, draft: str):
     if draft == NGRAM:
         return NGRAM
     source = resolve(draft)
-    if source.config.vocab_size != model.config.vocab_size:
-        raise ValueError(
-            f"the draft {draft} has a vocabulary of {source.config.vocab_size} tokens, the model "
-            f"{model.name} {model.config.vocab_size}: a draft must share the model's tokenizer"
-        )
+    check_draft_config(draft, source.config, model.name, model.config)
     if source.tokenizer is not None and model.tokenizer is not None:
         mine, theirs = load_tokenizer(model.tokenizer), load_tokenizer(source.tokenizer)
         if vocab_hash(mine) != vocab_hash(theirs) or mine.eos_token_id != theirs.eos_token_id:
@@ -152,31 +169,6 @@ def residual(p, q):
     return jnp.where(left.sum(-1, keepdims=True) > 0, left, p)
 
 
-def _accept(target, proposals, laws, sampled, uniform, draw):
-    """Each row's accepted run and its next token: ``target`` ``[batch, k + 1, vocab]`` the target's processed
-    logits at the round's positions, ``proposals`` ``[batch, k]``, ``laws`` the draft's ``[batch, k, vocab]``
-    probabilities (None: certain proposals, as n-gram's), ``sampled`` ``[batch]`` bool (None: every row
-    greedy), ``uniform`` ``[batch, k]`` uniform numbers, ``draw(logits)`` one token per row. Returns ``n``
-    (``[batch]``, the run's length) and the token after it: at the first rejection drawn from ``residual(p,
-    q)``, after ``k`` acceptances from ``p``; a greedy row's is the target's most likely."""
-    batch, k = proposals.shape
-    rows = jnp.arange(batch)
-    best = jnp.argmax(target, axis=-1).astype(jnp.int32)  # [batch, k + 1]
-    accept = proposals == best[:, :k]
-    if sampled is None:
-        n = jnp.cumprod(accept, axis=1).sum(axis=1)
-        return n, best[rows, n]
-    p = jax.nn.softmax(target, axis=-1)
-    q = jax.nn.one_hot(proposals, p.shape[-1], dtype=p.dtype) if laws is None else laws
-    p_x = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]
-    q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
-    accept = jnp.where(sampled[:, None], uniform * q_x < p_x, accept)  # probability min(1, p(x) / q(x))
-    n = jnp.cumprod(accept, axis=1).sum(axis=1)  # [batch] the accepted run's length
-    q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # after k acceptances: p itself
-    token = draw(jnp.log(residual(p[rows, n], q[rows, n]))).astype(jnp.int32)
-    return n, jnp.where(sampled, token, best[rows, n])
-
-
 def _draft_round(draft, periods, state: SpecState, params: SamplingParams, eos, k: int, width: int, key):
     """The draft model's ``k`` proposals ``[batch, k]``, its laws ``[batch, k, vocab]`` (probabilities; None
     when greedy) and its cache after ``k + 1`` steps (the last writes the last proposal)."""
@@ -224,10 +216,21 @@ def _round(target, tperiods, draft, dperiods, state: SpecState, params: Sampling
         if i < k:
             seen = _see(params, seen, proposals[:, i : i + 1])
     target = jnp.stack(target, 1)  # [batch, k + 1, vocab]
-    sampled = jnp.ones((batch,), bool) if params.do_sample else None
-    uniform = jax.random.uniform(accept_key, (batch, k))
-    draw = lambda x: jax.random.categorical(residual_key, x, axis=-1)
-    n, token = _accept(target, proposals, laws, sampled, uniform, draw)
+    if params.do_sample:
+        p = jax.nn.softmax(target, axis=-1)
+        q = jax.nn.one_hot(proposals, p.shape[-1], dtype=p.dtype) if laws is None else laws
+        p_x = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]
+        q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
+        accept = jax.random.uniform(accept_key, (batch, k)) * q_x < p_x  # probability min(1, p(x) / q(x))
+    else:
+        accept = proposals == jnp.argmax(target[:, :k], axis=-1)
+    n = jnp.cumprod(accept, axis=1).sum(axis=1)  # [batch] the accepted run's length
+    if params.do_sample:
+        q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # after k acceptances: p itself
+        token = jax.random.categorical(residual_key, jnp.log(residual(p[rows, n], q[rows, n])), axis=-1)
+        token = token.astype(jnp.int32)
+    else:
+        token = jnp.argmax(target[rows, n], axis=-1).astype(jnp.int32)
     j = jnp.arange(k + 1)
     emitted = jnp.where(j < n[:, None], jnp.concatenate([proposals, token[:, None]], 1), token[:, None])
     # a row keeps its run up to its first EOS and within max_new tokens; a finished row keeps nothing
@@ -445,11 +448,10 @@ def serve_round(graphdefs, draft_graphdefs, arrays, draft_arrays, slots, draft_c
     rows = jnp.arange(count)
     settings, active = slots.settings, slots.active
     positions = lambda j: jnp.minimum(slots.positions + j, model.config.max_position_embeddings - 1)
-
-    def choose(x, j):  # the token a plain step would choose at the row's j-th position of the round
-        keys = jax.vmap(jax.random.fold_in)(settings.key, slots.steps + j)
-        draw = lambda: jnp.where(settings.sample, batching.sample_rows(x, keys), jnp.argmax(x, axis=-1))
-        return jax.lax.cond(jnp.any(settings.sample), draw, lambda: jnp.argmax(x, axis=-1)).astype(jnp.int32)
+    # the token a plain step would choose at the row's j-th position of the round, the proposals before it seen
+    choose = lambda logits, seen, history, j: batching.pick(
+        batching.process(logits, seen, settings, slots.steps + j, history), settings, slots.steps + j
+    )
 
     if draft_graphdefs is None:
         proposals = ngram_proposals(sequence, slots.cache.index + 1, k)
@@ -460,7 +462,7 @@ def serve_round(graphdefs, draft_graphdefs, arrays, draft_arrays, slots, draft_c
             logits, draft_cache = decode_step(draft, draft_periods, fed, positions(j), draft_cache)
             if j == k:
                 break
-            fed = choose(batching.process(logits, seen, settings, slots.steps + j, history), j)
+            fed = choose(logits, seen, history, j)
             proposals.append(fed)
             seen, history = seen.at[rows, fed].set(True), batching.appended(history, fed)
         proposals = jnp.stack(proposals, 1)
@@ -469,8 +471,8 @@ def serve_round(graphdefs, draft_graphdefs, arrays, draft_arrays, slots, draft_c
     write = jnp.broadcast_to(active[:, None], tokens.shape)  # a row not decoding keeps its cache
     logits, cache = extend(model, periods, tokens, slots.positions, slots.cache, write)
     seen, history, chosen = slots.seen, slots.history, []
-    for i in range(k + 1):  # the target's token at each position, the proposals before it in the sequence
-        chosen.append(choose(batching.process(logits[:, i], seen, settings, slots.steps + i, history), i))
+    for i in range(k + 1):  # the target's token at each position
+        chosen.append(choose(logits[:, i], seen, history, i))
         if i < k:
             seen, history = seen.at[rows, proposals[:, i]].set(True), batching.appended(history, proposals[:, i])
     chosen = jnp.stack(chosen, 1)  # [slots, k + 1]
