@@ -206,12 +206,10 @@ def _draft(args: argparse.Namespace):
     """``--draft``: ``"ngram"``, or the draft's config, checked against the model's as ``serve`` checks it."""
     if args.draft is None or args.draft == "ngram":
         return args.draft
-    draft, model = _config(args.draft), _config(args.model)
-    if draft.vocab_size != model.vocab_size:
-        raise ValueError(
-            f"the draft {args.draft} has a vocabulary of {draft.vocab_size} tokens, the model {args.model} "
-            f"{model.vocab_size}: a draft must share the model's tokenizer"
-        )
+    from neo_jax.generation.speculative import check_draft_config
+
+    draft = _config(args.draft)
+    check_draft_config(args.draft, draft, args.model, _config(args.model))
     return draft
 
 

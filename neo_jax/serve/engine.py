@@ -244,7 +244,6 @@ class Engine:
             )
         if draft is not None:
             check_speculation(model, draft, num_draft_tokens, max_len, prefill_chunk)
-        self.speculative = draft is not None
         self.k = num_draft_tokens if draft is not None else 0
         self.lookahead = self.k + 1 if draft is not None else 0
         self.draft = None if draft is None or isinstance(draft, str) else draft
@@ -354,7 +353,7 @@ class Engine:
         return self._programs[key]
 
     def _program_names(self) -> list[tuple[str, int]]:
-        names = [("step", 0), ("release", 0)] + [("spec", 0)] * self.speculative + [("catch", 0)] * bool(self.draft)
+        names = [("step", 0), ("release", 0)] + [("spec", 0)] * bool(self.switch) + [("catch", 0)] * bool(self.draft)
         if self.prefill_chunk:
             names += [("mixed", lanes) for lanes in self.lanes] + [("idle", lanes) for lanes in self.idle_lanes]
         else:
@@ -838,12 +837,8 @@ def check_speculation(model: GPTNeo, draft, num_draft_tokens: int, max_len: int,
     speculative.check_draft(model, draft, num_draft_tokens)
     if not prefill_chunk:
         raise ValueError("speculative decoding in the server needs chunked prefill: give a prefill_chunk > 0")
-    positions = None if isinstance(draft, str) else draft.config.max_position_embeddings
-    if positions is not None and positions < max_len:
-        raise ValueError(
-            f"the draft has {positions} positions, fewer than a slot's max_len {max_len}: give a draft with as "
-            "many, or a smaller max_len"
-        )
+    if not isinstance(draft, str):
+        speculative.check_draft_positions(draft.config.max_position_embeddings, max_len)
 
 
 class Switch:

@@ -174,7 +174,7 @@ def serve(
     from neo_jax import sharding
     from neo_jax.convert import from_pretrained
     from neo_jax.embed import check_pooling, recipe_of
-    from neo_jax.generation.speculative import draft_source
+    from neo_jax.generation.speculative import check_draft_positions, draft_source
     from neo_jax.hf import load_tokenizer
     from neo_jax.lora import add_many
     from neo_jax.peft import by_target
@@ -199,11 +199,8 @@ def serve(
     try:
         max_len = check_slots(source.config, max_batch, max_len)
         prefix_blocks(prefix_cache_mb, source.config, dtype)
-        if drafting is not None and not isinstance(drafting, str) and drafting.config.max_position_embeddings < max_len:
-            raise ValueError(
-                f"the draft {drafting.name} has {drafting.config.max_position_embeddings} positions, fewer than a slot's "
-                f"max_len {max_len}: give a draft with as many, or a smaller max_len"
-            )
+        if drafting is not None and not isinstance(drafting, str):
+            check_draft_positions(drafting.config.max_position_embeddings, max_len, drafting.name)
     except ValueError as e:
         message = str(e)
         for name in ("prefix_cache_mb", "max_len", "max_batch"):
