@@ -79,16 +79,13 @@ def check_draft(model, draft, num_draft_tokens: int):
     return draft
 
 
-def check_draft_config(draft: str, draft_config, model: str, model_config, max_len: int | None = None) -> None:
-    """The draft ``draft``'s config against the model ``model``'s, before either loads: the same vocabulary and,
-    for a server's slots of ``max_len`` positions, at least as many positions."""
+def check_draft_config(draft: str, draft_config, model: str, model_config) -> None:
+    """The draft ``draft``'s config against the model ``model``'s, before either loads: the same vocabulary."""
     if draft_config.vocab_size != model_config.vocab_size:
         raise ValueError(
             f"the draft {draft} has a vocabulary of {draft_config.vocab_size} tokens, the model "
             f"{model} {model_config.vocab_size}: a draft must share the model's tokenizer"
         )
-    if max_len is not None:
-        check_draft_positions(draft_config.max_position_embeddings, max_len, draft)
 
 
 def check_draft_positions(positions: int, max_len: int, draft: str | None = None) -> None:
